@@ -1,0 +1,42 @@
+# mailbus, natively: `make up` brings the stack up, `make test` runs the suite
+# against the same real Kafka and PostgreSQL.
+SHELL := /bin/bash
+VENV := .venv
+PYTEST := $(VENV)/bin/pytest
+
+.PHONY: up down install infra test test-unit test-integration test-e2e bench lint clean-var
+
+up:
+	@scripts/stack.sh up
+
+down:
+	@scripts/stack.sh down
+
+install:
+	@scripts/stack.sh install
+
+infra:
+	@scripts/stack.sh infra
+
+test: infra
+	$(PYTEST) tests
+
+test-unit: install
+	$(PYTEST) tests/unit
+
+test-integration: infra
+	$(PYTEST) tests/integration
+
+test-e2e: infra
+	$(PYTEST) tests/e2e
+
+bench: infra
+	$(VENV)/bin/python bench/ingest_throughput.py
+
+lint: install
+	$(VENV)/bin/ruff check mailbus services tests bench
+	$(VENV)/bin/mypy mailbus services
+
+# Removes all local state (data, logs, generated credentials). Stops first.
+clean-var: down
+	rm -rf var

@@ -1,0 +1,3 @@
+"""mailbus: a self-hosted email pipeline on Kafka."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""Sender accounts and pools, from one TOML file; which account sends a message."""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mailbus.errors import ConfigError
+
+ACCOUNT_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+MAX_ACCOUNTS = 1000
+
+
+class SmtpAccount(BaseModel):
+    """Where and how an SMTP account submits mail."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str
+    port: int = 587
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    username: str | None = None
+    password_file: Path | None = None
+
+
+class GmailAccount(BaseModel):
+    """Which Google credentials a Gmail API account uses."""
+
+    model_config = ConfigDict(extra="forbid")
+    token_file: Path | None = None
+    service_account_file: Path | None = None
+    delegated_user: str | None = None
+
+
+class Account(BaseModel):
+    """One sender account: its identity, its limits and its pools."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(pattern=ACCOUNT_ID_PATTERN)
+    kind: Literal["smtp", "gmail"]
+    from_address: str
+    from_name: str | None = None
+    # Gmail Workspace allows 2,000 per rolling 24 h, consumer Gmail 500.
+    daily_quota: int = Field(default=500, ge=1)
+    # Gmail API: about 2.5 sends per second per user.
+    rate_per_second: float = Field(default=2.5, gt=0)
+    pools: tuple[str, ...] = ("default",)
+    smtp: SmtpAccount | None = None
+    gmail: GmailAccount | None = None
+
+    @model_validator(mode="after")
+    def _transport_matches_kind(self) -> Account:
+        if self.kind == "smtp" and self.smtp is None:
+            raise ValueError("an smtp account needs an [accounts.smtp] table")
+        if self.kind == "gmail" and self.gmail is None:
+            raise ValueError("a gmail account needs an [accounts.gmail] table")
+        return self
+
+
+class AccountsFile(BaseModel):
+    """The accounts file as a whole."""
+
+    model_config = ConfigDict(extra="forbid")
+    accounts: list[Account] = Field(default_factory=list, max_length=MAX_ACCOUNTS)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AccountsFile:
+        seen: set[str] = set()
+        for account in self.accounts:
+            if account.id in seen:
+                raise ValueError(f"account id {account.id!r} appears twice")
+            seen.add(account.id)
+        return self
+
+
+class Directory:
+    """The configured accounts, by id and by pool."""
+
+    def __init__(self, accounts: Iterable[Account]):
+        self.by_id: dict[str, Account] = {a.id: a for a in accounts}
+        self.pools: dict[str, tuple[str, ...]] = {}
+        for account in self.by_id.values():
+            for pool in account.pools:
+                self.pools[pool] = (*self.pools.get(pool, ()), account.id)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+
+def load_accounts(path: Path) -> Directory:
+    """Read and validate the accounts file; ConfigError says what and where."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"accounts file {path} does not exist") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"accounts file {path}: {exc}") from exc
+    try:
+        parsed = AccountsFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"accounts file {path}: {exc}") from exc
+    return Directory(parsed.accounts)
+
+
+def pick_account(candidates: Sequence[str], recipient: str) -> str:
+    """Choose the pool member for a recipient by rendezvous hashing.
+
+    The same recipient lands on the same account while that account stays in
+    the pool, so replies thread; adding or removing an account moves only the
+    recipients that hashed to it.
+    """
+    if not candidates:
+        raise ValueError("no candidate accounts")
+    key = recipient.strip().lower().encode()
+
+    def weight(account_id: str) -> bytes:
+        return hashlib.blake2b(account_id.encode() + b"\0" + key, digest_size=8).digest()
+
+    return max(sorted(candidates), key=weight)

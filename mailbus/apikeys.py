@@ -1,0 +1,47 @@
+"""API keys: the token format, its hash, and parsing a presented token."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+
+SCOPES = ("send", "read", "admin")
+PREFIX = "mbk_"
+# mbk_<10 lowercase base32 chars>.<43 url-safe chars>: the id is public (it
+# names the key in logs and the CLI), the part after the dot is the secret.
+TOKEN_PATTERN = re.compile(r"^mbk_([a-z2-7]{10})\.([A-Za-z0-9_-]{43})$")
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A freshly made key: the token is shown once, only the hash is stored."""
+
+    key_id: str
+    token: str
+    secret_sha256: bytes
+
+
+def generate() -> NewKey:
+    """Make a key id and a 256-bit secret."""
+    key_id = "".join(secrets.choice(_B32) for _ in range(10))
+    secret = secrets.token_urlsafe(32)
+    return NewKey(key_id, f"{PREFIX}{key_id}.{secret}", hash_secret(secret))
+
+
+def hash_secret(secret: str) -> bytes:
+    """SHA-256 of the secret: a 256-bit random secret needs no slow hash."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def parse(token: str) -> tuple[str, str] | None:
+    """(key id, secret) of a well-formed token, else None."""
+    match = TOKEN_PATTERN.match(token)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def matches(secret: str, stored_sha256: bytes) -> bool:
+    """Constant-time comparison of a presented secret with the stored hash."""
+    return secrets.compare_digest(hash_secret(secret), stored_sha256)

@@ -1,0 +1,168 @@
+"""The `mailbus` command: runs each service and the operator's tasks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mailbus import apikeys, db
+from mailbus.errors import MailbusError
+from mailbus.settings import PostgresSettings, ServiceSettings
+
+app = typer.Typer(help="mailbus: a self-hosted email pipeline on Kafka.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+setup_app = typer.Typer(help="Provision Kafka and PostgreSQL.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(setup_app, name="setup")
+console = Console()
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _admin() -> ServiceSettings:
+    return ServiceSettings(service_name="admin")
+
+
+@app.command()
+def ingest() -> None:
+    """Run the ingest API."""
+    import uvicorn
+
+    from mailbus.ingest.app import server_config
+    from mailbus.ingest.settings import IngestSettings
+
+    settings = IngestSettings()
+    _logging(settings.log_level)
+    uvicorn.Server(server_config(settings)).run()
+
+
+@setup_app.command("kafka")
+def setup_kafka(
+    prefix: Annotated[str, typer.Option(help="Namespace prefix for topics and groups.")] = "",
+) -> None:
+    """Create topics, service principals (SCRAM) and their ACLs."""
+    from mailbus.provision import provision
+
+    settings = _admin()
+    _logging(settings.log_level)
+    result = provision(settings.kafka.client_config(), settings.var_dir / "secrets", prefix)
+    console.print(f"kafka: topics created {result['topics_created'] or 'none'}, "
+                  f"{result['acls']} ACL bindings in place")
+
+
+@setup_app.command("db")
+def setup_db() -> None:
+    """Create roles and database (as the superuser), then apply migrations (as the owner)."""
+    settings = _admin()
+    _logging(settings.log_level)
+    secrets = settings.var_dir / "secrets"
+    base = settings.postgres
+    superuser = PostgresSettings(
+        host=base.host, port=base.port, dbname="postgres",
+        user=os.environ.get("MAILBUS_PG_SUPERUSER", "postgres"),
+        password_file=Path(os.environ.get("MAILBUS_PG_SUPERUSER_PASSWORD_FILE",
+                                          secrets / "postgres-superuser.password")),
+    )
+    db.bootstrap(superuser.model_copy(update={"dbname": base.dbname}), secrets)
+    owner = base.model_copy(update={
+        "user": db.OWNER_ROLE, "password": None,
+        "password_file": secrets / f"postgres-{db.OWNER_ROLE}.password"})
+    applied = db.migrate(owner)
+    console.print(f"postgres: migrations applied {applied or 'none (up to date)'}")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A label for the key.")],
+    scopes: Annotated[str, typer.Option(help="Comma-separated: send, read, admin.")] = "send,read",
+    accounts: Annotated[str | None, typer.Option(help="Comma-separated account ids.")] = None,
+    default_pool: Annotated[str | None, typer.Option(help="Pool used when `from` is absent.")]
+    = None,
+    output: Annotated[Path | None, typer.Option(help="Write the token to this file (0600).")]
+    = None,
+) -> None:
+    """Create an API key and print its token once; only its hash is stored."""
+    wanted = [s.strip() for s in scopes.split(",") if s.strip()]
+    unknown = set(wanted) - set(apikeys.SCOPES)
+    if unknown or not wanted:
+        raise typer.BadParameter(f"scopes must be among {', '.join(apikeys.SCOPES)}")
+    allowed = [a.strip() for a in accounts.split(",")] if accounts else None
+    key = apikeys.generate()
+    with psycopg.connect(_admin().postgres.conninfo()) as conn:
+        conn.execute(
+            "INSERT INTO api_keys (id, name, secret_sha256, scopes, accounts, default_pool)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (key.key_id, name, key.secret_sha256, wanted, allowed, default_pool),
+        )
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key.token + "\n")
+        os.chmod(output, 0o600)
+        console.print(f"key {key.key_id} created; token written to {output}")
+    else:
+        console.print(f"key {key.key_id} created. Token (shown once):")
+        print(key.token)
+
+
+@keys_app.command("ensure")
+def keys_ensure(
+    output: Annotated[Path, typer.Option(help="Token file to check or write (0600).")],
+    name: Annotated[str, typer.Option()] = "development",
+    scopes: Annotated[str, typer.Option()] = "send,read,admin",
+) -> None:
+    """Keep a working key in a file: create one unless the file holds a live key."""
+    if output.exists():
+        parsed = apikeys.parse(output.read_text().strip())
+        if parsed is not None:
+            with psycopg.connect(_admin().postgres.conninfo()) as conn:
+                row = conn.execute("SELECT secret_sha256 FROM api_keys WHERE id = %s"
+                                   " AND revoked_at IS NULL", (parsed[0],)).fetchone()
+            if row is not None and apikeys.matches(parsed[1], row[0]):
+                console.print(f"key {parsed[0]} in {output} is live")
+                return
+    keys_create(name=name, scopes=scopes, accounts=None, default_pool=None, output=output)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key; requests with it are refused (401) from now on."""
+    with psycopg.connect(_admin().postgres.conninfo()) as conn:
+        cur = conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s"
+                           " AND revoked_at IS NULL", (key_id,))
+    if cur.rowcount == 0:
+        console.print(f"no live key {key_id}")
+        raise typer.Exit(1)
+    console.print(f"key {key_id} revoked")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (never their secrets)."""
+    with psycopg.connect(_admin().postgres.conninfo()) as conn:
+        rows = conn.execute("SELECT id, name, scopes, accounts, default_pool, created_at,"
+                            " revoked_at FROM api_keys ORDER BY created_at").fetchall()
+    table = Table("id", "name", "scopes", "accounts", "default pool", "created", "revoked")
+    for r in rows:
+        table.add_row(r[0], r[1], ",".join(r[2]), ",".join(r[3]) if r[3] else "all",
+                      r[4] or "", f"{r[5]:%Y-%m-%d %H:%M}", f"{r[6]:%Y-%m-%d %H:%M}" if r[6] else "")
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point of the console script; MailbusError becomes a one-line message."""
+    try:
+        app()
+    except MailbusError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(2) from None

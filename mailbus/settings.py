@@ -1,0 +1,146 @@
+"""Typed settings: one object per service, built in its main(), never at import.
+
+Every value comes from the environment with the `MAILBUS_` prefix (nested
+values with `__`, e.g. `MAILBUS_KAFKA__BOOTSTRAP_SERVERS`), and every secret
+may instead come from a file (`..._FILE`), which is how the local stack and
+container secrets hand them over. Outside local development a placeholder or
+short secret refuses to start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from psycopg.conninfo import make_conninfo
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mailbus.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VAR = REPO_ROOT / "var"
+
+# Values people paste from examples; never acceptable outside local use.
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "password", "admin", "dev"})
+MIN_SECRET_LENGTH = 16
+
+
+def read_secret(value: SecretStr | None, path: Path | None, what: str) -> str:
+    """Return a secret given inline or in a file; ConfigError names the setting when neither."""
+    if value is not None:
+        return value.get_secret_value()
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot read secret file {path}: {exc.strerror}") from exc
+    raise ConfigError(f"{what}: no secret given (set it, or its _FILE)")
+
+
+class KafkaSettings(BaseModel):
+    """How a service reaches the broker, as its own SASL/SCRAM principal."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["SASL_PLAINTEXT", "SASL_SSL"] = "SASL_PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256"] = "SCRAM-SHA-512"
+    username: str = ""
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    ssl_ca_location: Path | None = None
+    # Prepended to every topic and group name: lets tests (and several
+    # installations sharing one cluster) keep apart without touching code.
+    topic_prefix: str = ""
+    # How long an event may wait for the broker's ack before the request
+    # that carries it fails with 503.
+    delivery_timeout_ms: int = Field(default=8000, ge=1000, le=300_000)
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka's names for the connection and credentials, mapped once here."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+            "sasl.mechanisms": self.sasl_mechanism,
+            "sasl.username": self.username,
+            "sasl.password": read_secret(self.password, self.password_file, "kafka.password"),
+        }
+        if self.ssl_ca_location is not None:
+            conf["ssl.ca.location"] = str(self.ssl_ca_location)
+        return conf
+
+    def topic(self, name: str) -> str:
+        """The real topic name for a logical one such as `email.requested`."""
+        return f"{self.topic_prefix}{name}"
+
+
+class PostgresSettings(BaseModel):
+    """How a service reaches PostgreSQL, as its own least-privileged role."""
+
+    host: str = "127.0.0.1"
+    port: int = 5433
+    dbname: str = "mailbus"
+    user: str = ""
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    pool_min: int = 1
+    pool_max: int = 10
+
+    def conninfo(self) -> str:
+        """A libpq connection string; the password is quoted, never logged."""
+        return make_conninfo(
+            host=self.host,
+            port=self.port,
+            dbname=self.dbname,
+            user=self.user,
+            password=read_secret(self.password, self.password_file, "postgres.password"),
+            application_name="mailbus",
+        )
+
+
+class ServiceSettings(BaseSettings):
+    """What every service shares: where state lives, the broker, the database."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MAILBUS_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    # Which Kafka and PostgreSQL principal this service runs as.
+    service_name: str = "service"
+    env: Literal["local", "production"] = "local"
+    var_dir: Path = DEFAULT_VAR
+    accounts_file: Path | None = None
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _local_defaults(self) -> ServiceSettings:
+        # The local stack writes one secret file per principal under var/;
+        # anything set explicitly wins.
+        secrets = self.var_dir / "secrets"
+        if not self.kafka.username:
+            self.kafka.username = self.service_name
+        if self.kafka.password is None and self.kafka.password_file is None:
+            self.kafka.password_file = secrets / f"kafka-{self.kafka.username}.password"
+        if not self.postgres.user:
+            self.postgres.user = f"mailbus_{self.service_name}"
+        if self.postgres.password is None and self.postgres.password_file is None:
+            self.postgres.password_file = secrets / f"postgres-{self.postgres.user}.password"
+        if self.accounts_file is None:
+            self.accounts_file = self.var_dir / "accounts.toml"
+        return self
+
+    def check_secrets(self) -> None:
+        """Refuse placeholder or short secrets outside local development."""
+        if self.env == "local":
+            return
+        for what, value, path in (
+            ("kafka.password", self.kafka.password, self.kafka.password_file),
+            ("postgres.password", self.postgres.password, self.postgres.password_file),
+        ):
+            secret = read_secret(value, path, what)
+            if secret.lower() in PLACEHOLDER_SECRETS or len(secret) < MIN_SECRET_LENGTH:
+                raise ConfigError(
+                    f"{what} is a placeholder or shorter than {MIN_SECRET_LENGTH} characters;"
+                    " refusing to start outside local development"
+                )

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The native stack: install | infra | up | down | status.
+#   install  virtualenv + the project (skipped when pyproject.toml is unchanged)
+#   infra    Kafka and PostgreSQL running and provisioned (what the tests need)
+#   up       infra + the services, waited on until healthy, then a summary
+#   down     stops what `up` started, and nothing else
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MAILBUS_VAR="${MAILBUS_VAR:-$REPO/var}"
+export MAILBUS_VAR_DIR="$MAILBUS_VAR"
+VENV="$REPO/.venv"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+RUN="$MAILBUS_VAR/run"
+LOGS="$MAILBUS_VAR/log"
+API_PORT="${MAILBUS_PORT:-8080}"
+SERVICES=(ingest)
+
+install() {
+    local stamp="$VENV/.installed" want
+    want="$(cat "$REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return 0; fi
+    echo "python: installing mailbus into $VENV"
+    [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -e "$REPO[test,dev]"
+    echo "$want" > "$stamp"
+}
+
+accounts() {
+    # A development account, so that a fresh stack routes requests at once;
+    # it submits to the development SMTP server on 127.0.0.1:2525. An
+    # existing file is the operator's and is never overwritten.
+    local file="$MAILBUS_VAR/accounts.toml"
+    [[ -f "$file" ]] && return 0
+    mkdir -p "$MAILBUS_VAR"
+    install -m 600 "$REPO/deploy/accounts.dev.toml" "$file"
+    echo "accounts: wrote $file (development account 'dev')"
+}
+
+infra() {
+    install
+    mkdir -p "$RUN" "$LOGS"
+    "$REPO/scripts/kafka.sh" start
+    "$REPO/scripts/postgres.sh" start
+    "$VENV/bin/mailbus" setup db
+    "$VENV/bin/mailbus" setup kafka
+    accounts
+}
+
+pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+start_service() {
+    local name="$1" pidfile="$RUN/$1.pid"
+    if pid_alive "$pidfile"; then echo "$name: already running"; return 0; fi
+    # setsid: the service outlives this shell and gets its own process group.
+    setsid nohup "$VENV/bin/mailbus" "$name" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+    echo $! > "$pidfile"
+    echo "$name: started (log $LOGS/$name.log)"
+}
+
+wait_ready() {
+    local url="$1" name="$2" deadline=$((SECONDS + 60))
+    until curl -fsS -o /dev/null "$url"; do
+        if (( SECONDS > deadline )); then
+            echo "$name: not ready after 60 s; last log lines:" >&2
+            tail -n 30 "$LOGS/$name.log" >&2; exit 1
+        fi
+        sleep 0.5
+    done
+}
+
+stop_service() {
+    local name="$1" pidfile="$RUN/$1.pid"
+    if ! pid_alive "$pidfile"; then rm -f "$pidfile"; return 0; fi
+    local pid; pid="$(cat "$pidfile")"
+    kill -TERM "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+    rm -f "$pidfile"
+    echo "$name: stopped"
+}
+
+up() {
+    infra
+    "$VENV/bin/mailbus" keys ensure --output "$MAILBUS_VAR/dev-api-key" >/dev/null
+    for s in "${SERVICES[@]}"; do start_service "$s"; done
+    wait_ready "http://127.0.0.1:$API_PORT/readyz" ingest
+    cat <<SUMMARY
+
+mailbus is up.
+  API          http://127.0.0.1:$API_PORT   (OpenAPI: /docs, /openapi.json)
+  API key      $MAILBUS_VAR/dev-api-key   (mode 600; all scopes)
+  Kafka        127.0.0.1:${MAILBUS_KAFKA_PORT:-9092} (SASL/SCRAM-SHA-512; credentials in $MAILBUS_VAR/secrets)
+  PostgreSQL   127.0.0.1:${MAILBUS_PG_PORT:-5433} database mailbus
+  Logs         $LOGS/
+  Try:  curl -s -H "Authorization: Bearer \$(cat $MAILBUS_VAR/dev-api-key)" \\
+          -H 'Content-Type: application/json' http://127.0.0.1:$API_PORT/v1/messages \\
+          -d '{"to": ["ada@example.com"], "subject": "Hello", "text": "Hi Ada"}'
+SUMMARY
+}
+
+down() {
+    for s in "${SERVICES[@]}"; do stop_service "$s"; done
+    "$REPO/scripts/kafka.sh" stop
+    "$REPO/scripts/postgres.sh" stop
+}
+
+case "${1:-}" in
+    install) install ;;
+    infra) infra ;;
+    up) up ;;
+    down) down ;;
+    *) echo "usage: $0 install|infra|up|down" >&2; exit 2 ;;
+esac

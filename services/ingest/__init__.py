@@ -1,0 +1,1 @@
+"""Ingest: the authenticated REST API that turns requests into email.requested events."""

@@ -1,0 +1,234 @@
+"""The ingest API: FastAPI routes, thin; decisions in handlers, I/O in service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mailbus import topics
+from mailbus.accounts import load_accounts
+from mailbus.codec import Registry
+from mailbus.db import open_pool
+from mailbus.ingest import metrics, problems
+from mailbus.ingest.handlers import (
+    ApiKey, message_id_for, request_digest, require_scope, route,
+)
+from mailbus.ingest.limits import BodyLimit
+from mailbus.ingest.models import BatchRequest, MessageRequest, cross_field_problems
+from mailbus.ingest.problems import Problem, invalid
+from mailbus.ingest.service import Ingestor, Planned
+from mailbus.ingest.settings import IngestSettings
+from mailbus.producer import AsyncProducer
+
+log = logging.getLogger(__name__)
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def server_config(settings: IngestSettings) -> uvicorn.Config:
+    """How uvicorn serves the app, shared by `mailbus ingest` and the tests."""
+    return uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port,
+        log_level=settings.log_level.lower(), access_log=False,
+        # No proxy is trusted by default and the server does not name itself.
+        proxy_headers=False, server_header=False, lifespan="on",
+    )
+
+
+def create_app(settings: IngestSettings) -> FastAPI:
+    """Build the app; connections open in its lifespan, not here."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.check_secrets()
+        assert settings.accounts_file is not None
+        directory = load_accounts(settings.accounts_file)
+        registry = Registry.load()
+        pool = open_pool(settings.postgres)
+        await pool.open(wait=False)
+        producer = AsyncProducer(settings.kafka.client_config(), **{
+            "client.id": "mailbus-ingest",
+            "message.timeout.ms": settings.kafka.delivery_timeout_ms,
+        })
+        app.state.ingestor = Ingestor(pool, producer, registry, directory,
+                                      settings.kafka.topic(topics.REQUESTED))
+        log.info("ingest ready: %d account(s), topic %s", len(directory),
+                 settings.kafka.topic(topics.REQUESTED))
+        try:
+            yield
+        finally:
+            left = producer.close()
+            if left:
+                log.error("shutdown: %d event(s) still unacknowledged", left)
+            await pool.close()
+
+    app = FastAPI(
+        title="mailbus API", version="1", lifespan=lifespan,
+        description="Send email through mailbus. Errors are RFC 9457 problem+json.",
+    )
+    app.add_exception_handler(Problem, problems.problem_handler)
+    app.add_exception_handler(RequestValidationError, problems.validation_handler)
+    app.add_exception_handler(StarletteHTTPException, problems.http_handler)
+    app.add_middleware(BodyLimit, default=settings.max_body_bytes,
+                       per_path={"/v1/messages/batch": settings.max_batch_body_bytes})
+    app.middleware("http")(_observe)
+    _routes(app)
+    return app
+
+
+async def _observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                   ) -> Response:
+    start = time.perf_counter()
+    response = await call_next(request)
+    found = request.scope.get("route")
+    path = getattr(found, "path", "unmatched")
+    metrics.REQUESTS.labels(path, request.method, str(response.status_code)).inc()
+    metrics.REQUEST_SECONDS.labels(path).observe(time.perf_counter() - start)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _ingestor(request: Request) -> Ingestor:
+    return request.app.state.ingestor  # type: ignore[no-any-return]
+
+
+async def _key(request: Request, authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+    token = None
+    if authorization and authorization[:7].lower() == "bearer ":
+        token = authorization[7:].strip()
+    return await _ingestor(request).authenticate(token)
+
+
+def _idempotency(value: str | None) -> str | None:
+    if value is not None and not IDEMPOTENCY_KEY.match(value):
+        raise invalid([{"field": "Idempotency-Key",
+                        "message": "must be 1 to 255 printable ASCII characters"}])
+    return value
+
+
+def _plan(ing: Ingestor, key: ApiKey, req: MessageRequest, idem: str | None,
+          index: int | None = None, prefix: str = "") -> Planned:
+    errors = [{"field": prefix + f, "message": m} for f, m in cross_field_problems(req)]
+    if errors:
+        raise invalid(errors)
+    try:
+        account_id, pool = route(req, key, ing.directory)
+    except Problem as exc:
+        for err in exc.errors:
+            err["field"] = prefix + err["field"]
+        raise
+    return Planned(req, message_id_for(key.id, idem, index), account_id, pool)
+
+
+Key = Annotated[ApiKey, Depends(_key)]
+IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
+
+
+def _routes(app: FastAPI) -> None:
+    @app.post("/v1/messages", status_code=202, tags=["messages"])
+    async def send_message(request: Request, req: MessageRequest, key: Key,
+                           idempotency_key: IdemHeader = None) -> JSONResponse:
+        """Accept one message; 202 only once Kafka holds its event."""
+        require_scope(key, "send")
+        idem = _idempotency(idempotency_key)
+        ing = _ingestor(request)
+        try:
+            planned = _plan(ing, key, req, idem)
+        except Problem:
+            metrics.REJECTED.labels("validation").inc()
+            raise
+        digest = request_digest(req.model_dump(mode="json", by_alias=True))
+
+        def respond(ids: list[str]) -> tuple[int, dict[str, Any]]:
+            return 202, {"id": ids[0], "status": "queued"}
+
+        status, body = await ing.accept(key, [planned], idem, digest, respond)
+        return JSONResponse(body, status_code=status,
+                            headers={"Location": f"/v1/messages/{body.get('id')}"})
+
+    @app.post("/v1/messages/batch", tags=["messages"])
+    async def send_batch(request: Request, batch: BatchRequest, key: Key,
+                         idempotency_key: IdemHeader = None) -> JSONResponse:
+        """Accept up to 1,000 messages, each validated on its own; answers per item."""
+        require_scope(key, "send")
+        idem = _idempotency(idempotency_key)
+        ing = _ingestor(request)
+        results: list[dict[str, Any]] = []
+        planned: list[Planned] = []
+        for i, item in enumerate(batch.messages):
+            prefix = f"messages[{i}]."
+            try:
+                req = MessageRequest.model_validate(item)
+                planned.append(_plan(ing, key, req, idem, i, prefix))
+                results.append({"index": i, "id": planned[-1].message_id, "status": "queued"})
+            except ValidationError as exc:
+                errors = problems.from_pydantic(exc.errors(), prefix)
+                results.append({"index": i, "status": "rejected", "error": invalid(errors).body()})
+            except Problem as exc:
+                results.append({"index": i, "status": "rejected", "error": exc.body()})
+        rejected = len(results) - len(planned)
+        if rejected:
+            metrics.REJECTED.labels("validation").inc(rejected)
+        summary = {"accepted": len(planned), "rejected": rejected, "results": results}
+        if not planned:
+            return JSONResponse(summary, status_code=422)
+
+        def respond(ids: list[str]) -> tuple[int, dict[str, Any]]:
+            return 202, summary
+
+        status, body = await ing.accept(key, planned, idem, request_digest(batch.messages),
+                                        respond)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/v1/messages/{message_id}", tags=["messages"])
+    async def get_message(request: Request, message_id: str, key: Key) -> dict[str, Any]:
+        """A message this key sent (admin keys: any message)."""
+        require_scope(key, "read")
+        try:
+            uuid.UUID(message_id)
+        except ValueError:
+            raise Problem(404, "not-found", "No such message") from None
+        row = await _ingestor(request).message(key, message_id)
+        if row is None:
+            raise Problem(404, "not-found", "No such message")
+        return {
+            "id": str(row["id"]), "status": row["status"], "account": row["account_id"],
+            "pool": row["pool"], "subject": row["subject"], "recipients": row["recipients"],
+            "tags": row["tags"], "send_at": row["send_at"], "requested_at": row["requested_at"],
+            "updated_at": row["updated_at"],
+        }
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        """Kafka and PostgreSQL both answer."""
+        ing = _ingestor(request)
+        kafka = await asyncio.to_thread(ing.producer.reachable, 2.0)
+        db = await ing.database_ok()
+        ok = kafka and db
+        body = {"status": "ok" if ok else "unavailable", "kafka": kafka, "postgres": db}
+        return JSONResponse(body, status_code=200 if ok else 503,
+                            headers={} if ok else {"Retry-After": "5"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus exposition."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

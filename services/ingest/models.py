@@ -1,0 +1,183 @@
+"""The request as a client writes it, with every limit it is held to."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+MAX_RECIPIENTS = 100  # To + Cc + Bcc, as Gmail allows per message
+MAX_SUBJECT = 998  # RFC 5322's line limit; longer subjects are folded anyway
+MAX_NAME = 200
+MAX_CONTENT_BYTES = 512 * 1024  # text + html + template, UTF-8; Kafka's record limit is 1 MB
+MAX_VARIABLES_BYTES = 64 * 1024
+MAX_ACTIONS = 10
+MAX_TAGS = 20
+MAX_METADATA = 20
+MAX_BATCH = 1000
+MAX_SCHEDULE_AHEAD = timedelta(days=7)  # email.requested keeps a week
+
+# Any of these in a value that becomes a header would let input write headers.
+_HEADER_BREAKERS = re.compile(r"[\r\n\0]")
+_NAME_ADDR = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]+)>\s*$")
+
+Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+MetaKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+MetaValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+def no_header_breaks(value: str) -> str:
+    """Refuse CR, LF and NUL in anything that becomes a header."""
+    if _HEADER_BREAKERS.search(value):
+        raise ValueError("must not contain CR, LF or NUL")
+    return value
+
+
+class Address(BaseModel):
+    """A mailbox: normalised address and an optional display name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    email: str
+    name: str | None = Field(default=None, max_length=MAX_NAME)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = no_header_breaks(value).strip().strip('"').strip()
+        return value or None
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        no_header_breaks(value)
+        try:
+            # Syntax only (RFC 5322, IDN): no DNS lookups on the request path.
+            result = validate_email(value, check_deliverability=False)
+        except EmailNotValidError as exc:
+            raise ValueError(str(exc)) from None
+        return result.normalized
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        # "Grace Hopper <grace@example.com>" or a bare address.
+        if isinstance(data, str):
+            no_header_breaks(data)
+            match = _NAME_ADDR.match(data)
+            if match:
+                return {"email": match["addr"].strip(), "name": match["name"] or None}
+            return {"email": data.strip()}
+        return data
+
+
+class Template(BaseModel):
+    """A template rendered by the sender in a sandbox, with its variables."""
+
+    model_config = ConfigDict(extra="forbid")
+    subject: str | None = Field(default=None, max_length=MAX_SUBJECT)
+    text: str | None = None
+    html: str | None = None
+    variables: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        return None if value is None else no_header_breaks(value)
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value).encode()) > MAX_VARIABLES_BYTES:
+            raise ValueError(f"must encode to at most {MAX_VARIABLES_BYTES} bytes of JSON")
+        return value
+
+
+class Action(BaseModel):
+    """An interactive choice rendered as a signed link or button."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,64}$")]
+    label: str = Field(min_length=1, max_length=100)
+    url: Annotated[str, StringConstraints(pattern=r"^https://[^\s\x00]{1,2000}$")] | None = None
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value: str) -> str:
+        return no_header_breaks(value)
+
+
+class MessageRequest(BaseModel):
+    """POST /v1/messages."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: str | None = Field(default=None, alias="from", max_length=80)
+    to: list[Address] = Field(min_length=1, max_length=MAX_RECIPIENTS)
+    cc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    bcc: list[Address] = Field(default_factory=list, max_length=MAX_RECIPIENTS)
+    reply_to: Address | None = None
+    subject: str | None = Field(default=None, max_length=MAX_SUBJECT)
+    text: str | None = None
+    html: str | None = None
+    template: Template | None = None
+    actions: list[Action] = Field(default_factory=list, max_length=MAX_ACTIONS)
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    metadata: dict[MetaKey, MetaValue] = Field(default_factory=dict, max_length=MAX_METADATA)
+    send_at: AwareDatetime | None = None
+
+    @field_validator("from_")
+    @classmethod
+    def _from(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(pool:)?[a-z0-9][a-z0-9_.-]{0,63}", value):
+            raise ValueError("must be an account id or pool:NAME")
+        return value
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        return None if value is None else no_header_breaks(value)
+
+    @field_validator("send_at")
+    @classmethod
+    def _send_at(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value - datetime.now(UTC) > MAX_SCHEDULE_AHEAD:
+            raise ValueError(f"must be at most {MAX_SCHEDULE_AHEAD.days} days ahead")
+        return value
+
+
+def cross_field_problems(req: MessageRequest) -> list[tuple[str, str]]:
+    """(field, message) for rules that span fields; empty when the request is whole."""
+    problems: list[tuple[str, str]] = []
+    if len(req.to) + len(req.cc) + len(req.bcc) > MAX_RECIPIENTS:
+        problems.append(("to", f"at most {MAX_RECIPIENTS} recipients in to, cc and bcc together"))
+    template = req.template
+    if not (req.text or req.html or (template and (template.text or template.html))):
+        problems.append(("text", "give text, html, or a template with text or html"))
+    if req.subject is None and not (template and template.subject):
+        problems.append(("subject", "give a subject, or a template with a subject"))
+    bodies = [req.text, req.html]
+    if template is not None:
+        bodies += [template.text, template.html, template.subject]
+    if sum(len(b.encode()) for b in bodies if b) > MAX_CONTENT_BYTES:
+        problems.append(("text", f"text, html and template exceed {MAX_CONTENT_BYTES} bytes"))
+    return problems
+
+
+class BatchRequest(BaseModel):
+    """POST /v1/messages/batch: items are validated one by one, not all or nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH)

@@ -1,0 +1,101 @@
+"""RFC 9457 problem details: every error the API answers, naming the field at fault."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+MEDIA_TYPE = "application/problem+json"
+# Problem types are relative URIs documented in docs/api.md.
+TYPE_BASE = "/problems/"
+
+
+class Problem(Exception):
+    """An error answer: raised anywhere in a request, rendered as problem+json."""
+
+    def __init__(
+        self, status: int, slug: str, title: str, detail: str | None = None,
+        errors: Sequence[dict[str, str]] = (), headers: dict[str, str] | None = None,
+    ):
+        super().__init__(title)
+        self.status, self.slug, self.title, self.detail = status, slug, title, detail
+        self.errors = list(errors)
+        self.headers = headers or {}
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        """The problem document."""
+        doc: dict[str, Any] = {"type": TYPE_BASE + self.slug, "title": self.title,
+                               "status": self.status}
+        if self.detail:
+            doc["detail"] = self.detail
+        if instance:
+            doc["instance"] = instance
+        if self.errors:
+            doc["errors"] = self.errors
+        return doc
+
+    def response(self, instance: str | None = None) -> JSONResponse:
+        """The problem as an HTTP response."""
+        return JSONResponse(self.body(instance), status_code=self.status,
+                            media_type=MEDIA_TYPE, headers=self.headers)
+
+
+def field_path(loc: Iterable[Any]) -> str:
+    """Pydantic's location tuple as the client wrote it: `to[0].email`."""
+    out = ""
+    for part in loc:
+        if part in ("body", "query", "path", "header"):
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + ("from" if part == "from_" else str(part))
+    return out or "body"
+
+
+def invalid(errors: Sequence[dict[str, str]], detail: str | None = None) -> Problem:
+    """422 for a request that breaks the contract; `errors` names each field."""
+    first = errors[0]["field"] if errors else "body"
+    return Problem(422, "validation", "Request is not valid",
+                   detail or f"{first}: {errors[0]['message']}" if errors else detail, errors)
+
+
+def from_pydantic(raw_errors: Sequence[Any], prefix: str = "") -> list[dict[str, str]]:
+    """Pydantic errors as [{field, message}], messages free of the input echoed back."""
+    out = []
+    for err in raw_errors:
+        path = field_path(err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        out.append({"field": f"{prefix}{path}" if prefix else path, "message": msg})
+    return out
+
+
+def unavailable(detail: str, retry_after: int = 5) -> Problem:
+    """503 with Retry-After: a dependency is down and nothing was accepted."""
+    return Problem(503, "unavailable", "Service temporarily unavailable", detail,
+                   headers={"Retry-After": str(retry_after)})
+
+
+async def problem_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Render a raised Problem."""
+    assert isinstance(exc, Problem)
+    return exc.response(request.url.path)
+
+
+async def validation_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Render FastAPI's own request validation failures as problem+json."""
+    assert isinstance(exc, RequestValidationError)
+    errors = from_pydantic(exc.errors())
+    return invalid(errors).response(request.url.path)
+
+
+async def http_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Render Starlette's HTTP errors (404 route, 405 method) as problem+json."""
+    assert isinstance(exc, StarletteHTTPException)
+    slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+    return Problem(exc.status_code, slug, str(exc.detail)).response(request.url.path)
