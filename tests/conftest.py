@@ -1,10 +1,110 @@
-"""Fixtures shared by every layer."""
+"""Fixtures shared by every layer: the real broker and PostgreSQL that `make infra` started."""
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import psycopg
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from mailbus import apikeys
 from mailbus.codec import Registry
+from mailbus.ingest.settings import IngestSettings
+from mailbus.provision import provision
+from mailbus.settings import ServiceSettings
+from tests.support.kafka import drop_namespace, new_prefix
+
+ACCOUNTS = """
+[[accounts]]
+id = "dev"
+kind = "smtp"
+from_address = "dev@example.test"
+pools = ["default"]
+[accounts.smtp]
+host = "127.0.0.1"
+
+[[accounts]]
+id = "team-a"
+kind = "smtp"
+from_address = "a@example.test"
+pools = ["team"]
+[accounts.smtp]
+host = "127.0.0.1"
+
+[[accounts]]
+id = "team-b"
+kind = "smtp"
+from_address = "b@example.test"
+pools = ["team"]
+[accounts.smtp]
+host = "127.0.0.1"
+
+[[accounts]]
+id = "solo"
+kind = "gmail"
+from_address = "solo@example.test"
+pools = []
+[accounts.gmail]
+token_file = "/nonexistent/token.json"
+"""
+
+
+@pytest.fixture(scope="session")
+def admin() -> ServiceSettings:
+    return ServiceSettings(service_name="admin")
+
+
+@pytest.fixture(scope="session")
+def admin_kafka(admin: ServiceSettings) -> dict[str, Any]:
+    config = admin.kafka.client_config()
+    try:
+        AdminClient(config).list_topics(timeout=10)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"the Kafka broker is not reachable ({exc}); run `make infra` first")
+    return config
+
+
+@pytest.fixture
+def namespace(admin: ServiceSettings, admin_kafka: dict[str, Any]) -> Iterator[str]:
+    """Fresh topics and ACLs under a unique prefix, removed afterwards."""
+    prefix = new_prefix()
+    provision(admin_kafka, admin.var_dir / "secrets", prefix, users=False)
+    yield prefix
+    drop_namespace(admin_kafka, prefix)
+
+
+@pytest.fixture
+def accounts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "accounts.toml"
+    path.write_text(ACCOUNTS)
+    return path
+
+
+@pytest.fixture
+def ingest_settings(namespace: str, accounts_file: Path) -> IngestSettings:
+    return IngestSettings(accounts_file=accounts_file,
+                          kafka={"topic_prefix": namespace, "delivery_timeout_ms": 5000})
+
+
+@pytest.fixture
+def make_key(admin: ServiceSettings) -> Callable[..., tuple[str, str]]:
+    """Create an API key in the database; returns (key id, token)."""
+
+    def make(scopes: tuple[str, ...] = ("send", "read"), accounts: list[str] | None = None,
+             default_pool: str | None = None) -> tuple[str, str]:
+        key = apikeys.generate()
+        with psycopg.connect(admin.postgres.conninfo()) as conn:
+            conn.execute(
+                "INSERT INTO api_keys (id, name, secret_sha256, scopes, accounts, default_pool)"
+                " VALUES (%s, 'test', %s, %s, %s, %s)",
+                (key.key_id, key.secret_sha256, list(scopes), accounts, default_pool),
+            )
+        return key.key_id, key.token
+
+    return make
 
 
 @pytest.fixture(scope="session")

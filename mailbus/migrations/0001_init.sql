@@ -52,7 +52,7 @@ CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
 
 GRANT SELECT ON api_keys TO mailbus_ingest;
 GRANT SELECT, INSERT ON messages TO mailbus_ingest;
-GRANT SELECT, INSERT ON idempotency_keys TO mailbus_ingest;
+GRANT SELECT, INSERT, UPDATE ON idempotency_keys TO mailbus_ingest;
 
 GRANT SELECT, INSERT, UPDATE ON api_keys TO mailbus_admin;
 GRANT SELECT ON messages, idempotency_keys TO mailbus_admin;

@@ -25,7 +25,11 @@ from mailbus.codec import Registry
 from mailbus.db import open_pool
 from mailbus.ingest import metrics, problems
 from mailbus.ingest.handlers import (
-    ApiKey, message_id_for, request_digest, require_scope, route,
+    ApiKey,
+    message_id_for,
+    request_digest,
+    require_scope,
+    route,
 )
 from mailbus.ingest.limits import BodyLimit
 from mailbus.ingest.models import BatchRequest, MessageRequest, cross_field_problems
@@ -82,6 +86,7 @@ def create_app(settings: IngestSettings) -> FastAPI:
     app.add_exception_handler(Problem, problems.problem_handler)
     app.add_exception_handler(RequestValidationError, problems.validation_handler)
     app.add_exception_handler(StarletteHTTPException, problems.http_handler)
+    app.add_exception_handler(Exception, problems.unexpected_handler)
     app.add_middleware(BodyLimit, default=settings.max_body_bytes,
                        per_path={"/v1/messages/batch": settings.max_batch_body_bytes})
     app.middleware("http")(_observe)

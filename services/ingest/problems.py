@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
 # Problem types are relative URIs documented in docs/api.md.
 TYPE_BASE = "/problems/"
@@ -99,3 +101,9 @@ async def http_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
     return Problem(exc.status_code, slug, str(exc.detail)).response(request.url.path)
+
+
+async def unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
+    """500 as problem+json; the cause goes to the log, never to the client."""
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return Problem(500, "internal", "Internal error").response(request.url.path)

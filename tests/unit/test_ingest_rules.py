@@ -11,7 +11,13 @@ from mailbus import apikeys
 from mailbus.accounts import Account, Directory, SmtpAccount, pick_account
 from mailbus.codec import Registry
 from mailbus.ingest.handlers import (
-    ApiKey, message_id_for, message_row, request_digest, requested_event, require_scope, route,
+    ApiKey,
+    message_id_for,
+    message_row,
+    request_digest,
+    requested_event,
+    require_scope,
+    route,
 )
 from mailbus.ingest.models import MessageRequest, cross_field_problems
 from mailbus.ingest.problems import Problem, field_path

@@ -1,0 +1,84 @@
+"""The `mailbus` command as an operator runs it: a real service process, keys from the CLI."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
+
+from tests.support.kafka import read_all
+
+MAILBUS = [sys.executable, "-m", "mailbus"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mailbus(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MAILBUS, *args], capture_output=True, text=True, timeout=60,
+                          env=env, check=False)
+
+
+@pytest.fixture
+def service(namespace: str, accounts_file: Path, tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    env = {**os.environ, "MAILBUS_PORT": str(port), "MAILBUS_KAFKA__TOPIC_PREFIX": namespace,
+           "MAILBUS_ACCOUNTS_FILE": str(accounts_file)}
+    log = (tmp_path / "ingest.log").open("w")
+    proc = subprocess.Popen([*MAILBUS, "ingest"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    @retry(stop=stop_after_delay(60), wait=wait_fixed(0.3),
+           retry=retry_if_exception_type((httpx.HTTPError, AssertionError)))
+    def ready() -> None:
+        assert proc.poll() is None, (tmp_path / "ingest.log").read_text()
+        assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+
+    try:
+        ready()
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def test_operator_flow(service: str, namespace: str, admin_kafka, registry, tmp_path: Path):
+    token_file = tmp_path / "key"
+    created = mailbus("keys", "create", "--name", "e2e", "--scopes", "send,read",
+                      "--output", str(token_file))
+    assert created.returncode == 0, created.stderr
+    assert token_file.stat().st_mode & 0o077 == 0
+    token = token_file.read_text().strip()
+    assert token not in created.stdout  # written to the file, not the terminal
+    headers = {"Authorization": f"Bearer {token}"}
+
+    body = {"to": ["ada@example.com"], "subject": "Hello", "text": "Hi Ada"}
+    r = httpx.post(f"{service}/v1/messages", json=body, headers=headers)
+    assert r.status_code == 202, r.text
+    [record] = read_all(admin_kafka, f"{namespace}email.requested", expect=1)
+    assert registry.decode(record.value())[1]["message_id"] == r.json()["id"]
+    status = httpx.get(f"{service}/v1/messages/{r.json()['id']}", headers=headers).json()
+    assert status["status"] == "queued"
+
+    listed = mailbus("keys", "list")
+    key_id = token.removeprefix("mbk_").split(".")[0]
+    assert key_id in listed.stdout and token.split(".")[1] not in listed.stdout
+    assert mailbus("keys", "revoke", key_id).returncode == 0
+    assert httpx.post(f"{service}/v1/messages", json=body, headers=headers).status_code == 401
+    assert mailbus("keys", "revoke", key_id).returncode == 1  # already revoked
+
+
+def test_bad_scopes_are_refused_by_the_cli():
+    r = mailbus("keys", "create", "--name", "x", "--scopes", "send,root")
+    assert r.returncode != 0 and "scopes must be among" in (r.stdout + r.stderr)

@@ -1,0 +1,84 @@
+"""Least privilege on the broker and in PostgreSQL, proven with the services' own credentials."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from mailbus.settings import ServiceSettings
+
+
+def _consume_error(config: dict, topic: str) -> KafkaError | None:
+    consumer = Consumer({**config, "group.id": f"probe-{uuid.uuid4().hex}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    try:
+        # assign() fetches without joining a group: this asks the broker for
+        # READ on the topic alone.
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        for _ in range(50):
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error():
+                return msg.error()
+        return None
+    finally:
+        consumer.close()
+
+
+def _produce_error(config: dict, topic: str) -> KafkaError | None:
+    producer = Producer({**config, "message.timeout.ms": 5000})
+    errors: list[KafkaError | None] = []
+    producer.produce(topic, b"probe", on_delivery=lambda err, _msg: errors.append(err))
+    producer.flush(10)
+    return errors[0] if errors else None
+
+
+def test_ingest_may_write_requested_and_nothing_else(namespace):
+    ingest = ServiceSettings(service_name="ingest", kafka={"topic_prefix": namespace}).kafka
+    conf = ingest.client_config()
+    err = _consume_error(conf, ingest.topic("email.requested"))
+    assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    err = _produce_error(conf, ingest.topic("email.sent"))
+    assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    assert _produce_error(conf, ingest.topic("email.requested")) is None
+
+
+def test_unauthenticated_and_wrong_password_are_refused(admin):
+    base = admin.kafka.client_config()
+    wrong = {**base, "sasl.username": "ingest", "sasl.password": "not-the-password"}
+    producer = Producer({**wrong, "message.timeout.ms": 3000})
+    errors: list = []
+    producer.produce("email.requested", b"x", on_delivery=lambda e, _m: errors.append(e))
+    producer.flush(6)
+    assert errors and errors[0] is not None
+    plain = {"bootstrap.servers": base["bootstrap.servers"], "security.protocol": "PLAINTEXT",
+             "message.timeout.ms": 3000}
+    producer = Producer(plain)
+    errors.clear()
+    producer.produce("email.requested", b"x", on_delivery=lambda e, _m: errors.append(e))
+    producer.flush(6)
+    assert errors and errors[0] is not None
+
+
+def test_ingest_database_role_is_least_privileged():
+    ingest = ServiceSettings(service_name="ingest").postgres
+    with psycopg.connect(ingest.conninfo(), autocommit=True) as conn:
+        conn.execute("SELECT count(*) FROM api_keys").fetchone()
+        for statement in ("UPDATE api_keys SET name = name",
+                          "DELETE FROM messages",
+                          "INSERT INTO api_keys (id, name, secret_sha256, scopes)"
+                          " VALUES ('x', 'x', '\\x00', '{admin}')",
+                          "CREATE TABLE evil (id int)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+
+
+def test_secret_files_are_private(admin):
+    secrets = admin.var_dir / "secrets"
+    assert secrets.stat().st_mode & 0o077 == 0
+    files = list(secrets.iterdir())
+    assert files
+    for f in files:
+        assert f.stat().st_mode & 0o077 == 0, f
