@@ -154,8 +154,9 @@ def keys_list() -> None:
                             " revoked_at FROM api_keys ORDER BY created_at").fetchall()
     table = Table("id", "name", "scopes", "accounts", "default pool", "created", "revoked")
     for r in rows:
+        revoked = f"{r[6]:%Y-%m-%d %H:%M}" if r[6] else ""
         table.add_row(r[0], r[1], ",".join(r[2]), ",".join(r[3]) if r[3] else "all",
-                      r[4] or "", f"{r[5]:%Y-%m-%d %H:%M}", f"{r[6]:%Y-%m-%d %H:%M}" if r[6] else "")
+                      r[4] or "", f"{r[5]:%Y-%m-%d %H:%M}", revoked)
     console.print(table)
 
 

@@ -83,7 +83,7 @@ def _conninfo(settings: PostgresSettings, dbname: str) -> str:
 def migration_files() -> list[tuple[str, str]]:
     """(version, SQL text) of every migration shipped with the package, in order."""
     folder = resources.files("mailbus") / "migrations"
-    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
 
 

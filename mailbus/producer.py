@@ -53,7 +53,7 @@ class AsyncProducer:
 
     async def produce(
         self, topic: str, value: bytes, key: bytes | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
     ) -> Message:
         """Append one record and wait until the broker acknowledged it (acks=all)."""
         loop = asyncio.get_running_loop()

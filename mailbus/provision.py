@@ -68,7 +68,8 @@ def ensure_users(admin: AdminClient, secrets_dir: Path, services: tuple[str, ...
         )
         for name in services
     ]
-    for future in admin.alter_user_scram_credentials(upserts).values():
+    # The stubs declare the base class only, in an invariant list.
+    for future in admin.alter_user_scram_credentials(upserts).values():  # type: ignore[arg-type]
         future.result(TIMEOUT)
 
 
@@ -107,7 +108,9 @@ def ensure_acls(admin: AdminClient, prefix: str = "") -> int:
     # CreateAcls returns once the controller committed the records; brokers
     # apply the metadata log a moment later, and a client that starts in
     # between is refused. Wait until the broker's authorizer lists them all.
-    every = AclBindingFilter(ResourceType.ANY, None, ResourcePatternType.ANY, None, None,
+    # None matches any name, principal and host; the stubs do not say so.
+    every = AclBindingFilter(ResourceType.ANY, None,  # type: ignore[arg-type]
+                             ResourcePatternType.ANY, None, None,  # type: ignore[arg-type]
                              AclOperation.ANY, AclPermissionType.ANY)
     deadline = time.monotonic() + TIMEOUT
     missing = set(map(_acl_key, wanted))

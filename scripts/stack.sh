@@ -17,7 +17,7 @@ LOGS="$MAILBUS_VAR/log"
 API_PORT="${MAILBUS_PORT:-8080}"
 SERVICES=(ingest)
 
-install() {
+install_python() {
     local stamp="$VENV/.installed" want
     want="$(cat "$REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return 0; fi
@@ -40,7 +40,7 @@ accounts() {
 }
 
 infra() {
-    install
+    install_python
     mkdir -p "$RUN" "$LOGS"
     "$REPO/scripts/kafka.sh" start
     "$REPO/scripts/postgres.sh" start
@@ -108,7 +108,7 @@ down() {
 }
 
 case "${1:-}" in
-    install) install ;;
+    install) install_python ;;
     infra) infra ;;
     up) up ;;
     down) down ;;

@@ -42,18 +42,27 @@ log = logging.getLogger(__name__)
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
-def server_config(settings: IngestSettings) -> uvicorn.Config:
-    """How uvicorn serves the app, shared by `mailbus ingest` and the tests."""
+def server_config(settings: IngestSettings, producer_factory: ProducerFactory | None = None
+                  ) -> uvicorn.Config:
+    """How uvicorn serves the app, shared by `mailbus ingest`, the tests and the benchmarks."""
     return uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port,
+        create_app(settings, producer_factory), host=settings.host, port=settings.port,
         log_level=settings.log_level.lower(), access_log=False,
         # No proxy is trusted by default and the server does not name itself.
         proxy_headers=False, server_header=False, lifespan="on",
     )
 
 
-def create_app(settings: IngestSettings) -> FastAPI:
-    """Build the app; connections open in its lifespan, not here."""
+ProducerFactory = Callable[[dict[str, Any]], AsyncProducer]
+
+
+def create_app(settings: IngestSettings, producer_factory: ProducerFactory | None = None
+               ) -> FastAPI:
+    """Build the app; connections open in its lifespan, not here.
+
+    `producer_factory` lets a benchmark put another producer behind the same
+    API; the service itself always uses one shared AsyncProducer.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,10 +72,9 @@ def create_app(settings: IngestSettings) -> FastAPI:
         registry = Registry.load()
         pool = open_pool(settings.postgres)
         await pool.open(wait=False)
-        producer = AsyncProducer(settings.kafka.client_config(), **{
-            "client.id": "mailbus-ingest",
-            "message.timeout.ms": settings.kafka.delivery_timeout_ms,
-        })
+        conf = {**settings.kafka.client_config(), "client.id": "mailbus-ingest",
+                "message.timeout.ms": settings.kafka.delivery_timeout_ms}
+        producer = (producer_factory or AsyncProducer)(conf)
         app.state.ingestor = Ingestor(pool, producer, registry, directory,
                                       settings.kafka.topic(topics.REQUESTED))
         log.info("ingest ready: %d account(s), topic %s", len(directory),

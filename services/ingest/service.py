@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -92,8 +92,9 @@ class Ingestor:
                                         idempotency_key=idempotency_key, now=now)
                         for p in planned
                     ]
+                    rows = [message_row(e) for e in events]
                     async with conn.cursor() as cur:
-                        await cur.executemany(SQL["insert_message"], [message_row(e) for e in events])
+                        await cur.executemany(SQL["insert_message"], rows)
                     await self._produce_all(events)
                     status, body = respond([p.message_id for p in planned])
                     if idempotency_key is not None:
@@ -109,7 +110,7 @@ class Ingestor:
             metrics.ACCEPTED.labels(p.account_id, p.pool or "").inc()
         return status, body
 
-    async def _replay(self, conn: psycopg.AsyncConnection, ids: dict[str, Any],
+    async def _replay(self, conn: psycopg.AsyncConnection[DictRow], ids: dict[str, Any],
                       digest: bytes) -> tuple[int, dict[str, Any]]:
         record = await (await conn.execute(SQL["idempotency_record"], ids)).fetchone()
         if record is None or record["request_sha256"] != digest:
@@ -160,13 +161,13 @@ class _Connection:
     def __init__(self, pool: AsyncConnectionPool):
         self._cm = pool.connection()
 
-    async def __aenter__(self) -> psycopg.AsyncConnection:
+    async def __aenter__(self) -> psycopg.AsyncConnection[DictRow]:
         try:
             conn = await self._cm.__aenter__()
         except (PoolTimeout, psycopg.OperationalError) as exc:
             raise unavailable("database unavailable") from exc
-        conn.row_factory = dict_row
-        return conn
+        conn.row_factory = dict_row  # type: ignore[assignment]  # pool connections are untyped
+        return cast("psycopg.AsyncConnection[DictRow]", conn)
 
     async def __aexit__(self, *exc: Any) -> None:
         await self._cm.__aexit__(*exc)

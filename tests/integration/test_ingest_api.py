@@ -13,7 +13,7 @@ from tests.support.kafka import read_all
 MESSAGE = {
     "to": ["Ada Lovelace <ada@example.com>", "grace@example.com"],
     "cc": [{"email": "cc@example.com", "name": "Cee"}],
-    "subject": "Are you coming on Friday? – ünïcode",
+    "subject": "Are you coming on Friday? \u2013 ünïcode",
     "text": "plain body",
     "html": "<p>html body</p>",
     "actions": [{"id": "yes", "label": "Yes"}, {"id": "no", "label": "No"}],
@@ -41,7 +41,7 @@ def test_posted_message_is_in_kafka_as_posted(api, make_key, ingest_settings, ad
 
     [msg] = requested(ingest_settings, admin_kafka, expect=1)
     assert msg.key() == b"dev"  # keyed by sender account: the default pool's only member
-    name, event = registry.decode(msg.value(), "mailbus.EmailRequested")
+    _, event = registry.decode(msg.value(), "mailbus.EmailRequested")
     assert event["message_id"] == body["id"]
     assert event["account_id"] == "dev" and event["pool"] == "default"
     assert event["key_id"] == key_id
@@ -71,7 +71,7 @@ def test_missing_or_wrong_key_is_401(api, header):
 
 
 def test_wrong_secret_of_a_real_key_is_401(api, make_key):
-    key_id, token = make_key()
+    _, token = make_key()
     forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     assert api.post("/v1/messages", json=MESSAGE, headers=auth(forged)).status_code == 401
 

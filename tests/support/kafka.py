@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AclBindingFilter, AdminClient
 
 from mailbus.provision import bindings
@@ -22,10 +23,8 @@ def drop_namespace(admin_config: dict[str, Any], prefix: str) -> None:
     """Delete a namespace's topics and ACLs."""
     admin = AdminClient(admin_config)
     for future in admin.delete_topics([prefix + t.name for t in TOPICS]).values():
-        try:
+        with contextlib.suppress(KafkaException):  # already gone: nothing to clean
             future.result(30)
-        except Exception:  # noqa: BLE001 - best-effort cleanup of test topics
-            pass
     filters = [
         AclBindingFilter(b.restype, b.name, b.resource_pattern_type, b.principal, b.host,
                          b.operation, b.permission_type)

@@ -13,8 +13,8 @@ import pytest
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
 from mailbus.codec import DEFAULT_SCHEMA_DIR, MARKER, TOPIC_SCHEMAS, Registry
-from mailbus.schemacheck import check_compatible, sample_records
 from mailbus.errors import DecodeError
+from mailbus.schemacheck import check_compatible, sample_records
 
 
 def registry_problems(registry: Registry, topics: list[str]) -> list[str]:

@@ -39,7 +39,7 @@ def test_placeholder_secrets_refused_outside_local(monkeypatch, password):
     monkeypatch.setenv("MAILBUS_ENV", "production")
     monkeypatch.setenv("MAILBUS_KAFKA__PASSWORD", password)
     monkeypatch.setenv("MAILBUS_POSTGRES__PASSWORD", "a-long-enough-real-password")
-    with pytest.raises(ConfigError, match="kafka.password"):
+    with pytest.raises(ConfigError, match=r"kafka\.password"):
         IngestSettings().check_secrets()
     monkeypatch.setenv("MAILBUS_ENV", "local")
     IngestSettings().check_secrets()  # local development accepts anything

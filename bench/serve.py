@@ -1,0 +1,54 @@
+"""Serve the ingest API for a benchmark: `serve.py mailbus` or `serve.py baseline`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import uvicorn
+from confluent_kafka import Message, Producer
+
+from mailbus.errors import UnavailableError
+from mailbus.ingest.app import server_config
+from mailbus.ingest.settings import IngestSettings
+from mailbus.producer import PRODUCER_DEFAULTS
+
+
+class PerRequestProducer:
+    """The baseline: a new producer per event, flushed at once (connect, auth, send, close)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self._config = {**PRODUCER_DEFAULTS, **config}
+
+    async def produce(self, topic: str, value: bytes, key: bytes | None = None,
+                      headers: Any = None) -> Message:
+        import asyncio
+
+        def send() -> Message:
+            producer = Producer(self._config)
+            out: list[tuple[Any, Message]] = []
+            producer.produce(topic, value=value, key=key,
+                             on_delivery=lambda err, msg: out.append((err, msg)))
+            producer.flush(10)
+            if not out or out[0][0] is not None:
+                raise UnavailableError(f"kafka: {out[0][0] if out else 'no delivery report'}")
+            return out[0][1]
+
+        return await asyncio.to_thread(send)
+
+    def reachable(self, timeout: float = 2.0) -> bool:
+        return bool(Producer(self._config).list_topics(timeout=timeout))
+
+    def close(self, timeout: float = 10.0) -> int:
+        return 0
+
+
+def main() -> None:
+    variant = sys.argv[1]
+    factory = PerRequestProducer if variant == "baseline" else None
+    settings = IngestSettings()
+    uvicorn.Server(server_config(settings, factory)).run()  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
