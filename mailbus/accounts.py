@@ -25,6 +25,12 @@ class SmtpAccount(BaseModel):
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     username: str | None = None
     password_file: Path | None = None
+    # Connections kept open to the server; each carries one transaction at a time.
+    connections: int = Field(default=3, ge=1, le=50)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    dkim_selector: str | None = None
+    dkim_domain: str | None = None
+    dkim_key_file: Path | None = None
 
 
 class GmailAccount(BaseModel):
@@ -49,6 +55,12 @@ class Account(BaseModel):
     # Gmail API: about 2.5 sends per second per user.
     rate_per_second: float = Field(default=2.5, gt=0)
     pools: tuple[str, ...] = ("default",)
+    # What proves delivery for this account: the accepting SMTP server is the
+    # final destination (smtp_final), a delivery status notification (dsn),
+    # or the message seen in a verification mailbox (mailbox).
+    evidence: Literal["smtp_final", "dsn", "mailbox"] = "dsn"
+    # A sent message with no delivery evidence after this long is unconfirmed.
+    confirm_within_seconds: int = Field(default=3600, ge=1)
     smtp: SmtpAccount | None = None
     gmail: GmailAccount | None = None
 

@@ -45,6 +45,83 @@ def ingest() -> None:
     uvicorn.Server(server_config(settings)).run()
 
 
+@app.command()
+def sender() -> None:
+    """Run the sender: deliver email.requested through each account's transport."""
+    from mailbus.sender.app import main as run
+    from mailbus.sender.settings import SenderSettings
+
+    settings = SenderSettings()
+    _logging(settings.log_level)
+    run(settings)
+
+
+@app.command()
+def devsmtp(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 2525,
+) -> None:
+    """Run the development SMTP server, storing mail under var/devmail."""
+    from mailbus import devsmtp as dev
+
+    settings = _admin()
+    _logging(settings.log_level)
+    dev.serve(settings.var_dir / "devmail", port=port)
+
+
+@app.command()
+def devmail(
+    show: Annotated[str | None, typer.Argument(help="A file name from the list to print.")]
+    = None,
+    last: Annotated[int, typer.Option(help="How many of the newest to list.")] = 20,
+) -> None:
+    """List (or show one of) the messages the development SMTP server received."""
+    from mailbus import devsmtp as dev
+
+    folder = _admin().var_dir / "devmail"
+    if show is not None:
+        path = folder / Path(show).name  # a bare name: no path may leave the folder
+        if not path.is_file():
+            console.print(f"no message {show}")
+            raise typer.Exit(1)
+        print(path.read_bytes().decode("utf-8", "replace"))
+        return
+    table = Table("file", "date", "from", "to", "subject")
+    for path in dev.stored(folder)[-last:]:
+        head = dev.summary(path)
+        table.add_row(path.name, head["Date"], head["From"], head["To"], head["Subject"])
+    console.print(table)
+
+
+accounts_app = typer.Typer(help="Sender accounts.", no_args_is_help=True)
+app.add_typer(accounts_app, name="accounts")
+
+
+@accounts_app.command("list")
+def accounts_list() -> None:
+    """Each account with its quota, used and left in the rolling 24 h."""
+    from mailbus.accounts import load_accounts
+
+    settings = _admin()
+    assert settings.accounts_file is not None
+    directory = load_accounts(settings.accounts_file)
+    with psycopg.connect(settings.postgres.conninfo()) as conn:
+        ns = (settings.kafka.topic_prefix,)
+        used = dict(conn.execute(
+            "SELECT account_id, count(*) FROM send_ledger WHERE namespace = %s AND state = 'sent'"
+            " AND sent_at > now() - interval '24 hours' GROUP BY account_id", ns).fetchall())
+        queued = dict(conn.execute(
+            "SELECT account_id, count(*) FROM send_ledger WHERE namespace = %s"
+            " AND state = 'queued' GROUP BY account_id", ns).fetchall())
+    table = Table("account", "kind", "from", "pools", "quota/24h", "used", "left", "queued",
+                  "rate/s")
+    for a in directory.by_id.values():
+        n = used.get(a.id, 0)
+        table.add_row(a.id, a.kind, a.from_address, ",".join(a.pools), str(a.daily_quota),
+                      str(n), str(max(0, a.daily_quota - n)), str(queued.get(a.id, 0)),
+                      f"{a.rate_per_second:g}")
+    console.print(table)
+
+
 @setup_app.command("kafka")
 def setup_kafka(
     prefix: Annotated[str, typer.Option(help="Namespace prefix for topics and groups.")] = "",

@@ -22,6 +22,11 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     # what a client notices and lifts throughput several-fold under load.
     "linger.ms": 5,
     "compression.type": "lz4",
+    # The Java client's partitioner (murmur2 of the key). email.requested is
+    # keyed by account so that one sender instance owns each account; that
+    # only holds if every producer, in any language, maps a key to the same
+    # partition, and murmur2 is what Kafka's own clients use by default.
+    "partitioner": "murmur2_random",
     # How long one event may wait for the broker before it fails. The API
     # answers 503 when it does, so this bounds a request's worst latency.
     "message.timeout.ms": 8000,

@@ -97,7 +97,8 @@ def bindings(service: str, grant: Grant, prefix: str = "") -> list[AclBinding]:
                     ResourcePatternType.PREFIXED),
                 acl(ResourceType.GROUP, prefix + owned, AclOperation.ALL,
                     ResourcePatternType.PREFIXED)]
-    return out
+    # A topic both read and written needs its DESCRIBE once.
+    return list(dict.fromkeys(out))
 
 
 def ensure_acls(admin: AdminClient, prefix: str = "") -> int:

@@ -67,9 +67,11 @@ class Grant:
 # holds lets it read what others wrote.
 GRANTS: dict[str, Grant] = {
     "ingest": Grant(write=(REQUESTED,)),
+    # The sender also writes email.requested: an exhausted account's pool
+    # messages move to another member as a new request keyed by that account.
     "sender": Grant(
         read=(REQUESTED, SUPPRESSIONS, BOUNCED),
-        write=(SENT, FAILED, DELIVERED, REQUESTED_DLQ),
+        write=(REQUESTED, SENT, FAILED, DELIVERED, REQUESTED_DLQ),
         groups=("mailbus-sender",),
     ),
     "confirm": Grant(

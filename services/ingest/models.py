@@ -119,6 +119,15 @@ class Action(BaseModel):
     def _label(cls, value: str) -> str:
         return no_header_breaks(value)
 
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        # Unsubscribe links have their own route; an action of that name
+        # would make its signed link a second way to unsubscribe.
+        if value == "unsubscribe":
+            raise ValueError("'unsubscribe' is reserved")
+        return value
+
 
 class MessageRequest(BaseModel):
     """POST /v1/messages."""

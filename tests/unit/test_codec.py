@@ -51,7 +51,8 @@ FULL: dict[str, dict[str, Any]] = {
         "recipients": ["ada@example.org", "charles@example.org"],
         "provider_message_id": None, "rfc822_message_id": f"<{MID}@mail.example.com>",
         "smtp_response": "250 2.0.0 Ok: queued as 4Q1x2y", "attempt": 2,
-        "requested_at": T0 - timedelta(seconds=3),
+        "requested_at": T0 - timedelta(seconds=3), "possible_duplicate": True,
+        "send_latency_us": 48_213,
     },
     "email.failed": _head("failed") | {
         "account_id": "acct-billing-eu", "reason": "mailbox unavailable", "code": 550,

@@ -1,0 +1,1 @@
+"""Sender: delivers email.requested through each account's transport, within its quota."""

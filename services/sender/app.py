@@ -1,0 +1,198 @@
+"""Wiring of the sender: builds everything in one place and runs until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import suppress
+
+from prometheus_client import start_http_server
+
+from mailbus import topics
+from mailbus.accounts import Account, Directory, load_accounts
+from mailbus.codec import Registry
+from mailbus.db import open_pool
+from mailbus.errors import ConfigError
+from mailbus.producer import AsyncProducer
+from mailbus.sender import metrics
+from mailbus.sender.admit import Admission
+from mailbus.sender.dkim import DkimSigner
+from mailbus.sender.handlers import utcnow
+from mailbus.sender.outbox import Outbox
+from mailbus.sender.quota import Budget, Exhausted
+from mailbus.sender.settings import SenderSettings
+from mailbus.sender.smtp import SmtpTransport
+from mailbus.sender.suppressions import SuppressionReader, Suppressions
+from mailbus.sender.transport import Transport
+from mailbus.sender.worker import AccountWorker, Context
+from mailbus.tokens import Keyring, LinkBuilder
+
+log = logging.getLogger(__name__)
+SWEEP_SECONDS = 10.0
+
+
+def transport_for(account: Account, settings: SenderSettings) -> Transport:
+    """The account's transport."""
+    if account.kind == "smtp":
+        return SmtpTransport(account)
+    from mailbus.sender.gmail import GmailTransport
+
+    return GmailTransport.from_account(account, api_endpoint=settings.gmail_api_endpoint,
+                                       token_uri=settings.gmail_token_uri)
+
+
+def dkim_for(account: Account) -> DkimSigner | None:
+    """The account's DKIM signer, when its SMTP settings name a key."""
+    cfg = account.smtp
+    if cfg is None or cfg.dkim_key_file is None:
+        return None
+    if not cfg.dkim_selector:
+        raise ConfigError(f"account {account.id}: dkim_key_file needs dkim_selector")
+    domain = cfg.dkim_domain or account.from_address.rpartition("@")[2]
+    return DkimSigner.from_file(cfg.dkim_selector, domain, cfg.dkim_key_file)
+
+
+def link_builder(settings: SenderSettings) -> LinkBuilder:
+    """Signed links to the hooks service; the local stack makes its key on first use."""
+    path = settings.link_keys_file
+    assert path is not None
+    if not path.exists():
+        if settings.env != "local":
+            raise ConfigError(f"link signing keys {path} do not exist")
+        Keyring.generate_file(path)
+    from datetime import timedelta
+
+    return LinkBuilder(Keyring.from_file(path), settings.hooks_base_url,
+                       timedelta(days=settings.link_ttl_days), settings.unsubscribe_mailto)
+
+
+class Sender:
+    """The running service."""
+
+    def __init__(self, settings: SenderSettings, directory: Directory | None = None):
+        settings.check_secrets()
+        assert settings.accounts_file is not None
+        self.settings = settings
+        self.directory = directory or load_accounts(settings.accounts_file)
+        self.registry = Registry.load()
+        self.links = link_builder(settings)
+        self.suppressions = Suppressions()
+        self.workers: dict[str, AccountWorker] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+
+    def topic(self, name: str) -> str:
+        """The real topic name (with the configured prefix)."""
+        return self.settings.kafka.topic(name)
+
+    def _exhausted(self) -> set[str]:
+        now = utcnow()
+        return {a for a, w in self.workers.items()
+                if isinstance(w.budget.decide(now), Exhausted)}
+
+    def _wake_all(self) -> None:
+        for worker in self.workers.values():
+            worker.wake.set()
+
+    async def run(self) -> None:
+        """Start every part, run until stop(), then shut down in order."""
+        s = self.settings
+        kafka = s.kafka.client_config()
+        self.pool = open_pool(s.postgres)
+        await self.pool.open(wait=True, timeout=30)
+        self.producer = AsyncProducer(kafka, **{"client.id": "mailbus-sender"})
+        self.outbox = Outbox(self.pool, self.producer, s.kafka.topic_prefix)
+        self.reader = SuppressionReader(kafka, self.topic(topics.SUPPRESSIONS), self.registry,
+                                        self.suppressions)
+        self.reader.start()
+        await asyncio.to_thread(self.suppressions.loaded.wait, 30)
+        self.admission = Admission(
+            config=kafka, group_id=s.kafka.topic_prefix + s.group_id,
+            topic=self.topic(topics.REQUESTED), dlq_topic=self.topic(topics.REQUESTED_DLQ),
+            registry=self.registry, directory=self.directory, ledger=self.outbox.ledger,
+            producer=self.producer, on_change=self._wake_all, on_assign=self._take_over)
+        ctx = Context(pool=self.pool, outbox=self.outbox, registry=self.registry,
+                      directory=self.directory, suppressions=self.suppressions,
+                      links=self.links, owned=self.admission.partitions,
+                      exhausted=self._exhausted, topic=self.topic,
+                      max_attempts=s.max_attempts, retry_base=s.retry_base_seconds,
+                      retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds)
+        now = utcnow()
+        for account in self.directory.by_id.values():
+            budget = Budget(account.daily_quota, account.rate_per_second)
+            budget.load(await self.outbox.ledger.sent_in_window(account.id), now)
+            self.workers[account.id] = AccountWorker(ctx, account, transport_for(account, s),
+                                                     budget, dkim_for(account))
+            metrics.QUOTA_LIMIT.labels(account.id).set(account.daily_quota)
+        self._tasks = [asyncio.create_task(w.run()) for w in self.workers.values()]
+        self._tasks += [asyncio.create_task(self._sweep()), asyncio.create_task(self._gauges())]
+        admission = asyncio.create_task(self.admission.run())
+        log.info("sender running: %d account(s), %d suppression(s) loaded",
+                 len(self.workers), len(self.suppressions))
+        await self._stop.wait()
+        self.admission.stop()
+        with suppress(Exception):
+            await asyncio.wait_for(admission, 10)
+        for worker in self.workers.values():
+            await worker.drain(timeout=20)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in self.workers.values():
+            await worker.transport.close()
+        self.admission.close()
+        self.reader.close()
+        self.producer.close()
+        await self.pool.close()
+        log.info("sender stopped")
+
+    def stop(self) -> None:
+        """Begin an orderly shutdown."""
+        self._stop.set()
+
+    async def _take_over(self, partitions: list[int]) -> None:
+        """Before working newly assigned partitions: settle what a previous owner left."""
+        recovered = await self.outbox.ledger.recover(partitions)
+        if recovered:
+            log.warning("partitions %s: %d message(s) left mid-send re-queued as possible"
+                        " duplicates", partitions, recovered)
+        emitted = await self.outbox.sweep(partitions, min_age_seconds=0)
+        if emitted:
+            log.info("partitions %s: emitted %d event(s) left in the outbox", partitions, emitted)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                emitted = await self.outbox.sweep(self.admission.partitions())
+                if emitted:
+                    log.info("outbox: re-emitted %d event(s)", emitted)
+            except Exception:
+                log.exception("outbox sweep failed")
+
+    async def _gauges(self) -> None:
+        while True:
+            now = utcnow()
+            for account_id, worker in self.workers.items():
+                metrics.QUOTA_USED.labels(account_id).set(worker.budget.used(now))
+                metrics.QUOTA_LEFT.labels(account_id).set(worker.budget.left(now))
+                if isinstance(worker.transport, SmtpTransport):
+                    metrics.SMTP_CONNECTIONS.labels(account_id).set(
+                        worker.transport.open_connections)
+            await asyncio.sleep(5)
+
+
+def main(settings: SenderSettings) -> None:
+    """`mailbus sender`: serve metrics, run until SIGTERM or SIGINT."""
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+
+    async def serve() -> None:
+        sender = Sender(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, sender.stop)
+        await sender.run()
+
+    asyncio.run(serve())

@@ -1,0 +1,270 @@
+"""Turns an email.requested event into the RFC 5322 message a transport hands over. Pure.
+
+Decisions:
+- Content: a template part that renders wins; the event's literal subject, text
+  and html fill in whatever part the template lacks.
+- Bodies: text alone is text/plain; html always travels in multipart/alternative
+  with a text/plain part first (RFC 2046: least faithful first), derived from the
+  html when the event has no text, because html-only mail scores as spam.
+- Nothing from the event is trusted: every value bound for a header is refused
+  (ComposeFailed) if it holds CR, LF, NUL or other control characters, and every
+  address is re-validated; Bcc recipients go to the envelope only.
+- Signed links (actions, List-Unsubscribe) name the first To recipient (first Cc
+  or Bcc when there is no To), so a message that needs per-recipient links must
+  be sent once per recipient.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from email import policy
+from email.headerregistry import Address
+from email.message import EmailMessage, MIMEPart
+from email.utils import format_datetime
+from html import escape
+from html.parser import HTMLParser
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from mailbus.accounts import Account
+from mailbus.errors import MailbusError
+from mailbus.sender.dkim import DkimSigner
+from mailbus.sender.templates import render
+from mailbus.sender.transport import Outgoing
+from mailbus.tokens import LinkBuilder, TokenError
+
+# Python folds long unstructured headers by turning long words into RFC 2047
+# encoded words, which would break the URIs of List-Unsubscribe; with
+# refold_source="none" a header stored pre-folded with set_raw() stays as written.
+POLICY = policy.SMTP.clone(refold_source="none")
+MAX_NAME = 256
+MAX_SUBJECT = 998
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_MESSAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_DOMAIN = re.compile(r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_ACTION_ID = re.compile(r"[a-z0-9_-]{1,64}")
+_ACTION_URL = re.compile(r"https://[^\s\x00-\x1f\x7f]{1,2000}")
+_BUTTON = ("display:inline-block;margin:0 8px 8px 0;padding:12px 20px;border-radius:4px;"
+           "background:#1a56db;color:#ffffff;font-family:Arial,sans-serif;font-size:16px;"
+           "font-weight:bold;line-height:1.2;text-decoration:none")
+
+
+class ComposeFailed(MailbusError):
+    """The event cannot become a safe, well-formed message; retrying will not help."""
+
+
+def header_text(value: str, field: str, limit: int) -> str:
+    """Refuse control characters (CR, LF, NUL...) in a header value; fold whitespace runs."""
+    if _CONTROL.search(value):
+        raise ComposeFailed(f"{field}: contains a line break or control character")
+    value = " ".join(value.split())  # also Unicode separators such as U+2028
+    if len(value) > limit:
+        raise ComposeFailed(f"{field}: longer than {limit} characters")
+    return value
+
+
+def mailbox(email: str, name: str | None, field: str) -> Address:
+    """Re-validate one address (ASCII form, IDN domains as punycode) with its display name."""
+    if not isinstance(email, str) or _CONTROL.search(email):
+        raise ComposeFailed(f"{field}: address contains a line break or control character")
+    try:
+        # Syntax only. .test domains pass for the local stack; local parts that
+        # need SMTPUTF8 are refused, as neither transport offers it.
+        valid = validate_email(email, check_deliverability=False, allow_smtputf8=False,
+                               test_environment=True)
+    except EmailNotValidError as exc:
+        raise ComposeFailed(f"{field}: {email!r} is not a valid address: {exc}") from exc
+    display = header_text(name, f"{field} name", MAX_NAME) if name else ""
+    return Address(display_name=display, addr_spec=valid.ascii_email)
+
+
+def _mailboxes(entries: list[dict[str, Any]] | None, field: str) -> list[Address]:
+    return [mailbox(e.get("email", ""), e.get("name"), field) for e in entries or ()]
+
+
+def envelope(*groups: list[Address]) -> list[str]:
+    """Recipient addresses in order, without case-insensitive duplicates."""
+    seen: set[str] = set()
+    out = []
+    for address in (a.addr_spec for group in groups for a in group):
+        if address.lower() not in seen:
+            seen.add(address.lower())
+            out.append(address)
+    return out
+
+
+class _TextOfHtml(HTMLParser):
+    _SKIP = frozenset({"script", "style", "head", "title", "template"})
+    _BLOCK = frozenset({"p", "div", "br", "tr", "table", "ul", "ol", "li", "blockquote", "pre",
+                        "hr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article",
+                        "header", "footer", "main", "nav", "aside", "dl", "dt", "dd"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.skip, self.href = 0, None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SKIP:
+            self.skip += 1
+        elif tag in self._BLOCK:
+            self.out.append("\n- " if tag == "li" else "\n")
+        elif tag == "a":
+            href = dict(attrs).get("href") or ""
+            self.href = href if href.startswith(("http://", "https://", "mailto:")) else None
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP:
+            self.skip = max(0, self.skip - 1)
+        elif tag in self._BLOCK and tag not in ("br", "hr", "li"):  # <br/> ends at once
+            self.out.append("\n")
+        elif tag == "a" and self.href:
+            if not self.out or self.href not in self.out[-1]:
+                self.out.append(f" <{self.href}>")
+            self.href = None
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.out.append(data)
+
+
+def html_to_text(html: str) -> str:
+    """A plain-text rendering of an HTML body: text, line breaks at blocks, link targets."""
+    parser = _TextOfHtml()
+    parser.feed(html)
+    parser.close()
+    lines = [" ".join(line.split()) for line in "".join(parser.out).splitlines()]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return text + "\n" if text else ""
+
+
+def _actions(event: dict[str, Any], links: LinkBuilder | None, recipient: str,
+             now: datetime) -> list[tuple[str, str]]:
+    actions = event.get("actions") or []
+    if not actions:
+        return []
+    if links is None:
+        raise ComposeFailed("the message has actions but no link signer is configured")
+    out = []
+    for action in actions:
+        action_id, url = action.get("id", ""), action.get("url")
+        if not _ACTION_ID.fullmatch(action_id) or (url is not None
+                                                   and not _ACTION_URL.fullmatch(url)):
+            raise ComposeFailed(f"action {action_id!r}: bad id or url")
+        label = " ".join(_CONTROL.sub(" ", str(action.get("label") or action_id)).split())
+        out.append((label, links.action_url(event["message_id"], recipient, action_id, url,
+                                            now=now)))
+    return out
+
+
+def with_buttons(html: str, actions: list[tuple[str, str]]) -> str:
+    """Insert the action buttons before </body>, or append them."""
+    buttons = "".join(f'<a href="{escape(url)}" style="{_BUTTON}">{escape(label)}</a>\n'
+                      for label, url in actions)
+    block = f'\n<div role="group" aria-label="Actions" style="margin:24px 0">\n{buttons}</div>\n'
+    at = html.lower().rfind("</body>")
+    return html[:at] + block + html[at:] if at >= 0 else html + block
+
+
+def _set_body(part: MIMEPart, content: str, subtype: str) -> None:
+    lines = content.splitlines()
+    # 7bit needs ASCII, no NUL and lines of at most 998 octets (RFC 5322 2.1.1);
+    # anything else goes quoted-printable, which also keeps HTML readable.
+    plain = content.isascii() and "\0" not in content and all(len(x) <= 998 for x in lines)
+    part.set_content(content, subtype=subtype, charset="utf-8",
+                     cte="7bit" if plain else "quoted-printable")
+
+
+def _domain(domain: str | None, from_address: str) -> str:
+    domain = domain or from_address.rpartition("@")[2]
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ComposeFailed(f"Message-ID domain {domain!r} is not a DNS name") from exc
+    if not _DOMAIN.fullmatch(domain):
+        raise ComposeFailed(f"Message-ID domain {domain!r} is not a DNS name")
+    return domain.lower()
+
+
+def _content(event: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+    subject, text, html = event.get("subject"), event.get("text"), event.get("html")
+    template = event.get("template")
+    if template:
+        rendered = render(template, template.get("variables_json") or "{}")
+        subject = rendered.subject if rendered.subject is not None else subject
+        text = rendered.text if rendered.text is not None else text
+        html = rendered.html if rendered.html is not None else html
+    return subject, text, html
+
+
+def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, *,
+            now: datetime, domain: str | None = None,
+            dkim: DkimSigner | None = None) -> Outgoing:
+    """Build, and DKIM-sign if asked, the message of an email.requested event."""
+    message_id = event.get("message_id")
+    if not isinstance(message_id, str) or not _MESSAGE_ID.fullmatch(message_id):
+        raise ComposeFailed("message_id must be a UUID-like token")
+    if now.tzinfo is None:
+        raise ComposeFailed("now must be timezone-aware")
+    sender = mailbox(account.from_address, account.from_name, "from")
+    to, cc = _mailboxes(event.get("to"), "to"), _mailboxes(event.get("cc"), "cc")
+    bcc = _mailboxes(event.get("bcc"), "bcc")
+    reply = event.get("reply_to")
+    reply_to = mailbox(reply.get("email", ""), reply.get("name"), "reply_to") if reply else None
+    recipients = envelope(to, cc, bcc)
+    if not recipients:
+        raise ComposeFailed("the message has no recipients")
+    msgid = f"<{message_id}@{_domain(domain, sender.addr_spec)}>"
+    subject, text, html = _content(event)
+    first = (to or cc or bcc)[0].addr_spec
+    try:
+        actions = _actions(event, links, first, now)
+        unsubscribe = ([links.unsubscribe_url(message_id, first, now=now),
+                        links.unsubscribe_mailto(message_id, first, now=now)]
+                       if links else [])
+    except TokenError as exc:
+        raise ComposeFailed(f"links: {exc}") from exc
+
+    msg = EmailMessage(policy=POLICY)
+    msg["From"] = sender
+    if to:
+        msg["To"] = to
+    if cc:
+        msg["Cc"] = cc
+    if reply_to:
+        msg["Reply-To"] = reply_to
+    if subject:
+        msg["Subject"] = header_text(subject, "subject", MAX_SUBJECT)
+    msg["Date"] = format_datetime(now.astimezone(UTC))
+    msg["Message-ID"] = msgid
+    if unsubscribe:
+        # One URI per line: each stays whole, whatever its length (under 998).
+        msg.set_raw("List-Unsubscribe", ",\r\n ".join(f"<{u}>" for u in unsubscribe if u))
+        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"  # RFC 8058
+    msg["X-Mailbus-Message-Id"] = message_id
+
+    if html is not None and text is None:
+        text = html_to_text(html)
+    text = text or ""
+    if actions:
+        lines = "\n".join(f"{label}: {url}" for label, url in actions)
+        text = f"{text.rstrip()}\n\n{lines}\n" if text.strip() else f"{lines}\n"
+        html = with_buttons(html, actions) if html is not None else None
+    _set_body(msg, text, "plain")
+    if html is not None:
+        msg.make_alternative()
+        # A MIMEPart, not EmailMessage.add_alternative(): that would repeat
+        # MIME-Version inside the part.
+        html_part = MIMEPart(policy=POLICY)
+        _set_body(html_part, html, "html")
+        msg.attach(html_part)
+
+    raw = msg.as_bytes(policy=POLICY)
+    if dkim is not None:
+        raw = dkim.sign(raw)
+    return Outgoing(envelope_from=sender.addr_spec, recipients=recipients, raw=raw,
+                    message_id_header=msgid)

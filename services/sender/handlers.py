@@ -1,0 +1,159 @@
+"""The sender's decisions, as pure functions: admission, what an outcome means, events."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mailbus.accounts import Account, Directory
+from mailbus.sender.quota import backoff
+from mailbus.sender.transport import (
+    Accepted,
+    AccountExhausted,
+    PermanentError,
+    SendError,
+    TransientError,
+)
+
+MAX_REROUTES = 3
+
+
+def admission(event: dict[str, Any], payload: bytes, partition: int, now: datetime
+              ) -> dict[str, Any]:
+    """The ledger row for an arriving email.requested record."""
+    send_at = event.get("send_at")
+    return {
+        "message_id": event["message_id"],
+        "account_id": event["account_id"],
+        "pool": event.get("pool"),
+        "partition": partition,
+        "due_at": max(now, send_at) if send_at else now,
+        "payload": payload,
+        "requested_at": event.get("requested_at"),
+    }
+
+
+def address_hash(address: str) -> str:
+    """The suppression list's key: hex SHA-256 of the lower-cased address."""
+    return hashlib.sha256(address.strip().lower().encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Queue again; `refund` when nothing was handed over (the attempt does not count)."""
+
+    due_at: datetime
+    reason: str
+    refund: int = 0
+
+
+@dataclass(frozen=True)
+class Fail:
+    """The message has failed for good."""
+
+    reason: str
+    permanent: bool
+    code: int | None = None
+    enhanced_status: str | None = None
+    recipient: str | None = None
+    dead_letter: bool = False
+
+
+@dataclass(frozen=True)
+class Reroute:
+    """Hand the message to another account of its pool."""
+
+    account_id: str
+    reason: str
+
+
+Verdict = Retry | Fail | Reroute
+
+
+def after_error(err: SendError, *, attempts: int, max_attempts: int, now: datetime,
+                retry_base: float, retry_cap: float) -> Verdict:
+    """What a failed hand-over means for the message."""
+    if isinstance(err, PermanentError):
+        return Fail(err.reason, True, err.code, err.enhanced_status, err.recipient)
+    if isinstance(err, AccountExhausted):
+        wait = err.retry_after if err.retry_after is not None else 60.0
+        until = err.until or now + timedelta(seconds=wait)
+        return Retry(until, err.reason, refund=1)
+    assert isinstance(err, TransientError)
+    if attempts >= max_attempts:
+        return Fail(f"gave up after {attempts} attempts: {err.reason}", False, err.code,
+                    dead_letter=True)
+    delay = backoff(attempts, base=retry_base, cap=retry_cap)
+    if err.retry_after is not None:
+        delay = max(delay, err.retry_after)
+    return Retry(now + timedelta(seconds=delay), err.reason)
+
+
+def failover(directory: Directory, pool: str | None, current: str, reroutes: int,
+             exhausted: set[str]) -> str | None:
+    """Another account of the pool to take a message the current one cannot send, if any."""
+    if pool is None or reroutes >= MAX_REROUTES:
+        return None
+    members = [a for a in directory.pools.get(pool, ()) if a != current and a not in exhausted]
+    return members[0] if members else None
+
+
+def _head(message_id: str, now: datetime) -> dict[str, Any]:
+    return {"event_id": str(uuid.uuid4()), "message_id": message_id, "occurred_at": now}
+
+
+def sent_event(request: dict[str, Any], account: Account, accepted: Accepted, *,
+               message_id_header: str, attempt: int, possible_duplicate: bool,
+               latency_us: int | None, now: datetime) -> dict[str, Any]:
+    """The mailbus.EmailSent record."""
+    return _head(request["message_id"], now) | {
+        "account_id": account.id,
+        "transport": account.kind,
+        "recipients": accepted.recipients,
+        "provider_message_id": accepted.provider_message_id,
+        "rfc822_message_id": message_id_header,
+        "smtp_response": accepted.response,
+        "attempt": attempt,
+        "requested_at": request.get("requested_at"),
+        "possible_duplicate": possible_duplicate,
+        "send_latency_us": latency_us,
+    }
+
+
+def failed_event(request: dict[str, Any], account_id: str, fail: Fail, *, attempt: int,
+                 now: datetime) -> dict[str, Any]:
+    """The mailbus.EmailFailed record."""
+    return _head(request["message_id"], now) | {
+        "account_id": account_id,
+        "reason": fail.reason,
+        "code": fail.code,
+        "enhanced_status": fail.enhanced_status,
+        "permanent": fail.permanent,
+        "recipient": fail.recipient,
+        "attempt": attempt,
+    }
+
+
+def delivered_event(request: dict[str, Any], account: Account, recipient: str,
+                    detail: str | None, now: datetime) -> dict[str, Any]:
+    """The mailbus.EmailDelivered record for an account whose SMTP server is the final hop."""
+    return _head(request["message_id"], now) | {
+        "account_id": account.id,
+        "recipient": recipient,
+        "evidence": "smtp_final",
+        "detail": detail,
+    }
+
+
+def rerouted_request(request: dict[str, Any], account_id: str, now: datetime) -> dict[str, Any]:
+    """The email.requested record that moves a message to another account of its pool."""
+    return request | {"event_id": str(uuid.uuid4()), "occurred_at": now,
+                      "account_id": account_id}
+
+
+def utcnow() -> datetime:
+    """Now, in UTC (the one clock the sender reads)."""
+    return datetime.now(UTC)

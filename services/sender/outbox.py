@@ -1,0 +1,134 @@
+"""The ledger's SQL and the outbox: outcomes recorded and emitted, none lost, none twice sent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from mailbus import queries
+from mailbus.producer import AsyncProducer
+
+log = logging.getLogger(__name__)
+SQL = queries.load(Path(__file__).with_name("queries.sql"))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One Kafka record to emit."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Ledger:
+    """send_ledger, through the statements in queries.sql."""
+
+    def __init__(self, pool: AsyncConnectionPool, namespace: str):
+        self.pool, self.namespace = pool, namespace
+
+    async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(SQL[name], {**params, "namespace": self.namespace})
+            return await cur.fetchall() if cur.description else []
+
+    async def admit(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert arriving requests (one transaction for the batch)."""
+        if not rows:
+            return
+        async with self.pool.connection() as conn, conn.cursor() as cur:
+            await cur.executemany(SQL["admit"], [{**r, "namespace": self.namespace}
+                                                 for r in rows])
+
+    async def recover(self, partitions: list[int]) -> int:
+        """Re-queue rows a dead sender left `sending`; they become ambiguous."""
+        return len(await self._rows("recover_sending", {"partitions": partitions}))
+
+    async def claim(self, account_id: str, partitions: list[int], limit: int,
+                    pool_only: bool) -> list[dict[str, Any]]:
+        """Due rows of an account, taken into `sending`."""
+        sql = SQL["claim"]
+        if pool_only:
+            sql = sql.replace("AND due_at <= now()", "AND due_at <= now() AND pool IS NOT NULL")
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql.encode(), {"account_id": account_id, "partitions": partitions,
+                                             "limit": limit, "namespace": self.namespace})
+            return await cur.fetchall()
+
+    async def requeue(self, message_id: str, due_at: datetime, error: str, refund: int) -> None:
+        """Back to `queued` until due_at."""
+        await self._rows("mark_retry", {"message_id": message_id, "due_at": due_at,
+                                        "error": error[:2000], "refund": refund})
+
+    async def sent_in_window(self, account_id: str) -> list[datetime]:
+        """Send times of the last 24 h."""
+        return [r["sent_at"] for r in await self._rows("sent_in_window",
+                                                        {"account_id": account_id})]
+
+
+class Outbox:
+    """Settles a row and its events in one transaction, then emits the events."""
+
+    def __init__(self, pool: AsyncConnectionPool, producer: AsyncProducer, namespace: str):
+        self.pool, self.producer, self.namespace = pool, producer, namespace
+        self.ledger = Ledger(pool, namespace)
+
+    async def settle(self, message_id: str, partition: int, state: str,
+                     records: Sequence[Record], *, sent_at: datetime | None = None,
+                     error: str | None = None) -> None:
+        """Mark the row and store its events atomically; then produce and forget them."""
+        statement = {"sent": "mark_sent", "failed": "mark_failed",
+                     "rerouted": "mark_rerouted"}[state]
+        params = {"message_id": message_id, "sent_at": sent_at, "error": (error or "")[:2000]}
+        ids: list[int] = []
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(SQL[statement], params)
+            for rec in records:
+                cur = await conn.execute(SQL["outbox_add"], {
+                    "message_id": message_id, "namespace": self.namespace,
+                    "partition": partition, "topic": rec.topic,
+                    "key": rec.key, "value": rec.value, "headers": Jsonb(rec.headers)})
+                row = await cur.fetchone()
+                assert row is not None
+                ids.append(row[0])
+        await self._emit(list(zip(ids, records, strict=True)))
+
+    async def _emit(self, items: list[tuple[int, Record]]) -> None:
+        results = await asyncio.gather(*(
+            self.producer.produce(rec.topic, rec.value, key=rec.key,
+                                  headers=[(k, v.encode()) for k, v in rec.headers] or None)
+            for _, rec in items), return_exceptions=True)
+        done = [i for (i, _), r in zip(items, results, strict=True)
+                if not isinstance(r, BaseException)]
+        for (_, rec), r in zip(items, results, strict=True):
+            if isinstance(r, BaseException):
+                # Stays in the outbox; the sweep emits it once Kafka is back.
+                log.warning("emitting to %s failed, will retry: %s", rec.topic, r)
+        if done:
+            async with self.pool.connection() as conn:
+                await conn.execute(SQL["outbox_done"], {"ids": done})
+
+    async def sweep(self, partitions: list[int], min_age_seconds: float = 10.0) -> int:
+        """Emit events left behind by a crash or a Kafka outage; returns how many."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(SQL["outbox_pending"], {
+                "partitions": partitions, "age": f"{min_age_seconds} seconds",
+                "namespace": self.namespace})
+            rows = await cur.fetchall()
+        items = [(r[0], Record(r[1], bytes(r[2]), bytes(r[3]), [tuple(h) for h in r[4]]))
+                 for r in rows]
+        if items:
+            await self._emit(items)
+        return len(items)

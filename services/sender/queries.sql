@@ -1,0 +1,80 @@
+-- Statements of the sender. Each runs as mailbus_sender.
+
+-- name: admit
+-- A redelivered record (same message id) changes nothing, unless the row
+-- was rerouted away: then this record is the new route and takes it over.
+INSERT INTO send_ledger (message_id, namespace, account_id, pool, source_partition, due_at,
+                         payload, requested_at)
+VALUES (%(message_id)s, %(namespace)s, %(account_id)s, %(pool)s, %(partition)s, %(due_at)s,
+        %(payload)s, %(requested_at)s)
+ON CONFLICT (message_id) DO UPDATE
+SET account_id = EXCLUDED.account_id, pool = EXCLUDED.pool,
+    source_partition = EXCLUDED.source_partition, payload = EXCLUDED.payload,
+    due_at = EXCLUDED.due_at, state = 'queued'
+WHERE send_ledger.state = 'rerouted' AND send_ledger.account_id <> EXCLUDED.account_id;
+
+-- name: recover_sending
+-- Rows a dead sender left mid-send in partitions this instance now owns: the
+-- transport may or may not have taken them.
+UPDATE send_ledger SET state = 'queued', ambiguous = true, due_at = now()
+WHERE state = 'sending' AND namespace = %(namespace)s
+  AND source_partition = ANY(%(partitions)s)
+RETURNING message_id;
+
+-- name: claim
+-- FOR UPDATE SKIP LOCKED: concurrent claimers never take the same row and
+-- never wait on each other.
+UPDATE send_ledger l SET state = 'sending', attempts = l.attempts + 1, claimed_at = now()
+FROM (
+    SELECT message_id FROM send_ledger
+    WHERE state = 'queued' AND namespace = %(namespace)s AND account_id = %(account_id)s
+      AND due_at <= now() AND source_partition = ANY(%(partitions)s)
+    ORDER BY due_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) due
+WHERE l.message_id = due.message_id
+RETURNING l.message_id, l.payload, l.attempts, l.ambiguous, l.reroutes, l.source_partition,
+          l.requested_at, l.pool;
+
+-- name: mark_sent
+UPDATE send_ledger SET state = 'sent', sent_at = %(sent_at)s, last_error = NULL
+WHERE message_id = %(message_id)s AND state = 'sending';
+
+-- name: mark_failed
+UPDATE send_ledger SET state = 'failed', last_error = %(error)s
+WHERE message_id = %(message_id)s AND state = 'sending';
+
+-- name: mark_retry
+-- Back to the queue. `attempts` counts hand-over attempts; a requeue that
+-- tried nothing (quota, rate) gives its attempt back.
+UPDATE send_ledger
+SET state = 'queued', due_at = %(due_at)s, last_error = %(error)s,
+    attempts = attempts - %(refund)s
+WHERE message_id = %(message_id)s AND state = 'sending';
+
+-- name: mark_rerouted
+UPDATE send_ledger SET state = 'rerouted', reroutes = reroutes + 1, last_error = %(error)s
+WHERE message_id = %(message_id)s AND state = 'sending';
+
+-- name: sent_in_window
+-- Sends in the last 24 h: the account's quota survives restarts.
+SELECT sent_at FROM send_ledger
+WHERE namespace = %(namespace)s AND account_id = %(account_id)s AND state = 'sent'
+  AND sent_at > now() - interval '24 hours';
+
+-- name: outbox_add
+INSERT INTO sender_outbox (message_id, namespace, source_partition, topic, key, value, headers)
+VALUES (%(message_id)s, %(namespace)s, %(partition)s, %(topic)s, %(key)s, %(value)s,
+        %(headers)s)
+RETURNING id;
+
+-- name: outbox_pending
+SELECT id, topic, key, value, headers FROM sender_outbox
+WHERE namespace = %(namespace)s AND source_partition = ANY(%(partitions)s)
+  AND created_at < now() - %(age)s::interval
+ORDER BY id LIMIT 500;
+
+-- name: outbox_done
+DELETE FROM sender_outbox WHERE id = ANY(%(ids)s);
+

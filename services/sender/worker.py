@@ -1,0 +1,271 @@
+"""Account workers: claim due messages from the ledger, hand them over, record the outcome.
+
+One asyncio task per account. A worker waits only for its own account's
+rate or quota, so a slow or exhausted account never holds up another, and
+nothing waits on a Kafka partition: messages wait in the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from mailbus import topics
+from mailbus.accounts import Account, Directory
+from mailbus.codec import Registry
+from mailbus.errors import MailbusError
+from mailbus.sender import handlers, metrics
+from mailbus.sender.compose import compose
+from mailbus.sender.dkim import DkimSigner
+from mailbus.sender.handlers import Fail, Reroute, Retry
+from mailbus.sender.outbox import Outbox, Record
+from mailbus.sender.quota import Budget, Exhausted, Wait
+from mailbus.sender.suppressions import Suppressions
+from mailbus.sender.templates import TemplateFailed
+from mailbus.sender.transport import Accepted, AccountExhausted, SendError, Transport
+from mailbus.tokens import LinkBuilder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Claimed:
+    """A ledger row a worker holds in state `sending`."""
+
+    message_id: str
+    payload: bytes
+    attempts: int
+    ambiguous: bool
+    reroutes: int
+    partition: int
+    pool: str | None
+
+
+class AccountWorker:
+    """Sends one account's messages within its rate, quota and connection count."""
+
+    def __init__(self, ctx: Context, account: Account, transport: Transport, budget: Budget,
+                 dkim: DkimSigner | None = None):
+        self.ctx, self.account, self.transport, self.budget = ctx, account, transport, budget
+        self.dkim = dkim
+        self.wake = asyncio.Event()
+        concurrency = account.smtp.connections if account.smtp else 2
+        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Until cancelled: claim what is due and may go, deliver it."""
+        while True:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("account %s: worker step failed; retrying", self.account.id)
+                await asyncio.sleep(1.0)
+
+    async def _step(self) -> None:
+        ctx = self.ctx
+        owned = ctx.owned()
+        if not owned:
+            await self._sleep(ctx.poll_seconds)
+            return
+        now = ctx.clock()
+        decision = self.budget.decide(now)
+        if isinstance(decision, Wait):
+            await asyncio.sleep(decision.seconds)
+            return
+        if isinstance(decision, Exhausted):
+            await self._fail_over_exhausted(owned, decision.until)
+            await self._sleep(min(ctx.poll_seconds * 5, (decision.until - now).total_seconds()))
+            return
+        free = self._concurrency - len(self._inflight)
+        if free <= 0:
+            await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+            return
+        # Claim at most what the rate and the free connections allow right now.
+        limit = max(1, min(free, self.budget.allowance(now)))
+        rows = await ctx.claim(self.account.id, owned, limit=limit, pool_only=False)
+        if not rows:
+            await self._sleep(ctx.poll_seconds)
+            return
+        for row in rows:
+            self.budget.take(now)
+            task = asyncio.create_task(self._deliver(row))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _sleep(self, seconds: float) -> None:
+        self.wake.clear()
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout=max(0.01, seconds))
+        except TimeoutError:
+            pass
+
+    async def _fail_over_exhausted(self, owned: list[int], until: datetime) -> None:
+        """Move this account's pool messages to another pool member while it is exhausted."""
+        rows = await self.ctx.claim(self.account.id, owned, limit=100, pool_only=True)
+        for row in rows:
+            target = handlers.failover(self.ctx.directory, row.pool, self.account.id,
+                                       row.reroutes, self.ctx.exhausted())
+            request = self.ctx.decode(row)
+            if target is None:
+                await self.ctx.requeue(row, Retry(until, "account quota exhausted", refund=1))
+            else:
+                await self.ctx.reroute(row, request, Reroute(target, "account quota exhausted"))
+
+    async def _deliver(self, row: Claimed) -> None:
+        async with self._slots:
+            try:
+                await self._deliver_one(row)
+            except Exception:
+                log.exception("account %s: delivering %s failed unexpectedly",
+                              self.account.id, row.message_id)
+
+    async def _deliver_one(self, row: Claimed) -> None:
+        ctx, account = self.ctx, self.account
+        now = ctx.clock()
+        request = ctx.decode(row)
+        try:
+            outgoing = compose(request, account, ctx.links, now=now, dkim=self.dkim)
+        except TemplateFailed as exc:
+            await ctx.fail(row, request, account.id, Fail(f"template: {exc}", True))
+            return
+        except MailbusError as exc:
+            await ctx.fail(row, request, account.id, Fail(f"compose: {exc}", True))
+            return
+        blocked = [r for r in outgoing.recipients if ctx.suppressions.blocked(r, account.id)]
+        if blocked:
+            remaining = [r for r in outgoing.recipients if r not in blocked]
+            if not remaining:
+                await ctx.fail(row, request, account.id,
+                               Fail("suppressed: every recipient is on the suppression list",
+                                    True, recipient=blocked[0]))
+                return
+            outgoing = type(outgoing)(outgoing.envelope_from, remaining, outgoing.raw,
+                                      outgoing.message_id_header)
+        if row.ambiguous:
+            earlier = await self.transport.find_sent(outgoing.message_id_header)
+            if earlier is not None:
+                await ctx.sent(row, request, account, earlier, outgoing.message_id_header,
+                               possible_duplicate=False, latency_us=None)
+                return
+        start = time.perf_counter()
+        try:
+            accepted = await self.transport.send(outgoing)
+        except SendError as exc:
+            if isinstance(exc, AccountExhausted):
+                self.budget.give_back(now)
+                self.budget.park(exc.until or now + timedelta(seconds=exc.retry_after or 60))
+                target = handlers.failover(ctx.directory, row.pool, account.id, row.reroutes,
+                                           ctx.exhausted())
+                if target is not None:
+                    await ctx.reroute(row, request, Reroute(target, exc.reason))
+                    return
+            verdict = handlers.after_error(exc, attempts=row.attempts,
+                                           max_attempts=ctx.max_attempts, now=ctx.clock(),
+                                           retry_base=ctx.retry_base, retry_cap=ctx.retry_cap)
+            if isinstance(verdict, Retry):
+                metrics.RETRIES.labels(account.id).inc()
+                await ctx.requeue(row, verdict)
+            elif isinstance(verdict, Fail):
+                await ctx.fail(row, request, account.id, verdict)
+            return
+        elapsed = time.perf_counter() - start
+        metrics.SEND_SECONDS.labels(account.kind).observe(elapsed)
+        await ctx.sent(row, request, account, accepted, outgoing.message_id_header,
+                       possible_duplicate=row.ambiguous, latency_us=int(elapsed * 1e6))
+
+    async def drain(self, timeout: float) -> None:
+        """Let in-flight deliveries finish (on shutdown)."""
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=timeout)
+
+
+class Context:
+    """What the workers share: the ledger, the outbox, the clock, the settings."""
+
+    def __init__(self, *, pool: AsyncConnectionPool, outbox: Outbox, registry: Registry,
+                 directory: Directory, suppressions: Suppressions, links: LinkBuilder | None,
+                 owned: Callable[[], list[int]], exhausted: Callable[[], set[str]],
+                 topic: Callable[[str], str], max_attempts: int, retry_base: float,
+                 retry_cap: float, poll_seconds: float,
+                 clock: Callable[[], datetime] = handlers.utcnow):
+        self.pool, self.outbox, self.registry = pool, outbox, registry
+        self.directory, self.suppressions, self.links = directory, suppressions, links
+        self.owned, self.exhausted, self.topic = owned, exhausted, topic
+        self.max_attempts, self.retry_base, self.retry_cap = max_attempts, retry_base, retry_cap
+        self.poll_seconds, self.clock = poll_seconds, clock
+
+    def decode(self, row: Claimed) -> dict[str, Any]:
+        """The request a ledger row holds (it was decoded once already on admission)."""
+        return self.registry.decode(row.payload, "mailbus.EmailRequested")[1]
+
+    async def claim(self, account_id: str, partitions: list[int], *, limit: int,
+                    pool_only: bool) -> list[Claimed]:
+        """Take due rows into `sending`."""
+        rows = await self.outbox.ledger.claim(account_id, partitions, limit, pool_only)
+        return [Claimed(str(r["message_id"]), bytes(r["payload"]), r["attempts"],
+                        r["ambiguous"], r["reroutes"], r["source_partition"], r["pool"])
+                for r in rows]
+
+    async def requeue(self, row: Claimed, retry: Retry) -> None:
+        """Back to the queue until `retry.due_at`."""
+        await self.outbox.ledger.requeue(row.message_id, retry.due_at, retry.reason, retry.refund)
+
+    async def sent(self, row: Claimed, request: dict[str, Any], account: Account,
+                   accepted: Accepted, header: str, *, possible_duplicate: bool,
+                   latency_us: int | None) -> None:
+        """Record the hand-over and emit email.sent (and what follows from it)."""
+        now = self.clock()
+        key = row.message_id.encode()
+        records = [Record(self.topic(topics.SENT), key, self.registry.encode(
+            topics.SENT, handlers.sent_event(
+                request, account, accepted, message_id_header=header, attempt=row.attempts,
+                possible_duplicate=possible_duplicate, latency_us=latency_us, now=now)))]
+        if account.evidence == "smtp_final":
+            records += [Record(self.topic(topics.DELIVERED), key, self.registry.encode(
+                topics.DELIVERED, handlers.delivered_event(request, account, r,
+                                                           accepted.response, now)))
+                        for r in accepted.recipients]
+        for recipient, reply in accepted.rejected.items():
+            fail = Fail(reply, reply[:1] == "5", int(reply[:3]) if reply[:3].isdigit() else None,
+                        recipient=recipient)
+            records.append(Record(self.topic(topics.FAILED), key, self.registry.encode(
+                topics.FAILED, handlers.failed_event(request, account.id, fail,
+                                                     attempt=row.attempts, now=now))))
+        await self.outbox.settle(row.message_id, row.partition, "sent", records, sent_at=now)
+        metrics.SENT.labels(account.id, account.kind).inc()
+
+    async def fail(self, row: Claimed, request: dict[str, Any], account_id: str,
+                   fail: Fail) -> None:
+        """Record the failure, emit email.failed, and dead-letter when retries ran out."""
+        key = row.message_id.encode()
+        records = [Record(self.topic(topics.FAILED), key, self.registry.encode(
+            topics.FAILED, handlers.failed_event(request, account_id, fail,
+                                                 attempt=row.attempts, now=self.clock())))]
+        if fail.dead_letter:
+            records.append(Record(self.topic(topics.REQUESTED_DLQ), account_id.encode(),
+                                  row.payload, [("mailbus.reason", fail.reason)]))
+            metrics.DEAD_LETTERED.labels("retries_exhausted").inc()
+        await self.outbox.settle(row.message_id, row.partition, "failed", records,
+                                 error=fail.reason)
+        metrics.FAILED.labels(account_id, metrics.reason_class(fail.reason),
+                              str(fail.permanent).lower()).inc()
+
+    async def reroute(self, row: Claimed, request: dict[str, Any], reroute: Reroute) -> None:
+        """Hand the message to another pool account through a new email.requested record."""
+        moved = handlers.rerouted_request(request, reroute.account_id, self.clock())
+        records = [Record(self.topic(topics.REQUESTED), reroute.account_id.encode(),
+                          self.registry.encode(topics.REQUESTED, moved))]
+        await self.outbox.settle(row.message_id, row.partition, "rerouted", records,
+                                 error=reroute.reason)
+        metrics.REROUTED.labels(moved["account_id"]).inc()

@@ -1,0 +1,253 @@
+"""The sender against the real broker, PostgreSQL and a real SMTP server in the test."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import Producer
+
+from mailbus.sender.settings import SenderSettings
+from mailbus.tokens import Keyring, verify
+from tests.support.kafka import read_all
+from tests.support.sender import SenderThread, produce, request, smtp_account
+from tests.support.smtp import SmtpServer
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    with SmtpServer() as server:
+        yield server
+
+
+@pytest.fixture
+def sender_env(namespace: str, tmp_path: Path, smtp: SmtpServer, admin_kafka, registry):
+    """Build settings for an accounts file, run the sender, and read its topics."""
+
+    class Env:
+        def settings(self, accounts: str, **overrides: Any) -> SenderSettings:
+            path = tmp_path / "accounts.toml"
+            path.write_text(accounts)
+            return SenderSettings(
+                accounts_file=path, kafka={"topic_prefix": namespace}, metrics_port=0,
+                retry_base_seconds=0.2, retry_cap_seconds=1.0, poll_seconds=0.2,
+                link_keys_file=tmp_path / "link-keys.json", **overrides)
+
+        def produce(self, events: list[dict[str, Any]]) -> None:
+            produce(admin_kafka, namespace + "email.requested", registry, events)
+
+        def events(self, topic: str, **kw: Any) -> list[dict[str, Any]]:
+            return [registry.decode(m.value())[1]
+                    for m in read_all(admin_kafka, namespace + topic, **kw)]
+
+    return Env()
+
+
+def ledger_states(message_ids: list[str], admin) -> dict[str, str]:
+    with psycopg.connect(admin.postgres.conninfo()) as conn:
+        rows = conn.execute("SELECT message_id::text, state FROM send_ledger"
+                            " WHERE message_id = ANY(%s::uuid[])", (message_ids,)).fetchall()
+    return dict(rows)
+
+
+def test_delivers_with_correct_mime_and_emits_events(sender_env, smtp, tmp_path, admin):
+    settings = sender_env.settings(smtp_account("dev", smtp.port))
+    events = [request(subject=f"Grüße {i} \u2013 ünïcode", to=f"user{i}@example.com",
+                      html="<p>Hello <b>there</b></p>",
+                      actions=[{"id": "yes", "label": "Yes", "url": None}])
+              for i in range(3)]
+    with SenderThread(settings):
+        sender_env.produce(events)
+        sent = sender_env.events("email.sent", expect=3)
+        delivered = sender_env.events("email.delivered", expect=3)
+    by_subject = {m["Subject"]: m for m in smtp.handler.messages()}
+    keyring = Keyring.from_file(tmp_path / "link-keys.json")
+    for i, event in enumerate(events):
+        msg = by_subject[event["subject"]]
+        assert msg["Message-ID"] == f"<{event['message_id']}@sender.example>"
+        assert msg["To"] == f"Ada Lovelace <user{i}@example.com>"
+        assert msg.get_content_type() == "multipart/alternative"
+        unsubscribe = msg["List-Unsubscribe"]
+        assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        token = unsubscribe.split("/u/")[1].split(">")[0]
+        claims = verify(keyring, token, now=datetime.now(UTC))
+        assert (claims.message_id, claims.recipient) == (event["message_id"],
+                                                          f"user{i}@example.com")
+    assert {e["message_id"] for e in sent} == {e["message_id"] for e in events}
+    assert all(e["smtp_response"].startswith("250 2.0.0 Ok") and e["attempt"] == 1
+               and not e["possible_duplicate"] and e["transport"] == "smtp" for e in sent)
+    assert {e["evidence"] for e in delivered} == {"smtp_final"}
+    ids = [e["message_id"] for e in events]
+    assert set(ledger_states(ids, admin).values()) == {"sent"}
+
+
+def test_transient_failures_are_retried_then_sent(sender_env, smtp):
+    tries = {"n": 0}
+
+    def flaky(_data: bytes) -> str | None:
+        tries["n"] += 1
+        return "451 4.3.0 Try again later" if tries["n"] <= 2 else None
+
+    smtp.handler.data_rule = flaky
+    settings = sender_env.settings(smtp_account("dev", smtp.port))
+    event = request()
+    with SenderThread(settings):
+        sender_env.produce([event])
+        [sent] = sender_env.events("email.sent", expect=1, timeout=30)
+    assert sent["attempt"] == 3 and sent["message_id"] == event["message_id"]
+    assert len(smtp.handler.received) == 1
+    assert sender_env.events("email.failed", settle=0.5) == []
+
+
+def test_permanent_rejection_fails_with_the_code(sender_env, smtp):
+    smtp.handler.rcpt_rule = lambda a: "550 5.1.1 No such user" if a.startswith("ghost") else None
+    settings = sender_env.settings(smtp_account("dev", smtp.port))
+    ghost, mixed = request(to="ghost@example.com"), request(
+        to="ada@example.com", cc=[{"email": "ghost2@example.com", "name": None}])
+    with SenderThread(settings):
+        sender_env.produce([ghost, mixed])
+        failed = sender_env.events("email.failed", expect=2)
+        [sent] = sender_env.events("email.sent", expect=1)
+    by_message = {f["message_id"]: f for f in failed}
+    assert by_message[ghost["message_id"]]["code"] == 550
+    assert by_message[ghost["message_id"]]["enhanced_status"] == "5.1.1"
+    assert by_message[ghost["message_id"]]["permanent"] is True
+    # Accepted for one recipient, refused for the other: sent, plus a failure for that one.
+    assert sent["message_id"] == mixed["message_id"]
+    assert sent["recipients"] == ["ada@example.com"]
+    assert by_message[mixed["message_id"]]["recipient"] == "ghost2@example.com"
+
+
+def test_retries_run_out_into_the_dead_letter_topic(sender_env, smtp, admin_kafka, namespace,
+                                                    admin):
+    smtp.handler.data_rule = lambda _d: "421 4.7.0 Server busy"
+    settings = sender_env.settings(smtp_account("dev", smtp.port), max_attempts=2)
+    event = request()
+    with SenderThread(settings):
+        sender_env.produce([event])
+        [failed] = sender_env.events("email.failed", expect=1, timeout=30)
+        [dead] = read_all(admin_kafka, namespace + "email.requested.dlq", expect=1)
+    assert failed["permanent"] is False and failed["reason"].startswith("gave up after 2")
+    assert dict(dead.headers())["mailbus.reason"].decode().startswith("gave up after 2")
+    assert ledger_states([event["message_id"]], admin) == {event["message_id"]: "failed"}
+
+
+def test_undecodable_and_unknown_account_records_are_dead_lettered(
+        sender_env, smtp, admin_kafka, namespace, registry):
+    settings = sender_env.settings(smtp_account("dev", smtp.port))
+    producer = Producer(admin_kafka)
+    with SenderThread(settings):
+        producer.produce(namespace + "email.requested", b"\xc3\x01garbage", key=b"dev")
+        producer.produce(namespace + "email.requested",
+                         registry.encode("email.requested", request("nobody")), key=b"nobody")
+        producer.flush(10)
+        good = request()
+        sender_env.produce([good])
+        [sent] = sender_env.events("email.sent", expect=1)
+        dead = read_all(admin_kafka, namespace + "email.requested.dlq", expect=2)
+    assert sent["message_id"] == good["message_id"]
+    reasons = sorted(dict(m.headers())["mailbus.reason"].decode() for m in dead)
+    assert reasons[0].startswith("undecodable") and reasons[1].startswith("unknown account")
+    assert all(b"email.requested/" in dict(m.headers())["mailbus.source"] for m in dead)
+
+
+def test_suppressed_recipients_are_not_mailed(sender_env, smtp, admin_kafka, namespace,
+                                              registry):
+    address = "Unsubscribed@Example.com"
+    suppression = {
+        "event_id": str(uuid.uuid4()), "message_id": None, "occurred_at": datetime.now(UTC),
+        "address": address.lower(),
+        "address_hash": hashlib.sha256(address.lower().encode()).hexdigest(),
+        "reason": "unsubscribe", "scope": None, "active": True,
+    }
+    producer = Producer(admin_kafka)
+    producer.produce(namespace + "email.suppressions",
+                     registry.encode("email.suppressions", suppression),
+                     key=suppression["address_hash"].encode())
+    producer.flush(10)
+    settings = sender_env.settings(smtp_account("dev", smtp.port))
+    blocked = request(to=address)
+    partly = request(to="ok@example.com", bcc=[{"email": address, "name": None}])
+    with SenderThread(settings):
+        sender_env.produce([blocked, partly])
+        [failed] = sender_env.events("email.failed", expect=1)
+        [sent] = sender_env.events("email.sent", expect=1)
+    assert failed["message_id"] == blocked["message_id"]
+    assert failed["reason"].startswith("suppressed") and failed["permanent"] is True
+    assert sent["message_id"] == partly["message_id"]
+    [received] = smtp.handler.received
+    assert [r.lower() for r in received.rcpt_tos] == ["ok@example.com"]
+
+
+def test_template_failure_fails_the_message_with_the_reason(sender_env, smtp):
+    settings = sender_env.settings(smtp_account("dev", smtp.port))
+    broken = request(subject=None, text=None, template={
+        "subject": "Hi {{ name }}", "text": "Hello {{ missing_variable }}", "html": None,
+        "variables_json": '{"name": "Ada"}'})
+    rendered = request(subject=None, text=None, template={
+        "subject": "Hi {{ name }}", "text": "Hello {{ name }}", "html": "<p>{{ name }}</p>",
+        "variables_json": '{"name": "<script>Ada</script>"}'})
+    with SenderThread(settings):
+        sender_env.produce([broken, rendered])
+        [failed] = sender_env.events("email.failed", expect=1)
+        sender_env.events("email.sent", expect=1)
+    assert failed["message_id"] == broken["message_id"]
+    assert "template" in failed["reason"] and "missing_variable" in failed["reason"]
+    [msg] = smtp.handler.messages()
+    assert msg["Subject"] == "Hi <script>Ada</script>"
+    html = msg.get_body(("html",)).get_content()
+    assert "&lt;script&gt;Ada&lt;/script&gt;" in html and "<script>" not in html
+
+
+def test_five_accounts_share_the_load_within_quota_and_rate(sender_env, smtp, admin):
+    from mailbus.accounts import pick_account
+
+    accounts = [f"acct{i}" for i in range(5)]
+    toml = "".join(smtp_account(a, smtp.port, pools=("spread",), quota=6, rate=2)
+                   for a in accounts)
+    settings = sender_env.settings(toml)
+    events = []
+    for i in range(40):
+        to = f"person{i}@example.com"
+        events.append(request(pick_account(accounts, to), to=to, pool="spread"))
+    with SenderThread(settings):
+        sender_env.produce(events)
+        sent = sender_env.events("email.sent", expect=30, timeout=60)
+        # The quota is spent: nothing more goes out, and nothing fails.
+        assert len(sender_env.events("email.sent", settle=3.0)) == 30
+    per_account: dict[str, list[float]] = {}
+    by_sender = {r.mail_from: [] for r in smtp.handler.received}
+    for r in smtp.handler.received:
+        by_sender[r.mail_from].append(r.at)
+    for e in sent:
+        per_account.setdefault(e["account_id"], []).append(1)
+    assert sorted(per_account) == accounts  # every account took a share
+    assert all(len(v) == 6 for v in per_account.values())  # and none passed its quota
+    for times in by_sender.values():
+        times.sort()
+        # Token bucket: 2/s sustained, bursts of 2: at most 4 in any one second.
+        assert all(sum(1 for u in times if t <= u < t + 1.0) <= 4 for t in times)
+    states = ledger_states([e["message_id"] for e in events], admin)
+    assert sorted(states.values()).count("sent") == 30
+    assert set(states.values()) == {"sent", "queued"}  # waiting, never failed
+    assert sender_env.events("email.failed", settle=0.5) == []
+
+
+def test_exhausted_account_fails_over_within_its_pool(sender_env, smtp):
+    toml = (smtp_account("small", smtp.port, pools=("team",), quota=1)
+            + smtp_account("large", smtp.port, pools=("team",), quota=100))
+    settings = sender_env.settings(toml)
+    events = [request("small", to=f"t{i}@example.com", pool="team") for i in range(3)]
+    with SenderThread(settings):
+        sender_env.produce(events)
+        sent = sender_env.events("email.sent", expect=3, timeout=30)
+    accounts = sorted(e["account_id"] for e in sent)
+    assert accounts == ["large", "large", "small"]
+    assert {e["message_id"] for e in sent} == {e["message_id"] for e in events}
+    assert len(smtp.handler.received) == 3

@@ -1,0 +1,113 @@
+"""The Gmail emulator's quota arithmetic and error shapes, without a server."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.support.gmail_emulator import FakeClock, Quota, google_error, rfc3339
+
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_a_full_bucket_allows_a_burst_of_two_sends_then_says_when() -> None:
+    quota = Quota(units_per_second=250)
+    assert quota.take_units(100, T0) is None
+    assert quota.take_units(100, T0) is None
+    # 50 units left; 50 more accrue at 250/s in 0.2 s.
+    assert quota.take_units(100, T0) == at(0.2)
+    assert quota.take_units(100, at(0.2)) is None
+
+
+def test_a_refused_request_spends_nothing() -> None:
+    quota = Quota(units_per_second=250)
+    quota.take_units(100, T0)
+    quota.take_units(100, T0)
+    assert quota.take_units(100, T0) is not None
+    assert quota.take_units(50, T0) is None  # the 50 left were not spent by the refusal
+
+
+def test_sending_at_two_and_a_half_per_second_is_sustainable() -> None:
+    quota = Quota(units_per_second=250)
+    assert all(quota.take_units(100, at(0.4 * i)) is None for i in range(100))
+
+
+def test_sustained_sending_faster_than_the_rate_runs_out() -> None:
+    quota = Quota(units_per_second=250)
+    refused = [i for i in range(20) if quota.take_units(100, at(0.3 * i)) is not None]
+    assert refused and refused[0] > 2  # the burst allowance first, then refusals
+
+
+def test_the_bucket_holds_one_second_of_units_however_long_idle() -> None:
+    quota = Quota(units_per_second=250)
+    quota.take_units(250, T0)
+    assert quota.take_units(250, at(3600)) is None
+    assert quota.take_units(1, at(3600)) is not None
+
+
+def test_a_clock_moving_backwards_does_not_mint_units() -> None:
+    quota = Quota(units_per_second=250)
+    quota.take_units(250, at(10))
+    assert quota.take_units(100, at(5)) is not None
+
+
+def test_rolling_window_frees_each_send_exactly_24_hours_later() -> None:
+    quota = Quota(daily_limit=3)
+    for i in range(3):
+        quota.sends.append(at(i))
+    day = timedelta(hours=24)
+    assert quota.sending_blocked_until(at(10)) == T0 + day
+    assert quota.sending_blocked_until(T0 + day - timedelta(microseconds=1)) == T0 + day
+    assert quota.sending_blocked_until(T0 + day) is None  # the first send aged out
+    quota.sends.append(T0 + day)
+    assert quota.sending_blocked_until(T0 + day) == at(1) + day
+
+
+def test_under_the_daily_limit_nothing_is_blocked() -> None:
+    quota = Quota(daily_limit=2)
+    quota.sends.append(T0)
+    assert quota.sending_blocked_until(T0) is None
+
+
+def test_retry_times_are_google_shaped_and_never_early() -> None:
+    def stamp(micro: int) -> str:
+        return rfc3339(datetime(2023, 3, 7, 18, 3, 15, micro, tzinfo=UTC))
+
+    assert stamp(961000) == "2023-03-07T18:03:15.961Z"
+    assert stamp(961001) == "2023-03-07T18:03:15.962Z"
+    assert stamp(999999) == "2023-03-07T18:03:16.000Z"
+
+
+def test_error_envelope_matches_googles() -> None:
+    assert google_error(400, "Invalid To header", "invalidArgument") == {"error": {
+        "code": 400, "message": "Invalid To header",
+        "errors": [{"message": "Invalid To header", "domain": "global",
+                    "reason": "invalidArgument"}],
+        "status": "INVALID_ARGUMENT"}}
+    unauthenticated = google_error(401, "x", "authError", location="Authorization",
+                                   locationType="header")["error"]
+    assert unauthenticated["status"] == "UNAUTHENTICATED"
+    assert unauthenticated["errors"][0]["locationType"] == "header"
+
+
+def test_fake_clock_starts_now_to_the_millisecond_and_moves_by_hand() -> None:
+    clock = FakeClock()
+    assert clock().microsecond % 1000 == 0
+    assert abs(clock() - datetime.now(UTC)) < timedelta(seconds=5)
+    start = clock()
+    assert clock.advance(0.4) == start + timedelta(milliseconds=400)
+    assert clock.advance(hours=24) - start == timedelta(hours=24, milliseconds=400)
+
+
+@pytest.mark.parametrize("cost", [100, 5])
+def test_units_per_second_scales_the_bucket(cost: int) -> None:
+    quota = Quota(units_per_second=15_000 / 60)  # Google's per-minute figure, per second
+    spent = 0
+    while quota.take_units(cost, T0) is None:
+        spent += cost
+    assert spent == 250 // cost * cost

@@ -1,0 +1,126 @@
+"""The sender's pure decisions: quota and rate, backoff, what an error means, failover."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+from mailbus.accounts import Account, Directory, SmtpAccount
+from mailbus.sender import handlers
+from mailbus.sender.handlers import Fail, Retry
+from mailbus.sender.metrics import reason_class
+from mailbus.sender.quota import Budget, Exhausted, Go, Wait, backoff
+from mailbus.sender.smtp import classify
+from mailbus.sender.transport import (
+    AccountExhausted,
+    PermanentError,
+    TransientError,
+)
+
+T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_rate_is_a_token_bucket():
+    budget = Budget(daily_quota=1000, rate_per_second=2.0)
+    assert budget.allowance(at(0)) == 2  # one second of burst
+    budget.take(at(0))
+    budget.take(at(0))
+    decision = budget.decide(at(0))
+    assert isinstance(decision, Wait) and abs(decision.seconds - 0.5) < 1e-9
+    assert isinstance(budget.decide(at(0.5)), Go)
+
+
+def test_slow_rates_still_send_one_at_a_time():
+    budget = Budget(daily_quota=10, rate_per_second=0.5)
+    assert isinstance(budget.decide(at(0)), Go)
+    budget.take(at(0))
+    decision = budget.decide(at(1))
+    assert isinstance(decision, Wait) and abs(decision.seconds - 1.0) < 1e-9
+
+
+def test_rolling_quota_frees_exactly_24h_after_each_send():
+    budget = Budget(daily_quota=3, rate_per_second=100)
+    for t in (0, 10, 20):
+        assert isinstance(budget.decide(at(t)), Go)
+        budget.take(at(t))
+    decision = budget.decide(at(30))
+    assert decision == Exhausted(at(0) + timedelta(hours=24))
+    assert budget.left(at(30)) == 0
+    assert isinstance(budget.decide(at(24 * 3600)), Go)  # the first send left the window
+    assert budget.used(at(24 * 3600 + 15)) == 1
+
+
+def test_quota_is_rebuilt_from_the_ledger():
+    budget = Budget(daily_quota=2, rate_per_second=100)
+    budget.load([at(-25 * 3600), at(-3600), at(-60)], now=T0)  # one is too old to count
+    assert budget.used(T0) == 2
+    assert isinstance(budget.decide(T0), Exhausted)
+
+
+def test_provider_parking_overrides_the_local_view():
+    budget = Budget(daily_quota=100, rate_per_second=100)
+    budget.park(at(60))
+    assert budget.decide(at(30)) == Exhausted(at(60))
+    assert isinstance(budget.decide(at(61)), Go)
+
+
+def test_backoff_grows_is_capped_and_jittered():
+    rng = random.Random(7)
+    delays = [backoff(n, base=30, cap=3600, rng=rng) for n in range(1, 12)]
+    for n, delay in enumerate(delays, start=1):
+        ceiling = min(3600, 30 * 2 ** (n - 1))
+        assert ceiling / 2 <= delay <= ceiling
+    assert len({round(d, 6) for d in delays}) == len(delays)
+
+
+def test_what_errors_mean():
+    kw = {"max_attempts": 3, "now": T0, "retry_base": 1.0, "retry_cap": 10.0}
+    retry = handlers.after_error(TransientError("451 later"), attempts=1, **kw)
+    assert isinstance(retry, Retry) and retry.refund == 0 and retry.due_at > T0
+    gave_up = handlers.after_error(TransientError("451 later", code=451), attempts=3, **kw)
+    assert isinstance(gave_up, Fail) and not gave_up.permanent and gave_up.dead_letter
+    perm = handlers.after_error(PermanentError("550 no", code=550, enhanced_status="5.1.1"),
+                                attempts=1, **kw)
+    assert perm == Fail("550 no", True, 550, "5.1.1", None)
+    parked = handlers.after_error(AccountExhausted("daily limit", until=at(3600)),
+                                  attempts=3, **kw)
+    assert parked == Retry(at(3600), "daily limit", refund=1)  # never a failure
+
+
+def test_smtp_replies_are_classified():
+    assert isinstance(classify(451, "4.3.0 later"), TransientError)
+    err = classify(550, "5.1.1 No such user", "x@example.com")
+    assert isinstance(err, PermanentError)
+    assert (err.code, err.enhanced_status, err.recipient) == (550, "5.1.1", "x@example.com")
+    assert isinstance(classify(-1, "timeout"), TransientError)
+
+
+def _account(id_: str, *pools: str) -> Account:
+    return Account(id=id_, kind="smtp", from_address=f"{id_}@x.test", pools=pools,
+                   smtp=SmtpAccount(host="127.0.0.1"))
+
+
+def test_failover_stays_in_the_pool_and_is_bounded():
+    directory = Directory([_account("a", "p"), _account("b", "p"), _account("c", "q")])
+    assert handlers.failover(directory, "p", "a", 0, set()) == "b"
+    assert handlers.failover(directory, "p", "a", 0, {"b"}) is None
+    assert handlers.failover(directory, None, "a", 0, set()) is None
+    assert handlers.failover(directory, "p", "a", handlers.MAX_REROUTES, set()) is None
+
+
+def test_admission_waits_for_send_at():
+    event = {"message_id": "m", "account_id": "a", "pool": None, "requested_at": T0,
+             "send_at": at(600)}
+    assert handlers.admission(event, b"x", 3, T0)["due_at"] == at(600)
+    assert handlers.admission(event | {"send_at": at(-5)}, b"x", 3, T0)["due_at"] == T0
+
+
+def test_reason_labels_are_bounded():
+    assert reason_class("suppressed: all") == "suppressed"
+    assert reason_class("550 5.1.1 no such user") == "smtp_5xx"
+    assert reason_class("gave up after 8 attempts: 451") == "gave_up"
+    assert reason_class("anything else at all") == "other"
