@@ -106,10 +106,10 @@ def accounts_list() -> None:
     directory = load_accounts(settings.accounts_file)
     with psycopg.connect(settings.postgres.conninfo()) as conn:
         ns = (settings.kafka.topic_prefix,)
-        used = dict(conn.execute(
+        used: dict[str, int] = dict(conn.execute(
             "SELECT account_id, count(*) FROM send_ledger WHERE namespace = %s AND state = 'sent'"
             " AND sent_at > now() - interval '24 hours' GROUP BY account_id", ns).fetchall())
-        queued = dict(conn.execute(
+        queued: dict[str, int] = dict(conn.execute(
             "SELECT account_id, count(*) FROM send_ledger WHERE namespace = %s"
             " AND state = 'queued' GROUP BY account_id", ns).fetchall())
     table = Table("account", "kind", "from", "pools", "quota/24h", "used", "left", "queued",

@@ -15,7 +15,8 @@ command -v "$PY" >/dev/null || PY=python3
 RUN="$MAILBUS_VAR/run"
 LOGS="$MAILBUS_VAR/log"
 API_PORT="${MAILBUS_PORT:-8080}"
-SERVICES=(ingest)
+# Started in this order, stopped in reverse.
+SERVICES=(devsmtp ingest sender)
 
 install_python() {
     local stamp="$VENV/.installed" want
@@ -60,9 +61,25 @@ start_service() {
     echo "$name: started (log $LOGS/$name.log)"
 }
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Each service's health check: an HTTP URL that must answer 2xx, or tcp:PORT.
+health() {
+    case "$1" in
+        devsmtp) echo "tcp:2525" ;;
+        ingest) echo "http://127.0.0.1:$API_PORT/readyz" ;;
+        sender) echo "http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/metrics" ;;
+    esac
+}
+
+healthy() {
+    local check; check="$(health "$1")"
+    if [[ "$check" == tcp:* ]]; then port_open "${check#tcp:}"; else curl -fsS -o /dev/null "$check" 2>/dev/null; fi
+}
+
 wait_ready() {
-    local url="$1" name="$2" deadline=$((SECONDS + 60))
-    until curl -fsS -o /dev/null "$url"; do
+    local name="$1" deadline=$((SECONDS + 60))
+    until healthy "$name"; do
         if (( SECONDS > deadline )); then
             echo "$name: not ready after 60 s; last log lines:" >&2
             tail -n 30 "$LOGS/$name.log" >&2; exit 1
@@ -85,8 +102,7 @@ stop_service() {
 up() {
     infra
     "$VENV/bin/mailbus" keys ensure --output "$MAILBUS_VAR/dev-api-key" >/dev/null
-    for s in "${SERVICES[@]}"; do start_service "$s"; done
-    wait_ready "http://127.0.0.1:$API_PORT/readyz" ingest
+    for s in "${SERVICES[@]}"; do start_service "$s"; wait_ready "$s"; done
     cat <<SUMMARY
 
 mailbus is up.
@@ -94,6 +110,8 @@ mailbus is up.
   API key      $MAILBUS_VAR/dev-api-key   (mode 600; all scopes)
   Kafka        127.0.0.1:${MAILBUS_KAFKA_PORT:-9092} (SASL/SCRAM-SHA-512; credentials in $MAILBUS_VAR/secrets)
   PostgreSQL   127.0.0.1:${MAILBUS_PG_PORT:-5433} database mailbus
+  Sender       metrics http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/metrics; \`mailbus accounts list\`
+  Dev mail     SMTP 127.0.0.1:2525, kept in $MAILBUS_VAR/devmail; \`mailbus devmail\` lists it
   Logs         $LOGS/
   Try:  curl -s -H "Authorization: Bearer \$(cat $MAILBUS_VAR/dev-api-key)" \\
           -H 'Content-Type: application/json' http://127.0.0.1:$API_PORT/v1/messages \\
@@ -102,7 +120,7 @@ SUMMARY
 }
 
 down() {
-    for s in "${SERVICES[@]}"; do stop_service "$s"; done
+    for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop_service "${SERVICES[i]}"; done
     "$REPO/scripts/kafka.sh" stop
     "$REPO/scripts/postgres.sh" stop
 }

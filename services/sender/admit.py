@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
@@ -32,7 +32,7 @@ class Admission:
     def __init__(self, *, config: dict[str, Any], group_id: str, topic: str, dlq_topic: str,
                  registry: Registry, directory: Directory, ledger: Ledger,
                  producer: AsyncProducer, on_change: Callable[[], None],
-                 on_assign: Callable[[list[int]], Awaitable[None]]):
+                 on_assign: Callable[[list[int]], Coroutine[Any, Any, None]]):
         self._consumer = Consumer({
             **config,
             "group.id": group_id,
@@ -88,31 +88,35 @@ class Admission:
         now = handlers.utcnow()
         rows, dead = [], []
         for msg in messages:
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume: %s", msg.error())
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume: %s", err)
                 continue
+            value = msg.value() or b""  # a tombstone is as undecodable as garbage
             try:
-                _, event = self._registry.decode(msg.value(), "mailbus.EmailRequested")
+                _, event = self._registry.decode(value, "mailbus.EmailRequested")
             except DecodeError as exc:
                 dead.append((msg, f"undecodable: {exc}"))
                 continue
             if event["account_id"] not in self._directory.by_id:
                 dead.append((msg, f"unknown account {event['account_id']!r}"))
                 continue
-            rows.append(handlers.admission(event, msg.value(), msg.partition(), now))
+            rows.append(handlers.admission(event, value, msg.partition() or 0, now))
         await self._ledger.admit(rows)
         metrics.ADMITTED.inc(len(rows))
-        for msg, reason in dead:
-            log.error("dead-lettering %s[%d]@%d: %s", msg.topic(), msg.partition(),
-                      msg.offset(), reason)
-            headers = [("mailbus.reason", reason.encode()),
-                       ("mailbus.source", f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
-                        .encode())]
-            await self._producer.produce(self._dlq, msg.value() or b"", key=msg.key(),
-                                         headers=headers)
-            metrics.DEAD_LETTERED.labels("undecodable" if reason.startswith("undecodable")
-                                         else "unknown_account").inc()
+        await asyncio.gather(*(self._dead_letter(msg, reason) for msg, reason in dead))
+
+    async def _dead_letter(self, msg: Message, reason: str) -> None:
+        """Park an unusable record with why and where it came from; the caller moves on."""
+        source = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+        log.error("dead-lettering %s: %s", source, reason)
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("mailbus.reason", reason.encode()), ("mailbus.source", source.encode())]
+        await self._producer.produce(self._dlq, msg.value() or b"", key=msg.key(),
+                                     headers=headers)
+        metrics.DEAD_LETTERED.labels("undecodable" if reason.startswith("undecodable")
+                                     else "unknown_account").inc()
 
     def stop(self) -> None:
         """Ask the loop to end after the current batch."""

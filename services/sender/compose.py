@@ -105,7 +105,8 @@ class _TextOfHtml(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.out: list[str] = []
-        self.skip, self.href = 0, None
+        self.skip = 0
+        self.href: str | None = None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in self._SKIP:
@@ -261,7 +262,7 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
         # MIME-Version inside the part.
         html_part = MIMEPart(policy=POLICY)
         _set_body(html_part, html, "html")
-        msg.attach(html_part)
+        msg.attach(html_part)  # type: ignore[arg-type]  # stubs want EmailMessage; MIMEPart is right
 
     raw = msg.as_bytes(policy=POLICY)
     if dkim is not None:

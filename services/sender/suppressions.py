@@ -94,16 +94,17 @@ class SuppressionReader:
             msg = self._consumer.poll(0.5)
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
                     self._pending_eof.discard(msg.partition())
                     if not self._pending_eof:
                         self._target.loaded.set()
                 else:
-                    log.warning("suppressions: %s", msg.error())
+                    log.warning("suppressions: %s", err)
                 continue
             try:
-                _, record = self._registry.decode(msg.value(), "mailbus.Suppression")
+                _, record = self._registry.decode(msg.value() or b"", "mailbus.Suppression")
             except DecodeError as exc:
                 log.error("suppressions: skipping undecodable record at %s[%d]@%d: %s",
                           msg.topic(), msg.partition(), msg.offset(), exc)

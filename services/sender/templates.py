@@ -253,7 +253,7 @@ class _Meter(NodeTransformer):
 
     def visit_For(self, node: nodes.For) -> nodes.For:
         self.generic_visit(node)
-        node.iter = _guard_call(_ITER, [node.iter], node.lineno)
+        node.iter = _guard_call(_ITER, [node.iter], node.lineno)  # type: ignore[list-item]
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
