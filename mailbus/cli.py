@@ -229,7 +229,10 @@ def keys_list() -> None:
     with psycopg.connect(_admin().postgres.conninfo()) as conn:
         rows = conn.execute("SELECT id, name, scopes, accounts, default_pool, created_at,"
                             " revoked_at FROM api_keys ORDER BY created_at").fetchall()
-    table = Table("id", "name", "scopes", "accounts", "default pool", "created", "revoked")
+    table = Table("name", "scopes", "accounts", "default pool", "created", "revoked")
+    # The id is what every other command takes: never wrapped or cut.
+    table.add_column("id", no_wrap=True, min_width=10)
+    table.columns.insert(0, table.columns.pop())
     for r in rows:
         revoked = f"{r[6]:%Y-%m-%d %H:%M}" if r[6] else ""
         table.add_row(r[0], r[1], ",".join(r[2]), ",".join(r[3]) if r[3] else "all",
