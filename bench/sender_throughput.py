@@ -96,17 +96,17 @@ def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettin
                               metrics_port=0, poll_seconds=0.2,
                               link_keys_file=workdir / "keys.json", log_level="WARNING")
     events = [request("bench", to=f"r{i}@example.com", text=BODY) for i in range(messages)]
-    ids = [e["message_id"] for e in events]
     try:
         with SenderThread(settings), psycopg.connect(admin.postgres.conninfo()) as conn:
             start = time.perf_counter()
             produce(config, prefix + "email.requested", Registry.load(), events)
             while True:
-                done = conn.execute("SELECT count(*) FROM send_ledger WHERE state = 'sent'"
-                                    " AND message_id = ANY(%s::uuid[])", (ids,)).fetchone()
+                # Cheap to ask (a partial index), so the poll costs the sender nothing.
+                done = conn.execute("SELECT count(*) FROM send_ledger WHERE namespace = %s"
+                                    " AND state = 'sent'", (prefix,)).fetchone()
                 if done and done[0] >= messages:
                     break
-                time.sleep(0.05)
+                time.sleep(0.1)
             elapsed = time.perf_counter() - start
     finally:
         drop_namespace(config, prefix)

@@ -139,6 +139,7 @@ class Sender:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.outbox.drain()
         for worker in self.workers.values():
             await worker.transport.close()
         self.admission.close()

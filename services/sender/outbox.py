@@ -84,11 +84,17 @@ class Outbox:
     def __init__(self, pool: AsyncConnectionPool, producer: AsyncProducer, namespace: str):
         self.pool, self.producer, self.namespace = pool, producer, namespace
         self.ledger = Ledger(pool, namespace)
+        self._emitting: set[asyncio.Task[None]] = set()
 
     async def settle(self, message_id: str, partition: int, state: str,
                      records: Sequence[Record], *, sent_at: datetime | None = None,
                      error: str | None = None) -> None:
-        """Mark the row and store its events atomically; then produce and forget them."""
+        """Mark the row and store its events atomically; then produce them in the background.
+
+        The worker does not wait for Kafka's acks: the events are safe in the
+        outbox from the commit on, and the delivery slot is free for the next
+        message meanwhile.
+        """
         statement = {"sent": "mark_sent", "failed": "mark_failed",
                      "rerouted": "mark_rerouted"}[state]
         params = {"message_id": message_id, "sent_at": sent_at, "error": (error or "")[:2000]}
@@ -103,7 +109,14 @@ class Outbox:
                 row = await cur.fetchone()
                 assert row is not None
                 ids.append(row[0])
-        await self._emit(list(zip(ids, records, strict=True)))
+        task = asyncio.create_task(self._emit(list(zip(ids, records, strict=True))))
+        self._emitting.add(task)
+        task.add_done_callback(self._emitting.discard)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Wait for background emissions (on shutdown); what is left stays in the outbox."""
+        if self._emitting:
+            await asyncio.wait(self._emitting, timeout=timeout)
 
     async def _emit(self, items: list[tuple[int, Record]]) -> None:
         results = await asyncio.gather(*(
@@ -117,8 +130,11 @@ class Outbox:
                 # Stays in the outbox; the sweep emits it once Kafka is back.
                 log.warning("emitting to %s failed, will retry: %s", rec.topic, r)
         if done:
-            async with self.pool.connection() as conn:
-                await conn.execute(SQL["outbox_done"], {"ids": done})
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(SQL["outbox_done"], {"ids": done})
+            except Exception:  # left rows are re-emitted by the sweep
+                log.exception("could not clear %d emitted outbox row(s)", len(done))
 
     async def sweep(self, partitions: list[int], min_age_seconds: float = 10.0) -> int:
         """Emit events left behind by a crash or a Kafka outage; returns how many."""

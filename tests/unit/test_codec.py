@@ -74,7 +74,7 @@ FULL: dict[str, dict[str, Any]] = {
         "reliable": True, "source": "imap:acct-billing-eu",
     },
     "email.confirmed": _head("confirmed") | {
-        "account_id": "acct-billing-eu", "evidence": "smtp_final",
+        "account_id": "acct-billing-eu", "outcome": "confirmed", "evidence": "smtp_final",
         "requested_at": T0 - timedelta(seconds=3), "sent_at": T0 - timedelta(seconds=2),
         "delivered_at": T0, "sent_to_delivered_us": 2_000_000,
         "requested_to_delivered_us": 3_000_000,
