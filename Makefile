@@ -32,6 +32,7 @@ test-e2e: infra
 
 bench: infra
 	$(VENV)/bin/python bench/ingest_throughput.py
+	$(VENV)/bin/python bench/sender_throughput.py
 
 lint: install
 	$(VENV)/bin/ruff check mailbus services tests bench

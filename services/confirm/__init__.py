@@ -1,1 +1,1 @@
-"""Confirm: joins sent with delivered into confirmations, and projects every event into PostgreSQL."""
+"""Confirm: joins sent with delivered into confirmations; projects events into PostgreSQL."""
