@@ -4,13 +4,17 @@ SHELL := /bin/bash
 VENV := .venv
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: up down install infra test test-unit test-integration test-e2e bench lint clean-var
+.PHONY: up down demo install infra test test-unit test-integration test-e2e bench lint clean-var
 
 up:
 	@scripts/stack.sh up
 
 down:
 	@scripts/stack.sh down
+
+# The seed's promise, measured: 300 messages through the running stack, each confirmed.
+demo: up
+	$(VENV)/bin/mailbus verify --count 300
 
 install:
 	@scripts/stack.sh install

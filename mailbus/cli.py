@@ -57,6 +57,76 @@ def sender() -> None:
 
 
 @app.command()
+def confirm() -> None:
+    """Run the confirm stream (Faust): sent + delivered -> email.confirmed."""
+    from mailbus.confirm.settings import ConfirmSettings
+    from mailbus.confirm.stream import main as run
+
+    settings = ConfirmSettings()
+    _logging(settings.log_level)
+    run(settings)
+
+
+@app.command()
+def projector() -> None:
+    """Run the projector: every event into PostgreSQL, for status and reports."""
+    from mailbus.confirm.projector import ProjectorSettings
+    from mailbus.confirm.projector import main as run
+
+    settings = ProjectorSettings()
+    _logging(settings.log_level)
+    run(settings)
+
+
+@app.command()
+def verify(
+    count: Annotated[int, typer.Option(help="How many messages to send.", min=1)] = 300,
+    to: Annotated[list[str] | None, typer.Option(
+        help="Recipient (repeat for several); default: the development mailbox.")] = None,
+    deadline: Annotated[float, typer.Option(help="Seconds to wait for confirmations.")]
+    = 300.0,
+    sender: Annotated[str | None, typer.Option("--from", help="Account id or pool:NAME.")]
+    = None,
+    api: Annotated[str, typer.Option(help="Base URL of the API.")] = "http://127.0.0.1:8080",
+    key_file: Annotated[Path | None, typer.Option(help="File holding the API key.")] = None,
+) -> None:
+    """Send COUNT messages through the API and wait until each is confirmed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from mailbus import verify as v
+
+    key_path = key_file or _admin().var_dir / "dev-api-key"
+    token = os.environ.get("MAILBUS_API_KEY") or key_path.read_text().strip()
+    verifier = v.Verifier(api, token)
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("confirming", total=count)
+            outcome = v.run(verifier, count=count, recipients=to or ["verify@mailbus.test"],
+                            deadline=deadline, sender=sender,
+                            progress=lambda done, total: progress.update(task, completed=done))
+    finally:
+        verifier.close()
+    counts = outcome.count()
+    table = Table("requested", "confirmed", "failed", "bounced", "unconfirmed", "pending",
+                  "send s", "wait s")
+    pending = counts["queued"] + counts["sent"] + counts["delivered"]
+    table.add_row(str(count), str(counts["confirmed"]), str(counts["failed"]),
+                  str(counts["bounced"]), str(counts["unconfirmed"]), str(pending),
+                  f"{outcome.send_seconds:.1f}", f"{outcome.wait_seconds:.1f}")
+    console.print(table)
+    lat = v.percentiles(outcome.latencies_ms)
+    if lat:
+        console.print("request-to-delivery latency ms: " + ", ".join(
+            f"{k} {val:.0f}" for k, val in lat.items()))
+    if not outcome.ok:
+        console.print(f"[red]{count - counts['confirmed']} of {count} not confirmed[/red]")
+        raise typer.Exit(1)
+    console.print(f"[green]all {count} confirmed[/green]")
+
+
+@app.command()
 def devsmtp(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 2525,
 ) -> None:

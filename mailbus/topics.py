@@ -75,7 +75,8 @@ GRANTS: dict[str, Grant] = {
         groups=("mailbus-sender",),
     ),
     "confirm": Grant(
-        read=(REQUESTED, SENT, FAILED, DELIVERED, BOUNCED, RESPONSES, SUPPRESSIONS),
+        # The projector (same principal) reads confirmed back into PostgreSQL.
+        read=(REQUESTED, SENT, FAILED, DELIVERED, BOUNCED, RESPONSES, SUPPRESSIONS, CONFIRMED),
         write=(CONFIRMED,),
         groups=("mailbus-confirm", "mailbus-projector"),
         owned_prefixes=("mailbus-confirm-",),

@@ -16,7 +16,7 @@ RUN="$MAILBUS_VAR/run"
 LOGS="$MAILBUS_VAR/log"
 API_PORT="${MAILBUS_PORT:-8080}"
 # Started in this order, stopped in reverse.
-SERVICES=(devsmtp ingest sender)
+SERVICES=(devsmtp ingest sender confirm projector)
 
 install_python() {
     local stamp="$VENV/.installed" want
@@ -69,12 +69,18 @@ health() {
         devsmtp) echo "tcp:2525" ;;
         ingest) echo "http://127.0.0.1:$API_PORT/readyz" ;;
         sender) echo "http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/metrics" ;;
+        # No HTTP of their own: alive and consuming is what can be checked.
+        confirm | projector) echo "alive:$1" ;;
     esac
 }
 
 healthy() {
     local check; check="$(health "$1")"
-    if [[ "$check" == tcp:* ]]; then port_open "${check#tcp:}"; else curl -fsS -o /dev/null "$check" 2>/dev/null; fi
+    case "$check" in
+        tcp:*) port_open "${check#tcp:}" ;;
+        alive:*) pid_alive "$RUN/${check#alive:}.pid" && sleep 2 && pid_alive "$RUN/${check#alive:}.pid" ;;
+        *) curl -fsS -o /dev/null "$check" 2>/dev/null ;;
+    esac
 }
 
 wait_ready() {

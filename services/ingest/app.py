@@ -6,7 +6,6 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -98,7 +97,13 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
     app.add_middleware(BodyLimit, default=settings.max_body_bytes,
                        per_path={"/v1/messages/batch": settings.max_batch_body_bytes})
     app.middleware("http")(_observe)
+    # Timelines, listings and reports read the projection of this namespace.
+    app.state.namespace = settings.kafka.topic_prefix
     _routes(app)
+    # Imported here: the status routes use this module's Key dependency.
+    from mailbus.ingest.status import router as status_router
+
+    app.include_router(status_router)
     return app
 
 
@@ -206,24 +211,6 @@ def _routes(app: FastAPI) -> None:
         status, body = await ing.accept(key, planned, idem, request_digest(batch.messages),
                                         respond)
         return JSONResponse(body, status_code=status)
-
-    @app.get("/v1/messages/{message_id}", tags=["messages"])
-    async def get_message(request: Request, message_id: str, key: Key) -> dict[str, Any]:
-        """A message this key sent (admin keys: any message)."""
-        require_scope(key, "read")
-        try:
-            uuid.UUID(message_id)
-        except ValueError:
-            raise Problem(404, "not-found", "No such message") from None
-        row = await _ingestor(request).message(key, message_id)
-        if row is None:
-            raise Problem(404, "not-found", "No such message")
-        return {
-            "id": str(row["id"]), "status": row["status"], "account": row["account_id"],
-            "pool": row["pool"], "subject": row["subject"], "recipients": row["recipients"],
-            "tags": row["tags"], "send_at": row["send_at"], "requested_at": row["requested_at"],
-            "updated_at": row["updated_at"],
-        }
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

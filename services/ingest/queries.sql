@@ -30,10 +30,3 @@ INSERT INTO messages (id, key_id, account_id, pool, subject, recipients, tags,
 VALUES (%(id)s, %(key_id)s, %(account_id)s, %(pool)s, %(subject)s, %(recipients)s, %(tags)s,
         %(idempotency_key)s, %(send_at)s, %(requested_at)s)
 ON CONFLICT (id) DO NOTHING;
-
--- name: message_for_key
--- Scoped to the asking key: another key's id is indistinguishable from an
--- unknown one (404). Admin keys pass NULL to see every message.
-SELECT id, account_id, pool, status, subject, recipients, tags, send_at, requested_at, updated_at
-FROM messages
-WHERE id = %(id)s AND (%(key_id)s::text IS NULL OR key_id = %(key_id)s);

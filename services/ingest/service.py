@@ -136,12 +136,6 @@ class Ingestor:
             raise failed[0] if isinstance(failed[0], UnavailableError) else UnavailableError(
                 f"kafka: {failed[0]}")
 
-    async def message(self, key: ApiKey, message_id: str) -> dict[str, Any] | None:
-        """The accepted message, if this key may see it."""
-        params = {"id": message_id, "key_id": None if key.is_admin else key.id}
-        async with self._connection() as conn:
-            return await (await conn.execute(SQL["message_for_key"], params)).fetchone()
-
     def _connection(self) -> Any:
         return _Connection(self.pool)
 

@@ -86,10 +86,11 @@ class Sender:
         """The real topic name (with the configured prefix)."""
         return self.settings.kafka.topic(name)
 
-    def _exhausted(self) -> set[str]:
+    def _capacity(self) -> dict[str, int]:
+        """Quota left per account, 0 for one parked or exhausted now."""
         now = utcnow()
-        return {a for a, w in self.workers.items()
-                if isinstance(w.budget.decide(now), Exhausted)}
+        return {a: 0 if isinstance(w.budget.decide(now), Exhausted) else w.budget.left(now)
+                for a, w in self.workers.items()}
 
     def _wake_all(self) -> None:
         for worker in self.workers.values():
@@ -115,7 +116,7 @@ class Sender:
         ctx = Context(pool=self.pool, outbox=self.outbox, registry=self.registry,
                       directory=self.directory, suppressions=self.suppressions,
                       links=self.links, owned=self.admission.partitions,
-                      exhausted=self._exhausted, topic=self.topic,
+                      capacity=self._capacity, topic=self.topic,
                       max_attempts=s.max_attempts, retry_base=s.retry_base_seconds,
                       retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds)
         now = utcnow()

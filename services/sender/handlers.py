@@ -18,7 +18,7 @@ from mailbus.sender.transport import (
     TransientError,
 )
 
-MAX_REROUTES = 3
+MAX_REROUTES = 5
 
 
 def admission(event: dict[str, Any], payload: bytes, partition: int, now: datetime
@@ -93,12 +93,19 @@ def after_error(err: SendError, *, attempts: int, max_attempts: int, now: dateti
 
 
 def failover(directory: Directory, pool: str | None, current: str, reroutes: int,
-             exhausted: set[str]) -> str | None:
-    """Another account of the pool to take a message the current one cannot send, if any."""
+             left: dict[str, int]) -> str | None:
+    """The pool member with the most quota left to take a message the current one cannot send.
+
+    `left` maps the accounts this instance knows to their quota left; an
+    account it does not know (owned by another instance) is a last resort.
+    """
     if pool is None or reroutes >= MAX_REROUTES:
         return None
-    members = [a for a in directory.pools.get(pool, ()) if a != current and a not in exhausted]
-    return members[0] if members else None
+    members = [a for a in directory.pools.get(pool, ())
+               if a != current and left.get(a, -1) != 0]
+    if not members:
+        return None
+    return max(members, key=lambda a: (left.get(a, -1), a))
 
 
 def _head(message_id: str, now: datetime) -> dict[str, Any]:

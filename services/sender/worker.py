@@ -115,7 +115,7 @@ class AccountWorker:
         rows = await self.ctx.claim(self.account.id, owned, limit=100, pool_only=True)
         for row in rows:
             target = handlers.failover(self.ctx.directory, row.pool, self.account.id,
-                                       row.reroutes, self.ctx.exhausted())
+                                       row.reroutes, self.ctx.capacity())
             request = self.ctx.decode(row)
             if target is None:
                 await self.ctx.requeue(row, Retry(until, "account quota exhausted", refund=1))
@@ -166,7 +166,7 @@ class AccountWorker:
                 self.budget.give_back(now)
                 self.budget.park(exc.until or now + timedelta(seconds=exc.retry_after or 60))
                 target = handlers.failover(ctx.directory, row.pool, account.id, row.reroutes,
-                                           ctx.exhausted())
+                                           ctx.capacity())
                 if target is not None:
                     await ctx.reroute(row, request, Reroute(target, exc.reason))
                     return
@@ -195,13 +195,13 @@ class Context:
 
     def __init__(self, *, pool: AsyncConnectionPool, outbox: Outbox, registry: Registry,
                  directory: Directory, suppressions: Suppressions, links: LinkBuilder | None,
-                 owned: Callable[[], list[int]], exhausted: Callable[[], set[str]],
+                 owned: Callable[[], list[int]], capacity: Callable[[], dict[str, int]],
                  topic: Callable[[str], str], max_attempts: int, retry_base: float,
                  retry_cap: float, poll_seconds: float,
                  clock: Callable[[], datetime] = handlers.utcnow):
         self.pool, self.outbox, self.registry = pool, outbox, registry
         self.directory, self.suppressions, self.links = directory, suppressions, links
-        self.owned, self.exhausted, self.topic = owned, exhausted, topic
+        self.owned, self.capacity, self.topic = owned, capacity, topic
         self.max_attempts, self.retry_base, self.retry_cap = max_attempts, retry_base, retry_cap
         self.poll_seconds, self.clock = poll_seconds, clock
 

@@ -105,11 +105,13 @@ def _account(id_: str, *pools: str) -> Account:
 
 
 def test_failover_stays_in_the_pool_and_is_bounded():
-    directory = Directory([_account("a", "p"), _account("b", "p"), _account("c", "q")])
-    assert handlers.failover(directory, "p", "a", 0, set()) == "b"
-    assert handlers.failover(directory, "p", "a", 0, {"b"}) is None
-    assert handlers.failover(directory, None, "a", 0, set()) is None
-    assert handlers.failover(directory, "p", "a", handlers.MAX_REROUTES, set()) is None
+    directory = Directory([_account("a", "p"), _account("b", "p"), _account("c", "q"),
+                           _account("d", "p")])
+    assert handlers.failover(directory, "p", "a", 0, {"b": 5, "d": 9}) == "d"  # most left
+    assert handlers.failover(directory, "p", "a", 0, {"b": 0, "d": 0}) is None
+    assert handlers.failover(directory, "p", "a", 0, {"b": 0}) == "d"  # unknown: last resort
+    assert handlers.failover(directory, None, "a", 0, {"b": 5}) is None
+    assert handlers.failover(directory, "p", "a", handlers.MAX_REROUTES, {"b": 5}) is None
 
 
 def test_admission_waits_for_send_at():

@@ -1,0 +1,243 @@
+"""The projector: every pipeline event into PostgreSQL, for the API's status, timeline and reports.
+
+One confluent-kafka consumer (group `<prefix>mailbus-projector`, principal
+`confirm`) reads the per-message topics and email.requested. Each batch is
+written in one transaction (`project`), and only then are its offsets
+committed. When the write fails (PostgreSQL down, a lock conflict) nothing
+is committed: the consumer seeks back to the batch's first offsets, waits
+(exponential backoff, capped) and reads the same records again, so it
+catches up after an outage and loses nothing. Between retries it keeps
+calling consume(), so it never overstays max.poll.interval.ms and keeps its
+partitions.
+
+A record that does not decode, or whose ids are not UUIDs, is logged with
+topic/partition/offset and skipped: the `confirm` principal may not write
+the dead-letter topic, so the log is where it goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from psycopg.types.json import Jsonb
+from pydantic import Field
+
+from mailbus import queries, topics
+from mailbus.codec import Registry
+from mailbus.confirm.projection import EventRow, InvalidEvent, event_row, fold, increments
+from mailbus.errors import DecodeError
+from mailbus.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+SQL = queries.load(Path(__file__).with_name("projector.sql"))
+ERROR_LOG_SECONDS = 60.0
+PROJECTED = (topics.REQUESTED, topics.SENT, topics.FAILED, topics.DELIVERED, topics.BOUNCED,
+             topics.RESPONSES, topics.CONFIRMED)
+
+
+class ProjectorSettings(ServiceSettings):
+    """The projector's settings: runs as confirm (Kafka principal, mailbus_confirm role)."""
+
+    service_name: str = "confirm"
+    group_id: str = "mailbus-projector"
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    poll_seconds: float = Field(default=0.5, gt=0)
+    # Backoff while PostgreSQL refuses a batch: base * 2^n seconds, capped.
+    retry_base_seconds: float = Field(default=0.5, gt=0)
+    retry_cap_seconds: float = Field(default=10.0, gt=0)
+
+
+def project(conn: psycopg.Connection[Any], namespace: str, rows: list[EventRow]) -> int:
+    """Write one batch of events in one transaction; returns how many were new."""
+    unique: dict[str, EventRow] = {}
+    for row in rows:
+        unique.setdefault(row.event_id, row)
+    if not unique:
+        return 0
+    ns = {"namespace": namespace}
+    message_ids = sorted({r.message_id for r in unique.values()})
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(SQL["ensure_status"], ns | {"ids": message_ids})
+        cur.execute(SQL["lock_status"], ns | {"ids": message_ids})
+        state = {mid: (kinds, account) for mid, kinds, account in cur.fetchall()}
+        cur.execute(SQL["known_events"], ns | {"ids": sorted(unique)})
+        known = {eid for (eid,) in cur.fetchall()}
+        per_message: dict[str, list[EventRow]] = defaultdict(list)
+        for row in unique.values():
+            if row.event_id not in known:
+                per_message[row.message_id].append(row)
+        events: list[dict[str, Any]] = []
+        statuses: list[dict[str, Any]] = []
+        counted: list[tuple[Any, ...]] = []
+        for message_id, new in sorted(per_message.items()):
+            kinds, account = state[message_id]
+            result = fold(kinds, account, new)
+            statuses.append(ns | {"message_id": message_id, "kinds": sorted(result.kinds),
+                                  "status": result.status, "account_id": result.account_id})
+            for row in new:
+                day, counted_account = result.counted.get(row.event_id, (None, None))
+                if day is not None:
+                    counted.append((row.kind, day, counted_account))
+                events.append(ns | {
+                    "event_id": row.event_id, "message_id": row.message_id, "kind": row.kind,
+                    "occurred_at": row.occurred_at, "account_id": row.account_id,
+                    "detail": Jsonb(row.detail), "counted_day": day,
+                    "counted_account": counted_account})
+        if events:
+            # Sorted, as every lock taken here: concurrent batches cannot deadlock.
+            events.sort(key=lambda e: str(e["event_id"]))
+            cur.executemany(SQL["insert_event"], events)
+            cur.executemany(SQL["update_status"], statuses)
+            cur.executemany(SQL["update_message"], statuses)
+        if counted:
+            cur.executemany(SQL["count"], [ns | row for row in increments(counted)])
+    return len(events)
+
+
+class Projector:
+    """The consumer loop: consume a batch, write it, commit its offsets; retry on failure."""
+
+    def __init__(self, settings: ProjectorSettings, registry: Registry | None = None):
+        self.settings = settings
+        self.namespace = settings.kafka.topic_prefix
+        self.registry = registry or Registry.load()
+        self.topics = [settings.kafka.topic(t) for t in PROJECTED]
+        self._consumer = Consumer({
+            **settings.kafka.client_config(),
+            "group.id": self.namespace + settings.group_id,
+            "client.id": "mailbus-projector",
+            # Offsets are committed by hand, after the transaction committed.
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        })
+        self._conn: psycopg.Connection[Any] | None = None
+        self._stop = threading.Event()
+        self._logged: dict[str, float] = {}
+        self.projected = 0  # events newly written, since start
+        self.failures = 0  # batches PostgreSQL refused, since start
+
+    def run(self) -> None:
+        """Project until stop(); leaves the group on the way out."""
+        s = self.settings
+        self._consumer.subscribe(self.topics)
+        log.info("projector: namespace %r, topics %s", self.namespace, self.topics)
+        delay = s.retry_base_seconds
+        try:
+            while not self._stop.is_set():
+                messages = self._consumer.consume(s.batch_size, s.poll_seconds)
+                if not messages:
+                    continue
+                if self._apply(messages):
+                    delay = s.retry_base_seconds
+                    self._commit(messages)
+                else:
+                    self._rewind(messages)
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, s.retry_cap_seconds)
+        finally:
+            self._consumer.close()
+            self._disconnect()
+            log.info("projector stopped")
+
+    def stop(self) -> None:
+        """Ask run() to return after the current batch (safe from any thread or signal)."""
+        self._stop.set()
+
+    def _apply(self, messages: list[Message]) -> bool:
+        rows = [row for msg in messages if (row := self._row(msg)) is not None]
+        try:
+            self.projected += project(self._connection(), self.namespace, rows)
+        except psycopg.Error as exc:
+            self.failures += 1
+            # Broken or not, start over on a fresh connection next time.
+            self._disconnect()
+            log.warning("projector: batch of %d not written, will retry: %s: %s",
+                        len(messages), type(exc).__name__, str(exc).strip())
+            return False
+        return True
+
+    def _row(self, msg: Message) -> EventRow | None:
+        err = msg.error()
+        if err is not None:
+            self._consume_error(err)
+            return None
+        where = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+        try:
+            name, record = self.registry.decode(msg.value() or b"")
+            return event_row(name, record)
+        except (DecodeError, InvalidEvent) as exc:
+            # No DLQ: the confirm principal may not write one. Logged and skipped.
+            log.error("projector: skipping %s: %s", where, exc)
+            return None
+
+    def _consume_error(self, err: KafkaError) -> None:
+        # librdkafka repeats an error (e.g. no READ on a topic) on every fetch:
+        # log each distinct one once a minute, not once a poll.
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        now = time.monotonic()
+        text = str(err)
+        if now - self._logged.get(text, -ERROR_LOG_SECONDS) >= ERROR_LOG_SECONDS:
+            self._logged[text] = now
+            log.warning("projector: consume: %s", text)
+
+    def _commit(self, messages: list[Message]) -> None:
+        offsets = _next_offsets(messages)
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # Partitions moved meanwhile: the new owner reads them again, and
+            # the writes are idempotent.
+            log.warning("projector: commit failed (records will be re-read): %s", exc)
+
+    def _rewind(self, messages: list[Message]) -> None:
+        first: dict[tuple[str, int], int] = {}
+        for msg in messages:
+            if msg.error() is None:
+                key = (msg.topic() or "", msg.partition() or 0)
+                first[key] = min(first.get(key, msg.offset() or 0), msg.offset() or 0)
+        for (topic, partition), offset in first.items():
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # revoked meanwhile: its new owner re-reads it
+                log.info("projector: not rewinding %s/%d: %s", topic, partition, exc)
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.settings.postgres.conninfo(), autocommit=True,
+                                         connect_timeout=5)
+        return self._conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
+    """Per partition, the offset after the last record of the batch."""
+    last: dict[tuple[str, int], int] = {}
+    for msg in messages:
+        if msg.error() is None:
+            key = (msg.topic() or "", msg.partition() or 0)
+            last[key] = max(last.get(key, -1), msg.offset() or 0)
+    return [TopicPartition(t, p, o + 1) for (t, p), o in sorted(last.items())]
+
+
+def main(settings: ProjectorSettings) -> None:
+    """`mailbus projector`: project events into PostgreSQL until SIGTERM or SIGINT."""
+    settings.check_secrets()
+    projector = Projector(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: projector.stop())
+    projector.run()

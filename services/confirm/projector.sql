@@ -1,0 +1,64 @@
+-- Statements of the projector. Each runs as mailbus_confirm, all of one
+-- batch in one transaction, in this order.
+
+-- name: ensure_status
+-- A row to lock for every message of the batch, also one seen for the first
+-- time. Ids arrive sorted: concurrent projectors inserting overlapping sets
+-- wait on each other in one order and cannot deadlock.
+INSERT INTO message_status (namespace, message_id)
+SELECT %(namespace)s, id FROM unnest(%(ids)s::uuid[]) AS id
+ON CONFLICT (namespace, message_id) DO NOTHING;
+
+-- name: lock_status
+-- FOR UPDATE: another projector instance with events of the same message
+-- (email.requested is keyed by account, the rest by message) waits here
+-- until this batch commits, so each sees the other's kinds and a kind is
+-- counted once. The account falls back to the API's row for events that do
+-- not name one.
+SELECT s.message_id::text, s.kinds, coalesce(s.account_id, m.account_id)
+FROM message_status s
+LEFT JOIN messages m ON m.id = s.message_id
+WHERE s.namespace = %(namespace)s AND s.message_id = ANY(%(ids)s::uuid[])
+ORDER BY s.message_id
+FOR UPDATE OF s;
+
+-- name: known_events
+-- Events already projected (a redelivery, a replay). Read under the locks
+-- above, so no other instance can insert one of them meanwhile.
+SELECT event_id::text FROM message_events
+WHERE namespace = %(namespace)s AND event_id = ANY(%(ids)s::uuid[]);
+
+-- name: insert_event
+-- DO NOTHING is a second line of defence: known_events already left these out.
+INSERT INTO message_events (namespace, event_id, message_id, kind, occurred_at, account_id,
+                            detail, counted_day, counted_account)
+VALUES (%(namespace)s, %(event_id)s, %(message_id)s, %(kind)s, %(occurred_at)s,
+        %(account_id)s, %(detail)s, %(counted_day)s, %(counted_account)s)
+ON CONFLICT (namespace, event_id) DO NOTHING;
+
+-- name: update_status
+UPDATE message_status
+SET kinds = %(kinds)s, status = %(status)s, account_id = %(account_id)s, updated_at = now()
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s;
+
+-- name: update_message
+-- The API's own row, when the message came through the API. updated_at
+-- moves only when the status does.
+UPDATE messages SET status = %(status)s, updated_at = now()
+WHERE id = %(message_id)s AND status IS DISTINCT FROM %(status)s;
+
+-- name: count
+-- Increments only: run once, in the transaction that inserted the counted
+-- events, so a replayed batch (all events known) adds nothing.
+INSERT INTO daily_counts (namespace, day, account_id, requested, sent, delivered, confirmed,
+                          failed, bounced, unconfirmed)
+VALUES (%(namespace)s, %(day)s, %(account_id)s, %(requested)s, %(sent)s, %(delivered)s,
+        %(confirmed)s, %(failed)s, %(bounced)s, %(unconfirmed)s)
+ON CONFLICT (namespace, day, account_id) DO UPDATE
+SET requested = daily_counts.requested + EXCLUDED.requested,
+    sent = daily_counts.sent + EXCLUDED.sent,
+    delivered = daily_counts.delivered + EXCLUDED.delivered,
+    confirmed = daily_counts.confirmed + EXCLUDED.confirmed,
+    failed = daily_counts.failed + EXCLUDED.failed,
+    bounced = daily_counts.bounced + EXCLUDED.bounced,
+    unconfirmed = daily_counts.unconfirmed + EXCLUDED.unconfirmed;

@@ -1,0 +1,167 @@
+"""Reading what happened to messages: status and timeline, listings, daily reports.
+
+Routes over the projection the projector (`mailbus projector`) writes; every
+query is scoped to this installation's namespace (its topic prefix) and, for
+keys without the admin scope, to the asking key's own messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import date, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import psycopg
+from fastapi import APIRouter, Query, Request
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from pydantic import AwareDatetime
+
+from mailbus import queries
+from mailbus.confirm.projection import COUNTED, Status
+from mailbus.ingest.app import Key
+from mailbus.ingest.handlers import require_scope
+from mailbus.ingest.problems import Problem, invalid, unavailable
+
+SQL = queries.load(Path(__file__).with_name("status.sql"))
+router = APIRouter()
+DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+# The first page starts after the newest possible row.
+FIRST_PAGE = ("infinity", "ffffffff-ffff-ffff-ffff-ffffffffffff")
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_MESSAGE_FIELDS = ("status", "pool", "subject", "recipients", "tags", "send_at",
+                   "requested_at", "updated_at")
+
+
+def encode_cursor(requested_at: datetime, message_id: str) -> str:
+    """The opaque cursor after a row: base64url of JSON, unpadded."""
+    raw = json.dumps({"t": requested_at.isoformat(), "id": message_id}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """(requested_at, id) from a cursor; 422 naming `cursor` when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        doc = json.loads(raw)
+        moment = datetime.fromisoformat(doc["t"])
+        message_id = str(uuid.UUID(doc["id"]))
+        if moment.utcoffset() is None:
+            raise ValueError("naive time")
+    except (binascii.Error, ValueError, TypeError, KeyError):
+        raise invalid([{"field": "cursor", "message": "not a cursor this API returned"}]
+                      ) from None
+    return moment, message_id
+
+
+def parse_day(value: str | None) -> date:
+    """A UTC calendar day from YYYY-MM-DD; 422 naming `date` otherwise."""
+    try:
+        if value is None or not _DAY.fullmatch(value):
+            raise ValueError
+        return date.fromisoformat(value)
+    except ValueError:
+        raise invalid([{"field": "date", "message": "a day as YYYY-MM-DD is required"}]
+                      ) from None
+
+
+def message_body(row: dict[str, Any]) -> dict[str, Any]:
+    """A message as the API shows it."""
+    return {"id": str(row["id"]), "account": row.get("account_id"),
+            **{f: row.get(f) for f in _MESSAGE_FIELDS}}
+
+
+def timeline_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """One event of a message's timeline."""
+    return {"kind": row["kind"], "at": row["occurred_at"], "account": row["account_id"],
+            "detail": row["detail"]}
+
+
+def report_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One account's counts for a day; quota_used is what it sent that day."""
+    counts = {kind: int(row[kind]) for kind in COUNTED}
+    return {"account": row["account_id"], **counts, "quota_used": counts["sent"]}
+
+
+@asynccontextmanager
+async def _rows(request: Request) -> AsyncIterator[psycopg.AsyncCursor[DictRow]]:
+    """A dict-row cursor on the API's pool; PostgreSQL trouble becomes a 503."""
+    pool: AsyncConnectionPool = request.app.state.ingestor.pool
+    try:
+        async with pool.connection() as conn:
+            yield conn.cursor(row_factory=dict_row)
+    except (PoolTimeout, psycopg.OperationalError) as exc:
+        raise unavailable("database unavailable") from exc
+
+
+def _namespace(request: Request) -> str:
+    return str(request.app.state.namespace)
+
+
+@router.get("/v1/messages/{message_id}", tags=["messages"])
+async def get_message(request: Request, message_id: str, key: Key) -> dict[str, Any]:
+    """A message this key sent (admin keys: any), its status and timeline, oldest first."""
+    require_scope(key, "read")
+    try:
+        message_id = str(uuid.UUID(message_id))
+    except ValueError:
+        raise Problem(404, "not-found", "No such message") from None
+    ids = {"id": message_id, "namespace": _namespace(request)}
+    async with _rows(request) as cur:
+        await cur.execute(SQL["message"], ids | {"key_id": None if key.is_admin else key.id})
+        row = await cur.fetchone()
+        if row is None and key.is_admin:
+            await cur.execute(SQL["projected_message"], ids)
+            row = await cur.fetchone()
+        if row is None:
+            raise Problem(404, "not-found", "No such message")
+        await cur.execute(SQL["timeline"], ids)
+        events = await cur.fetchall()
+    return message_body(row) | {"timeline": [timeline_entry(e) for e in events]}
+
+
+@router.get("/v1/messages", tags=["messages"])
+async def list_messages(
+    request: Request, key: Key,
+    status: Status | None = None,
+    since: AwareDatetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=256)] = None,
+) -> dict[str, Any]:
+    """This key's messages (admin keys: all), newest first, a page at a time."""
+    require_scope(key, "read")
+    after: tuple[Any, str] = decode_cursor(cursor) if cursor else FIRST_PAGE
+    params = {"after_at": after[0], "after_id": after[1], "status": status,
+              "since": since or "-infinity", "limit": limit + 1, "key_id": key.id}
+    async with _rows(request) as cur:
+        await cur.execute(SQL["list_all" if key.is_admin else "list_for_key"], params)
+        rows = await cur.fetchall()
+    page = rows[:limit]
+    # One row more than asked says whether another page exists.
+    more = len(rows) > limit
+    return {"messages": [message_body(r) for r in page],
+            "next_cursor": encode_cursor(page[-1]["requested_at"], str(page[-1]["id"]))
+            if more else None}
+
+
+@router.get("/v1/reports/daily", tags=["reports"])
+async def daily_report(
+    request: Request, key: Key,
+    day: Annotated[str | None, Query(alias="date", description="UTC day, YYYY-MM-DD")] = None,
+) -> dict[str, Any]:
+    """Per account, what happened on a UTC day (non-admin keys: over their own messages)."""
+    require_scope(key, "read")
+    when = parse_day(day)
+    params = {"namespace": _namespace(request), "day": when, "key_id": key.id}
+    async with _rows(request) as cur:
+        await cur.execute(SQL["daily_all" if key.is_admin else "daily_for_key"], params)
+        rows = await cur.fetchall()
+    return {"date": when.isoformat(), "scope": "all" if key.is_admin else "key",
+            "accounts": [report_row(r) for r in rows]}

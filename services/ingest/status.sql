@@ -1,0 +1,80 @@
+-- Reading the projection: message status, timelines, listings, daily reports.
+-- Each runs as mailbus_ingest, which may read but not write the projection.
+-- `namespace` is this installation's topic prefix: the projector of another
+-- installation sharing the database writes rows this API never shows.
+
+-- name: message
+-- Scoped to the asking key: another key's id is indistinguishable from an
+-- unknown one (404). Admin keys pass NULL to see every message.
+SELECT id, account_id, pool, status, subject, recipients, tags, send_at, requested_at,
+       updated_at
+FROM messages
+WHERE id = %(id)s AND (%(key_id)s::text IS NULL OR key_id = %(key_id)s);
+
+-- name: projected_message
+-- For admin keys: a message another producer wrote straight to Kafka has
+-- no `messages` row, only the projector's.
+SELECT message_id AS id, account_id, status, updated_at
+FROM message_status
+WHERE namespace = %(namespace)s AND message_id = %(id)s;
+
+-- name: timeline
+-- Oldest first; events of the same instant in the order they were projected.
+SELECT kind, occurred_at, account_id, detail
+FROM message_events
+WHERE namespace = %(namespace)s AND message_id = %(id)s
+ORDER BY occurred_at, projected_at, event_id;
+
+-- name: list_for_key
+-- Keyset pagination on (requested_at, id), newest first: the cursor is the
+-- last row of the previous page (the first page passes +infinity), so pages
+-- neither repeat nor skip rows when new messages arrive, and the index
+-- messages_key_requested serves it at any depth. `since` defaults to
+-- -infinity; both stay plain comparisons so the planner can use the index.
+SELECT id, account_id, pool, status, subject, recipients, tags, send_at, requested_at,
+       updated_at
+FROM messages
+WHERE key_id = %(key_id)s
+  AND (requested_at, id) < (%(after_at)s::timestamptz, %(after_id)s::uuid)
+  AND requested_at >= %(since)s::timestamptz
+  AND (%(status)s::text IS NULL OR status = %(status)s)
+ORDER BY requested_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: list_all
+-- The same for admin keys, over every key's messages (index
+-- messages_requested_id). `messages` holds what this database's APIs
+-- accepted; it has no namespace column.
+SELECT id, account_id, pool, status, subject, recipients, tags, send_at, requested_at,
+       updated_at
+FROM messages
+WHERE (requested_at, id) < (%(after_at)s::timestamptz, %(after_id)s::uuid)
+  AND requested_at >= %(since)s::timestamptz
+  AND (%(status)s::text IS NULL OR status = %(status)s)
+ORDER BY requested_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: daily_all
+-- Admin keys: the projector's counters as they are.
+SELECT account_id, requested, sent, delivered, confirmed, failed, bounced, unconfirmed
+FROM daily_counts
+WHERE namespace = %(namespace)s AND day = %(day)s
+ORDER BY account_id;
+
+-- name: daily_for_key
+-- Other keys: the same numbers over the key's own messages. An event carries
+-- counted_day/counted_account exactly when the projector counted it in
+-- daily_counts, so this is daily_counts restricted to these messages.
+SELECT e.counted_account AS account_id,
+       count(*) FILTER (WHERE e.kind = 'requested') AS requested,
+       count(*) FILTER (WHERE e.kind = 'sent') AS sent,
+       count(*) FILTER (WHERE e.kind = 'delivered') AS delivered,
+       count(*) FILTER (WHERE e.kind = 'confirmed') AS confirmed,
+       count(*) FILTER (WHERE e.kind = 'failed') AS failed,
+       count(*) FILTER (WHERE e.kind = 'bounced') AS bounced,
+       count(*) FILTER (WHERE e.kind = 'unconfirmed') AS unconfirmed
+FROM message_events e
+JOIN messages m ON m.id = e.message_id
+WHERE e.namespace = %(namespace)s AND e.counted_day = %(day)s AND m.key_id = %(key_id)s
+GROUP BY e.counted_account
+ORDER BY e.counted_account;
