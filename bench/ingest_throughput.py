@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from mailbus import apikeys  # noqa: E402
 from mailbus.provision import provision  # noqa: E402
 from mailbus.settings import ServiceSettings  # noqa: E402
 from tests.support.kafka import drop_namespace  # noqa: E402
+from tests.support.smtp import free_port  # noqa: E402
 
 MESSAGE = {"to": ["Ada Lovelace <ada@example.com>"], "subject": "Benchmark",
            "text": "Hello " * 50, "html": "<p>" + "Hello " * 50 + "</p>", "tags": ["bench"]}
@@ -52,11 +52,6 @@ pools = ["default"]
 host = "127.0.0.1"
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_kib(pid: int) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,12 +21,7 @@ from mailbus.settings import REPO_ROOT, KafkaSettings
 from tests.integration.conftest import LiveServer
 from tests.integration.test_ingest_api import MESSAGE, auth
 from tests.support.kafka import read_all
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.smtp import free_port
 
 
 @dataclass
@@ -60,9 +54,9 @@ class Broker:
 @pytest.fixture
 def own_broker(tmp_path: Path) -> Iterator[Broker]:
     var = tmp_path / "var"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MAILBUS_VAR": str(var), "MAILBUS_KAFKA_PORT": str(port),
-           "MAILBUS_KAFKA_CONTROLLER_PORT": str(_free_port())}
+           "MAILBUS_KAFKA_CONTROLLER_PORT": str(free_port())}
     broker = Broker(env, var, port)
     broker.run("start")
     try:
