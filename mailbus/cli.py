@@ -103,7 +103,7 @@ def verify(
     try:
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("confirming", total=count)
-            outcome = v.run(verifier, count=count, recipients=to or ["verify@mailbus.test"],
+            outcome = v.run(verifier, count=count, recipients=to or ["verify@example.com"],
                             deadline=deadline, sender=sender,
                             progress=lambda done, total: progress.update(task, completed=done))
     finally:
