@@ -1,0 +1,183 @@
+"""The confirm join's pure decisions: when an event completes a confirmation, and what it says."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mailbus.codec import Registry
+from mailbus.confirm import join
+from mailbus.confirm.join import BOUNCED, DELIVERED, FAILED, SENT, Step
+
+T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+T0_US = join.micros(T0)
+MID = "0b6f1f6e-5f1a-4c55-9f0e-2a8d3c1b7e42"
+HOUR_US = 3600 * 1_000_000
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def us(seconds: float) -> int:
+    return T0_US + round(seconds * 1_000_000)
+
+
+def sent(seconds: float = 0, requested: float | None = -3, account: str = "dev") -> dict[str, Any]:
+    return {"message_id": MID, "occurred_at": at(seconds), "account_id": account,
+            "requested_at": None if requested is None else at(requested)}
+
+
+def delivered(seconds: float = 2, evidence: str = "smtp_final") -> dict[str, Any]:
+    return {"message_id": MID, "occurred_at": at(seconds), "account_id": None,
+            "evidence": evidence, "recipient": "ada@example.org"}
+
+
+def failed(permanent: bool = True, recipient: str | None = None) -> dict[str, Any]:
+    return {"message_id": MID, "occurred_at": at(1), "account_id": "dev", "reason": "550",
+            "permanent": permanent, "recipient": recipient}
+
+
+def bounced(recipient: str = "ada@example.org") -> dict[str, Any]:
+    return {"message_id": MID, "occurred_at": at(5), "account_id": None,
+            "recipient": recipient, "bounce_class": "hard"}
+
+
+def run(events: list[tuple[str, dict[str, Any]]], state: join.State | None = None,
+        now: float = 10) -> tuple[join.State | None, list[dict[str, Any]]]:
+    """Fold events in order like the agent does; returns the final state and what was emitted."""
+    emitted = []
+    for kind, event in events:
+        step = join.apply(state, kind, event, 3, us(now))
+        if step.state is not None:
+            state = step.state
+        if step.emit is not None:
+            emitted.append(step.emit)
+    return state, emitted
+
+
+def test_sent_then_delivered_confirms_once_with_latencies():
+    state, out = run([(SENT, sent(0, requested=-3)), (DELIVERED, delivered(2))], now=10)
+    assert out == [{
+        "event_id": join.verdict_id(MID, "confirmed"), "message_id": MID,
+        "occurred_at": us(10), "account_id": "dev", "outcome": "confirmed",
+        "evidence": "smtp_final", "requested_at": us(-3), "sent_at": us(0),
+        "delivered_at": us(2), "sent_to_delivered_us": 2_000_000,
+        "requested_to_delivered_us": 5_000_000,
+    }]
+    assert state is not None and state["verdict"] == "confirmed" and state["partition"] == 3
+
+
+def test_delivered_then_sent_confirms_the_same():
+    first, out1 = run([(SENT, sent()), (DELIVERED, delivered())])
+    second, out2 = run([(DELIVERED, delivered()), (SENT, sent())])
+    assert out1 == out2 and len(out1) == 1
+    assert first == second
+
+
+def test_first_event_only_records_state():
+    for kind, event in ((SENT, sent()), (DELIVERED, delivered())):
+        state, out = run([(kind, event)])
+        assert out == [] and state is not None and state["verdict"] is None
+
+
+def test_duplicates_of_either_half_change_nothing():
+    state, _ = run([(SENT, sent())])
+    assert join.apply(state, SENT, sent(), 3, us(20)) == Step(None)
+    state, out = run([(DELIVERED, delivered()), (DELIVERED, delivered(9, "dsn"))], state)
+    assert len(out) == 1 and out[0]["evidence"] == "smtp_final"  # the first evidence wins
+    # A second sent (a replay, or a retry's event) neither re-confirms nor moves sent_at.
+    assert join.apply(state, SENT, sent(5), 3, us(20)) == Step(None)
+
+
+def test_replays_after_confirmation_emit_nothing():
+    state, out = run([(SENT, sent()), (DELIVERED, delivered())])
+    again, out2 = run([(SENT, sent()), (DELIVERED, delivered()), (FAILED, failed()),
+                       (DELIVERED, delivered(30, "mailbox"))], state, now=99)
+    assert len(out) == 1 and out2 == []
+    assert again["verdict"] == "confirmed" and again["failed_at"] == us(1)
+
+
+def test_unknown_kinds_are_ignored():
+    assert join.apply(None, "mailbus.EmailResponse", {"message_id": MID}, 0, us(0)) == Step(None)
+
+
+def test_missing_requested_at_leaves_its_latency_null():
+    _, out = run([(SENT, sent(requested=None)), (DELIVERED, delivered(2))])
+    assert out[0]["requested_at"] is None and out[0]["requested_to_delivered_us"] is None
+    assert out[0]["sent_to_delivered_us"] == 2_000_000
+
+
+def test_overdue_emits_unconfirmed_once_then_late_delivery_confirms():
+    state, _ = run([(SENT, sent(0, requested=-1))], now=0)
+    assert join.overdue(state, MID, us(3599), 3600) == Step(None)  # not yet
+    step = join.overdue(state, MID, us(3600), 3600)
+    assert step.emit == {
+        "event_id": join.verdict_id(MID, "unconfirmed"), "message_id": MID,
+        "occurred_at": us(3600), "account_id": "dev", "outcome": "unconfirmed",
+        "evidence": "unknown", "requested_at": us(-1), "sent_at": us(0), "delivered_at": None,
+        "sent_to_delivered_us": None, "requested_to_delivered_us": None,
+    }
+    state = step.state
+    assert join.overdue(state, MID, us(7200), 3600) == Step(None)  # once only
+    state, out = run([(DELIVERED, delivered(5000))], state, now=5001)
+    assert [r["outcome"] for r in out] == ["confirmed"]
+    assert out[0]["sent_to_delivered_us"] == 5000 * 1_000_000
+    assert out[0]["event_id"] != step.emit["event_id"]
+    assert join.overdue(state, MID, us(99999), 3600) == Step(None)
+
+
+def test_overdue_ignores_unsent_and_delivered_messages():
+    delivered_only, _ = run([(DELIVERED, delivered())])
+    confirmed, _ = run([(SENT, sent()), (DELIVERED, delivered())])
+    for state in (delivered_only, confirmed):
+        assert join.overdue(state, MID, us(10**6), 1) == Step(None)
+
+
+def test_failed_and_bounced_record_state_only():
+    state, out = run([(FAILED, failed(permanent=False)), (FAILED, failed(recipient="x@y"))])
+    assert state is None and out == []  # retried or per-recipient failures are not recorded
+    state, out = run([(FAILED, failed()), (BOUNCED, bounced("b@x")), (BOUNCED, bounced("a@x")),
+                      (BOUNCED, bounced("b@x"))])
+    assert out == [] and state is not None
+    assert state["failed_at"] == us(1) and state["bounced"] == ["a@x", "b@x"]
+    assert join.apply(state, FAILED, failed(), 3, us(50)) == Step(None)
+
+
+def test_state_is_json_and_never_mutated():
+    state, _ = run([(SENT, sent()), (BOUNCED, bounced())])
+    snapshot = json.loads(json.dumps(state))
+    assert snapshot == state
+    join.apply(state, BOUNCED, bounced("z@x"), 3, us(11))
+    join.apply(state, DELIVERED, delivered(), 3, us(11))
+    join.overdue(state, MID, us(10**9), 1)
+    assert state == snapshot
+
+
+def test_forget_only_settled_states_after_the_retention():
+    pending, _ = run([(SENT, sent())], now=0)
+    assert not join.forgettable(pending, us(10**9), 60)  # awaiting a verdict: kept
+    done, _ = run([(SENT, sent()), (DELIVERED, delivered())], now=0)
+    assert not join.forgettable(done, us(59), 60)
+    assert join.forgettable(done, us(60), 60)
+    orphan, _ = run([(DELIVERED, delivered())], now=0)
+    assert join.forgettable(orphan, us(60), 60)
+
+
+def test_verdicts_encode_with_the_schema():
+    registry = Registry.load()
+    _, out = run([(SENT, sent()), (DELIVERED, delivered())])
+    pending, _ = run([(SENT, sent(requested=None))], now=0)
+    late = join.overdue(pending, MID, us(7200), 3600).emit
+    assert late is not None
+    for record in (*out, late):
+        name, decoded = registry.decode(registry.encode("email.confirmed", record))
+        assert name == "mailbus.EmailConfirmed"
+        assert decoded["outcome"] == record["outcome"]
+
+
+def test_micros_is_exact():
+    assert join.micros(datetime(1970, 1, 1, 0, 0, 1, 7, tzinfo=UTC)) == 1_000_007
+    assert join.micros(at(0.000001)) == T0_US + 1
+    assert join.micros(None) is None and join.micros(42) == 42
