@@ -25,6 +25,8 @@ class SmtpAccount(BaseModel):
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     username: str | None = None
     password_file: Path | None = None
+    # CA bundle for a relay with a private certificate; the system's otherwise.
+    ca_file: Path | None = None
     # Connections kept open to the server; each carries one transaction at a time.
     connections: int = Field(default=3, ge=1, le=50)
     timeout_seconds: float = Field(default=30.0, gt=0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiosmtplib
 from aiosmtplib import (
+    SMTPAuthenticationError,
     SMTPException,
     SMTPRecipientRefused,
     SMTPResponseException,
@@ -58,6 +59,8 @@ class SmtpTransport:
         assert account.smtp is not None
         self.account = account
         self.cfg = account.smtp
+        if tls_context is None and self.cfg.ca_file is not None:
+            tls_context = ssl.create_default_context(cafile=str(self.cfg.ca_file))
         self._tls_context = tls_context
         self._idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.cfg.connections)
@@ -100,6 +103,12 @@ class SmtpTransport:
             except asyncio.QueueEmpty:
                 try:
                     client = await self._connect()
+                except SMTPAuthenticationError as exc:
+                    # The account's credentials, not the message, are wrong:
+                    # retried (and visible in the reason) until someone fixes them.
+                    raise TransientError(f"{exc.code} authentication failed for account"
+                                         f" {self.account.id}: {exc.message}",
+                                         code=exc.code) from exc
                 except SMTPResponseException as exc:
                     raise classify(exc.code, exc.message) from exc
                 except (TimeoutError, SMTPException, OSError) as exc:

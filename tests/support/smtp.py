@@ -38,12 +38,15 @@ class ScriptedHandler:
         self.data_rule: Callable[[bytes], str | None] = lambda _data: None
         self.transactions = 0
         self.connections = 0
+        self._peers: set[Any] = set()
         self._lock = threading.Lock()
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
         with self._lock:
-            self.connections += 1
+            # A session says EHLO again after STARTTLS: count peers, not greetings.
+            self._peers.add(session.peer)
+            self.connections = len(self._peers)
         session.host_name = hostname
         return responses
 
