@@ -92,7 +92,7 @@ class Budget:
         self._sent.append(now)
 
     def give_back(self, now: datetime) -> None:
-        """Undo `take` for a send the provider refused before accepting anything."""
+        """Undo `take` for a send that never left (refused by the provider, or failed before)."""
         if self._sent:
             self._sent.pop()
 

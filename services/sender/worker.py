@@ -136,16 +136,17 @@ class AccountWorker:
         request = ctx.decode(row)
         try:
             outgoing = compose(request, account, ctx.links, now=now, dkim=self.dkim)
-        except TemplateFailed as exc:
-            await ctx.fail(row, request, account.id, Fail(f"template: {exc}", True))
-            return
         except MailbusError as exc:
-            await ctx.fail(row, request, account.id, Fail(f"compose: {exc}", True))
+            # Nothing left the account: its send counts against neither rate nor quota.
+            self.budget.give_back(now)
+            kind = "template" if isinstance(exc, TemplateFailed) else "compose"
+            await ctx.fail(row, request, account.id, Fail(f"{kind}: {exc}", True))
             return
         blocked = [r for r in outgoing.recipients if ctx.suppressions.blocked(r, account.id)]
         if blocked:
             remaining = [r for r in outgoing.recipients if r not in blocked]
             if not remaining:
+                self.budget.give_back(now)
                 await ctx.fail(row, request, account.id,
                                Fail("suppressed: every recipient is on the suppression list",
                                     True, recipient=blocked[0]))
@@ -155,6 +156,7 @@ class AccountWorker:
         if row.ambiguous:
             earlier = await self.transport.find_sent(outgoing.message_id_header)
             if earlier is not None:
+                # It did leave before the crash: that send keeps its place in the quota.
                 await ctx.sent(row, request, account, earlier, outgoing.message_id_header,
                                possible_duplicate=False, latency_us=None)
                 return
