@@ -38,19 +38,11 @@ from mailbus import apikeys  # noqa: E402
 from mailbus.provision import provision  # noqa: E402
 from mailbus.settings import ServiceSettings  # noqa: E402
 from tests.support.kafka import drop_namespace  # noqa: E402
+from tests.support.sender import smtp_account  # noqa: E402
 from tests.support.smtp import free_port  # noqa: E402
 
 MESSAGE = {"to": ["Ada Lovelace <ada@example.com>"], "subject": "Benchmark",
            "text": "Hello " * 50, "html": "<p>" + "Hello " * 50 + "</p>", "tags": ["bench"]}
-ACCOUNTS = """
-[[accounts]]
-id = "dev"
-kind = "smtp"
-from_address = "dev@example.test"
-pools = ["default"]
-[accounts.smtp]
-host = "127.0.0.1"
-"""
 
 
 
@@ -119,7 +111,7 @@ def main() -> None:
                      " (%s, 'bench', %s, '{send}')", (key.key_id, key.secret_sha256))
     workdir = Path(tempfile.mkdtemp(prefix="mailbus-bench-"))
     accounts = workdir / "accounts.toml"
-    accounts.write_text(ACCOUNTS)
+    accounts.write_text(smtp_account("dev", 2525))  # never sent to: ingest only
     rows = []
     try:
         for variant in ("baseline", "mailbus"):

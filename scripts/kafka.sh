@@ -338,6 +338,8 @@ start() {
       rm -f "$PIDFILE"
       die "broker exited during startup"
     fi
+    # The log rolls at 20 MB: when it rolled since the start, read it whole.
+    if (( $(stat -c %s "$LOG" 2>/dev/null || echo 0) < log_offset )); then log_offset=0; fi
     # Kafka logs this once the metadata log is replayed, i.e. once the SCRAM
     # credentials and ACLs are loaded; earlier logins could fail spuriously.
     if ((!started)) && grep -q 'Kafka Server started' \
