@@ -144,7 +144,7 @@ class Ingestor:
         try:
             async with self._connection() as conn:
                 await conn.execute("SELECT 1")
-        except Problem:
+        except (Problem, psycopg.Error):
             return False
         return True
 

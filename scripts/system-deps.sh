@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Debian packages the native stack and its tests need, installed when missing:
+# JDK 17 (Kafka), Maven (fetches Kafka from Maven Central), PostgreSQL,
+# Prometheus, curl. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+need=()
+[[ -x /usr/lib/jvm/java-17-openjdk-amd64/bin/java ]] || need+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || need+=(maven)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+command -v prometheus >/dev/null || need+=(prometheus)
+command -v curl >/dev/null || need+=(curl)
+command -v runuser >/dev/null || need+=(util-linux)
+((${#need[@]})) || exit 0
+
+SUDO=""
+if [[ "$(id -u)" != 0 ]]; then
+    command -v sudo >/dev/null || { echo "system-deps: need root to install ${need[*]}" >&2; exit 1; }
+    SUDO=sudo
+fi
+echo "system-deps: apt-get install ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+# Debian starts a system Prometheus on install; the stack runs its own.
+if [[ " ${need[*]} " == *" prometheus "* ]]; then
+    $SUDO service prometheus stop >/dev/null 2>&1 || true
+fi
