@@ -16,7 +16,7 @@ RUN="$MAILBUS_VAR/run"
 LOGS="$MAILBUS_VAR/log"
 API_PORT="${MAILBUS_PORT:-8080}"
 # Started in this order, stopped in reverse.
-SERVICES=(devsmtp ingest sender confirm projector)
+SERVICES=(devsmtp ingest sender confirm projector prometheus)
 
 install_python() {
     local stamp="$VENV/.installed" want
@@ -41,6 +41,7 @@ accounts() {
 }
 
 infra() {
+    "$REPO/scripts/system-deps.sh"
     install_python
     mkdir -p "$RUN" "$LOGS"
     "$REPO/scripts/kafka.sh" start
@@ -56,7 +57,14 @@ start_service() {
     local name="$1" pidfile="$RUN/$1.pid"
     if pid_alive "$pidfile"; then echo "$name: already running"; return 0; fi
     # setsid: the service outlives this shell and gets its own process group.
-    setsid nohup "$VENV/bin/mailbus" "$name" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+    local cmd=("$VENV/bin/mailbus" "$name")
+    if [[ "$name" == prometheus ]]; then
+        mkdir -p "$MAILBUS_VAR/prometheus"
+        cmd=(prometheus --config.file="$REPO/deploy/prometheus/prometheus.yml"
+             --storage.tsdb.path="$MAILBUS_VAR/prometheus" --storage.tsdb.retention.time=45d
+             --web.listen-address=127.0.0.1:9090)
+    fi
+    setsid nohup "${cmd[@]}" >>"$LOGS/$name.log" 2>&1 < /dev/null &
     echo $! > "$pidfile"
     echo "$name: started (log $LOGS/$name.log)"
 }
@@ -69,8 +77,9 @@ health() {
         devsmtp) echo "tcp:2525" ;;
         ingest) echo "http://127.0.0.1:$API_PORT/readyz" ;;
         sender) echo "http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/metrics" ;;
-        # No HTTP of their own: alive and consuming is what can be checked.
-        confirm | projector) echo "alive:$1" ;;
+        confirm) echo "http://127.0.0.1:9102/metrics" ;;
+        projector) echo "http://127.0.0.1:9103/metrics" ;;
+        prometheus) echo "http://127.0.0.1:9090/-/ready" ;;
     esac
 }
 
@@ -78,7 +87,6 @@ healthy() {
     local check; check="$(health "$1")"
     case "$check" in
         tcp:*) port_open "${check#tcp:}" ;;
-        alive:*) pid_alive "$RUN/${check#alive:}.pid" && sleep 2 && pid_alive "$RUN/${check#alive:}.pid" ;;
         *) curl -fsS -o /dev/null "$check" 2>/dev/null ;;
     esac
 }
@@ -117,6 +125,7 @@ mailbus is up.
   Kafka        127.0.0.1:${MAILBUS_KAFKA_PORT:-9092} (SASL/SCRAM-SHA-512; credentials in $MAILBUS_VAR/secrets)
   PostgreSQL   127.0.0.1:${MAILBUS_PG_PORT:-5433} database mailbus
   Sender       metrics http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/metrics; \`mailbus accounts list\`
+  Prometheus   http://127.0.0.1:9090 (rules in deploy/prometheus; Grafana dashboards in deploy/grafana)
   Dev mail     SMTP 127.0.0.1:2525, kept in $MAILBUS_VAR/devmail; \`mailbus devmail\` lists it
   Logs         $LOGS/
   Try:  curl -s -H "Authorization: Bearer \$(cat $MAILBUS_VAR/dev-api-key)" \\

@@ -21,19 +21,22 @@ import logging
 import signal
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from prometheus_client import start_http_server
 from psycopg.types.json import Jsonb
 from pydantic import Field
 
 from mailbus import queries, topics
 from mailbus.codec import Registry
+from mailbus.confirm import metrics
 from mailbus.confirm.projection import EventRow, InvalidEvent, event_row, fold, increments
 from mailbus.errors import DecodeError
+from mailbus.lag import LagReporter
 from mailbus.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,11 @@ class ProjectorSettings(ServiceSettings):
     # Backoff while PostgreSQL refuses a batch: base * 2^n seconds, capped.
     retry_base_seconds: float = Field(default=0.5, gt=0)
     retry_cap_seconds: float = Field(default=10.0, gt=0)
+    # Prometheus metrics on http://metrics_host:metrics_port/metrics; 0 disables.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9103, ge=0, le=65535)
+    # How often the group's consumer lag is measured.
+    lag_seconds: float = Field(default=10.0, gt=0)
 
 
 def project(conn: psycopg.Connection[Any], namespace: str, rows: list[EventRow]) -> int:
@@ -99,6 +107,8 @@ def project(conn: psycopg.Connection[Any], namespace: str, rows: list[EventRow])
             cur.executemany(SQL["update_message"], statuses)
         if counted:
             cur.executemany(SQL["count"], [ns | row for row in increments(counted)])
+    for kind, n in Counter(e["kind"] for e in events).items():  # once committed
+        metrics.PROJECTED.labels(kind).inc(n)
     return len(events)
 
 
@@ -157,6 +167,7 @@ class Projector:
             self.projected += project(self._connection(), self.namespace, rows)
         except psycopg.Error as exc:
             self.failures += 1
+            metrics.BATCH_ERRORS.inc()
             # Broken or not, start over on a fresh connection next time.
             self._disconnect()
             log.warning("projector: batch of %d not written, will retry: %s: %s",
@@ -240,4 +251,12 @@ def main(settings: ProjectorSettings) -> None:
     projector = Projector(settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: projector.stop())
-    projector.run()
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    lag = LagReporter(settings.kafka.client_config(),
+                      projector.namespace + settings.group_id,
+                      projector.topics).start(settings.lag_seconds)
+    try:
+        projector.run()
+    finally:
+        lag.close()

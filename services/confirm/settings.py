@@ -36,6 +36,11 @@ class ConfirmSettings(ServiceSettings):
     # has a verdict (or was never sent); longer than the topics' 30-day
     # retention, so no replay can bring its events back after that.
     forget_after_seconds: int = Field(default=35 * 24 * 3600, ge=60)
+    # Prometheus metrics on http://metrics_host:metrics_port/metrics; 0 disables.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9102, ge=0, le=65535)
+    # How often the group's consumer lag is measured.
+    lag_seconds: float = Field(default=10.0, gt=0)
     # Faust's working directory (with the memory store it holds only empty folders).
     data_dir: Path | None = None
 

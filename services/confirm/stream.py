@@ -19,13 +19,15 @@ from typing import Any
 
 import faust
 from faust.types import EventT, StreamT
+from prometheus_client import start_http_server
 
 from mailbus import topics
 from mailbus.accounts import Directory, load_accounts
 from mailbus.codec import Registry
-from mailbus.confirm import join
+from mailbus.confirm import join, metrics
 from mailbus.confirm.settings import ConfirmSettings
 from mailbus.errors import ConfigError, DecodeError
+from mailbus.lag import LagReporter
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,7 @@ class ConfirmApp:
         pending = [(r["message_id"].encode(), self.registry.encode(topics.CONFIRMED, r))
                    for r in records]
         await self._until_acked("verdict", pending, lambda kv: self.send(*kv))
+        metrics.verdicts(records)
 
     async def persist(self, states: dict[str, join.State],
                       forget: dict[str, int] | None = None) -> None:
@@ -289,6 +292,10 @@ class ConfirmApp:
 def main(settings: ConfirmSettings) -> None:
     """`mailbus confirm`: run the Faust worker until SIGTERM or SIGINT."""
     confirm = ConfirmApp(settings)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    lag = LagReporter(settings.kafka.client_config(), confirm.app.conf.id,
+                      list(confirm.logical)).start(settings.lag_seconds)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
     worker = faust.Worker(confirm.app, loglevel=settings.log_level,
                           workdir=str(settings.data_dir))
@@ -298,3 +305,5 @@ def main(settings: ConfirmSettings) -> None:
         # mode's Worker always exits through SystemExit; 0 means a clean stop.
         if exc.code not in (0, None):
             raise
+    finally:
+        lag.close()

@@ -14,6 +14,7 @@ from mailbus.accounts import Account, Directory, load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
 from mailbus.errors import ConfigError
+from mailbus.lag import LagReporter
 from mailbus.producer import AsyncProducer
 from mailbus.sender import metrics
 from mailbus.sender.admit import Admission
@@ -127,6 +128,8 @@ class Sender:
                                                      budget, dkim_for(account))
             metrics.QUOTA_LIMIT.labels(account.id).set(account.daily_quota)
         self._tasks = [asyncio.create_task(w.run()) for w in self.workers.values()]
+        self.lag = LagReporter(kafka, s.kafka.topic_prefix + s.group_id,
+                               [self.topic(topics.REQUESTED)])
         self._tasks += [asyncio.create_task(self._sweep()), asyncio.create_task(self._gauges())]
         admission = asyncio.create_task(self.admission.run())
         log.info("sender running: %d account(s), %d suppression(s) loaded",
@@ -144,6 +147,7 @@ class Sender:
         for worker in self.workers.values():
             await worker.transport.close()
         self.admission.close()
+        await asyncio.to_thread(self.lag.close)
         self.reader.close()
         self.producer.close()
         await self.pool.close()
@@ -182,6 +186,10 @@ class Sender:
                 if isinstance(worker.transport, SmtpTransport):
                     metrics.SMTP_CONNECTIONS.labels(account_id).set(
                         worker.transport.open_connections)
+            try:
+                await asyncio.to_thread(self.lag.refresh)
+            except Exception:
+                log.exception("consumer lag not measured")
             await asyncio.sleep(5)
 
 

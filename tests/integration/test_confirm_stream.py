@@ -70,7 +70,7 @@ class Worker:
         self.env = {**os.environ, "MAILBUS_KAFKA__TOPIC_PREFIX": namespace,
                     "MAILBUS_ACCOUNTS_FILE": str(accounts), "MAILBUS_TIMER_SECONDS": "0.5",
                     "MAILBUS_BATCH_SECONDS": "0.1", "MAILBUS_DATA_DIR": str(tmp / "faust"),
-                    "MAILBUS_COMMIT_INTERVAL_SECONDS": "0.5",
+                    "MAILBUS_COMMIT_INTERVAL_SECONDS": "0.5", "MAILBUS_METRICS_PORT": "0",
                     # A killed worker's partitions are handed on after this.
                     "MAILBUS_SESSION_TIMEOUT_SECONDS": "6", **env}
         self.log = tmp / "confirm.log"
