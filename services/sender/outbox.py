@@ -58,14 +58,8 @@ class Ledger:
     async def claim(self, account_id: str, partitions: list[int], limit: int,
                     pool_only: bool) -> list[dict[str, Any]]:
         """Due rows of an account, taken into `sending`."""
-        sql = SQL["claim"]
-        if pool_only:
-            sql = sql.replace("AND due_at <= now()", "AND due_at <= now() AND pool IS NOT NULL")
-        async with self.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(sql.encode(), {"account_id": account_id, "partitions": partitions,
-                                             "limit": limit, "namespace": self.namespace})
-            return await cur.fetchall()
+        return await self._rows("claim", {"account_id": account_id, "partitions": partitions,
+                                          "limit": limit, "pool_only": pool_only})
 
     async def requeue(self, message_id: str, due_at: datetime, error: str, refund: int) -> None:
         """Back to `queued` until due_at."""

@@ -29,6 +29,8 @@ FROM (
     SELECT message_id FROM send_ledger
     WHERE state = 'queued' AND namespace = %(namespace)s AND account_id = %(account_id)s
       AND due_at <= now() AND source_partition = ANY(%(partitions)s)
+      -- pool_only: an exhausted account hands on only messages that have a pool.
+      AND (NOT %(pool_only)s OR pool IS NOT NULL)
     ORDER BY due_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_ingest_api import MESSAGE, auth
-from tests.integration.test_projector import (
+from tests.support.projector import (
     confirmed,
     delivered,
     eventually,
