@@ -79,6 +79,28 @@ def projector() -> None:
 
 
 @app.command()
+def hooks() -> None:
+    """Run the public hooks service: action links, one-click unsubscribe."""
+    from mailbus.hooks.app import main as run
+    from mailbus.hooks.settings import HooksSettings
+
+    settings = HooksSettings()
+    _logging(settings.log_level)
+    run(settings)
+
+
+@app.command()
+def replies() -> None:
+    """Run the mailbox reader: replies, bounces, complaints into Kafka."""
+    from mailbus.replies.app import main as run
+    from mailbus.replies.settings import RepliesSettings
+
+    settings = RepliesSettings()
+    _logging(settings.log_level)
+    run(settings)
+
+
+@app.command()
 def verify(
     count: Annotated[int, typer.Option(help="How many messages to send.", min=1)] = 300,
     to: Annotated[list[str] | None, typer.Option(

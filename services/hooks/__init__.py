@@ -1,0 +1,1 @@
+"""The hooks service: public action, unsubscribe and open-tracking links."""

@@ -1,0 +1,1 @@
+"""The replies service: reads each account's mailbox and classifies what comes back."""
