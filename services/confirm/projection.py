@@ -57,6 +57,10 @@ _DETAIL: dict[str, tuple[str, ...]] = {
 MAX_TEXT = 2000
 
 
+SUPPRESSION_SCHEMA = "mailbus.Suppression"
+_HASH_CHARS = frozenset("0123456789abcdef")
+
+
 class InvalidEvent(ValueError):
     """A decoded record the projection cannot store (its ids are not UUIDs)."""
 
@@ -108,6 +112,38 @@ def event_row(schema_name: str, record: Mapping[str, Any]) -> EventRow:
     # Text columns refuse NUL too: a stray one must not stall the projector.
     return EventRow(event_id, message_id, kind, record["occurred_at"],
                     _plain(record.get("account_id")) or None, detail)
+
+
+@dataclass(frozen=True)
+class SuppressionRow:
+    """One suppressions row: the state of an address for a scope ('' = every account)."""
+
+    event_id: str
+    address_hash: str
+    scope: str
+    address: str
+    reason: str
+    active: bool
+    message_id: str | None
+    occurred_at: datetime
+
+
+def suppression_row(record: Mapping[str, Any]) -> SuppressionRow:
+    """The row for a decoded Suppression; InvalidEvent when its ids or hash are malformed."""
+    address_hash = str(record.get("address_hash") or "")
+    if len(address_hash) != 64 or not set(address_hash) <= _HASH_CHARS:
+        raise InvalidEvent(f"address_hash {address_hash[:80]!r} is not a hex SHA-256")
+    message_id = record.get("message_id")
+    return SuppressionRow(
+        event_id=_uuid(record.get("event_id"), "event_id"),
+        address_hash=address_hash,
+        scope=_plain(record.get("scope") or ""),
+        address=_plain(str(record.get("address") or "")),
+        reason=_plain(str(record.get("reason") or "unknown")),
+        active=bool(record.get("active", True)),
+        message_id=_uuid(message_id, "message_id") if message_id else None,
+        occurred_at=record["occurred_at"],
+    )
 
 
 @dataclass

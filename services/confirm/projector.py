@@ -1,7 +1,8 @@
 """The projector: every pipeline event into PostgreSQL, for the API's status, timeline and reports.
 
 One confluent-kafka consumer (group `<prefix>mailbus-projector`, principal
-`confirm`) reads the per-message topics and email.requested. Each batch is
+`confirm`) reads the per-message topics, email.requested and the
+suppression list (into the `suppressions` table, latest state per address). Each batch is
 written in one transaction (`project`), and only then are its offsets
 committed. When the write fails (PostgreSQL down, a lock conflict) nothing
 is committed: the consumer seeks back to the batch's first offsets, waits
@@ -34,7 +35,16 @@ from pydantic import Field
 from mailbus import queries, topics
 from mailbus.codec import Registry
 from mailbus.confirm import metrics
-from mailbus.confirm.projection import EventRow, InvalidEvent, event_row, fold, increments
+from mailbus.confirm.projection import (
+    SUPPRESSION_SCHEMA,
+    EventRow,
+    InvalidEvent,
+    SuppressionRow,
+    event_row,
+    fold,
+    increments,
+    suppression_row,
+)
 from mailbus.errors import DecodeError
 from mailbus.lag import LagReporter
 from mailbus.settings import ServiceSettings
@@ -43,7 +53,7 @@ log = logging.getLogger(__name__)
 SQL = queries.load(Path(__file__).with_name("projector.sql"))
 ERROR_LOG_SECONDS = 60.0
 PROJECTED = (topics.REQUESTED, topics.SENT, topics.FAILED, topics.DELIVERED, topics.BOUNCED,
-             topics.RESPONSES, topics.CONFIRMED)
+             topics.RESPONSES, topics.CONFIRMED, topics.SUPPRESSIONS)
 
 
 class ProjectorSettings(ServiceSettings):
@@ -63,16 +73,27 @@ class ProjectorSettings(ServiceSettings):
     lag_seconds: float = Field(default=10.0, gt=0)
 
 
-def project(conn: psycopg.Connection[Any], namespace: str, rows: list[EventRow]) -> int:
-    """Write one batch of events in one transaction; returns how many were new."""
+def project(conn: psycopg.Connection[Any], namespace: str, rows: list[EventRow],
+            suppressions: list[SuppressionRow] | None = None) -> int:
+    """Write one batch of events (and suppression states) in one transaction.
+
+    Returns how many events were new.
+    """
     unique: dict[str, EventRow] = {}
     for row in rows:
         unique.setdefault(row.event_id, row)
-    if not unique:
+    if not unique and not suppressions:
         return 0
     ns = {"namespace": namespace}
     message_ids = sorted({r.message_id for r in unique.values()})
     with conn.transaction(), conn.cursor() as cur:
+        if suppressions:
+            # Sorted by key, as every lock taken here.
+            cur.executemany(SQL["upsert_suppression"], [
+                ns | vars(s) for s in sorted(suppressions,
+                                             key=lambda s: (s.address_hash, s.scope))])
+        if not unique:
+            return 0
         cur.execute(SQL["ensure_status"], ns | {"ids": message_ids})
         cur.execute(SQL["lock_status"], ns | {"ids": message_ids})
         state = {mid: (kinds, account) for mid, kinds, account in cur.fetchall()}
@@ -162,9 +183,11 @@ class Projector:
         self._stop.set()
 
     def _apply(self, messages: list[Message]) -> bool:
-        rows = [row for msg in messages if (row := self._row(msg)) is not None]
+        decoded = [row for msg in messages if (row := self._row(msg)) is not None]
+        rows = [r for r in decoded if isinstance(r, EventRow)]
+        states = [r for r in decoded if isinstance(r, SuppressionRow)]
         try:
-            self.projected += project(self._connection(), self.namespace, rows)
+            self.projected += project(self._connection(), self.namespace, rows, states)
         except psycopg.Error as exc:
             self.failures += 1
             metrics.BATCH_ERRORS.inc()
@@ -175,14 +198,18 @@ class Projector:
             return False
         return True
 
-    def _row(self, msg: Message) -> EventRow | None:
+    def _row(self, msg: Message) -> EventRow | SuppressionRow | None:
         err = msg.error()
         if err is not None:
             self._consume_error(err)
             return None
+        if msg.value() is None:  # a tombstone of the compacted suppressions topic
+            return None
         where = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
         try:
             name, record = self.registry.decode(msg.value() or b"")
+            if name == SUPPRESSION_SCHEMA:
+                return suppression_row(record)
             return event_row(name, record)
         except (DecodeError, InvalidEvent) as exc:
             # No DLQ: the confirm principal may not write one. Logged and skipped.

@@ -62,3 +62,18 @@ SET requested = daily_counts.requested + EXCLUDED.requested,
     failed = daily_counts.failed + EXCLUDED.failed,
     bounced = daily_counts.bounced + EXCLUDED.bounced,
     unconfirmed = daily_counts.unconfirmed + EXCLUDED.unconfirmed;
+
+-- name: upsert_suppression
+-- The latest event per address and scope wins, by (occurred_at, event_id):
+-- an older record read after a newer one (a replay, another partition's
+-- order) changes nothing.
+INSERT INTO suppressions (namespace, address_hash, scope, address, reason, active, message_id,
+                          event_id, occurred_at)
+VALUES (%(namespace)s, %(address_hash)s, %(scope)s, %(address)s, %(reason)s, %(active)s,
+        %(message_id)s, %(event_id)s, %(occurred_at)s)
+ON CONFLICT (namespace, address_hash, scope) DO UPDATE
+SET address = EXCLUDED.address, reason = EXCLUDED.reason, active = EXCLUDED.active,
+    message_id = EXCLUDED.message_id, event_id = EXCLUDED.event_id,
+    occurred_at = EXCLUDED.occurred_at, updated_at = now()
+WHERE (suppressions.occurred_at, suppressions.event_id)
+    < (EXCLUDED.occurred_at, EXCLUDED.event_id);

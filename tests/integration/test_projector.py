@@ -37,6 +37,7 @@ from tests.support.projector import (
     sent,
     settings_for,
     snapshot,
+    suppression,
 )
 
 # --- tests --------------------------------------------------------------------------------
@@ -154,6 +155,33 @@ def test_replaying_the_same_events_changes_nothing(namespace, admin_kafka, regis
     # no account to go to; the totals do not depend on batching.
     totals = [sum(col) for col in zip(*daily(namespace).values(), strict=True)]
     assert totals == [sum(col) for col in zip(*EXPECTED_COUNTS.values(), strict=True)]
+
+
+def test_suppressions_keep_the_latest_state_per_address_and_scope(namespace, admin_kafka,
+                                                                   registry):
+    message_id = str(uuid.uuid4())
+    t = [NOW + timedelta(seconds=i) for i in range(4)]
+    events = [
+        suppression("Ada@Example.com", t[1], message_id=message_id),
+        # Lifted later: the latest state wins...
+        suppression("ada@example.com", t[2], active=False, reason="manual"),
+        # ...also when an older record arrives after it (another producer, a replay).
+        suppression("ada@example.com", t[0], reason="complaint"),
+        # The same address for one account only is a state of its own.
+        suppression("ada@example.com", t[3], reason="hard_bounce", scope="team-a"),
+        suppression("bob@example.com", t[0], reason="hard_bounce"),
+    ]
+    produce(admin_kafka, namespace, registry, events,
+            raw=[("email.suppressions", b"not avro")])
+    with projector_running(settings_for(namespace)):
+        eventually(lambda: _assert(lag(admin_kafka, namespace) == 0))
+    found = rows("SELECT address, scope, reason, active, message_id::text FROM suppressions"
+                 " WHERE namespace = %s ORDER BY address, scope", namespace)
+    assert found == [("ada@example.com", "", "manual", False, None),
+                     ("ada@example.com", "team-a", "hard_bounce", True, None),
+                     ("bob@example.com", "", "hard_bounce", True, None)]
+    # Suppressions are state, not message events: no timeline rows came of them.
+    assert rows("SELECT count(*) FROM message_events WHERE namespace = %s", namespace) == [(0,)]
 
 
 class FlakyProxy:
@@ -289,6 +317,8 @@ def test_concurrent_batches_on_one_message_count_it_once(namespace):
     ("confirm", "DELETE FROM daily_counts"),
     ("confirm", "UPDATE messages SET subject = 'x'"),
     ("confirm", "DELETE FROM messages"),
+    ("confirm", "DELETE FROM suppressions"),
+    ("ingest", "UPDATE suppressions SET active = false"),
 ])
 def test_roles_have_only_their_grants(role: str, statement: str) -> None:
     settings = ServiceSettings(service_name=role)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -77,6 +78,17 @@ def responded(message_id: str, at: datetime) -> tuple[str, dict[str, Any]]:
         "source": "imap:dev"}
 
 
+def suppression(address: str, at: datetime, *, active: bool = True, reason: str = "unsubscribe",
+                scope: str | None = None, message_id: str | None = None
+                ) -> tuple[str, dict[str, Any]]:
+    """An email.suppressions record (keyed by the address hash)."""
+    address = address.lower()
+    return "email.suppressions", {
+        "event_id": str(uuid.uuid4()), "message_id": message_id, "occurred_at": at,
+        "address": address, "address_hash": hashlib.sha256(address.encode()).hexdigest(),
+        "reason": reason, "scope": scope, "active": active}
+
+
 def confirmed(message_id: str, at: datetime, outcome: str = "confirmed",
               account: str = "dev") -> tuple[str, dict[str, Any]]:
     """An email.confirmed record (a confirmed or an unconfirmed verdict)."""
@@ -95,7 +107,9 @@ def produce(config: dict[str, Any], namespace: str, registry: Registry,
     message id; `raw` values go as they are (for records that must not decode)."""
     producer = Producer({**config, "enable.idempotence": True})
     for topic, event in events:
-        key = event["account_id"] if topic == "email.requested" else event["message_id"]
+        field = {"email.requested": "account_id",
+                 "email.suppressions": "address_hash"}.get(topic, "message_id")
+        key = event[field]
         producer.produce(namespace + topic, registry.encode(topic, event), key=key.encode())
     for topic, value in raw:
         producer.produce(namespace + topic, value, key=b"junk")
