@@ -101,9 +101,11 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
     app.state.namespace = settings.kafka.topic_prefix
     _routes(app)
     # Imported here: the status routes use this module's Key dependency.
+    from mailbus.ingest.responses import router as responses_router
     from mailbus.ingest.status import router as status_router
 
     app.include_router(status_router)
+    app.include_router(responses_router)
     return app
 
 

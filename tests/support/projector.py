@@ -70,12 +70,13 @@ def bounced(message_id: str, at: datetime) -> tuple[str, dict[str, Any]]:
         "status_code": "5.1.1", "diagnostic": "smtp; 550 5.1.1 user unknown"}
 
 
-def responded(message_id: str, at: datetime) -> tuple[str, dict[str, Any]]:
-    """An email.responses record (a reply)."""
+def responded(message_id: str, at: datetime, kind: str = "reply", **fields: Any
+              ) -> tuple[str, dict[str, Any]]:
+    """An email.responses record (a reply unless told otherwise)."""
     return "email.responses", head(message_id, at) | {
-        "account_id": "dev", "kind": "reply", "recipient": "ada@example.com",
+        "account_id": "dev", "kind": kind, "recipient": "ada@example.com",
         "action_id": None, "subject": "Re: hi", "text": "Yes!", "reliable": True,
-        "source": "imap:dev"}
+        "source": "imap:dev"} | fields
 
 
 def suppression(address: str, at: datetime, *, active: bool = True, reason: str = "unsubscribe",

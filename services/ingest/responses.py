@@ -1,0 +1,156 @@
+"""Reading what recipients answered: replies, clicks, unsubscribes, complaints, opens.
+
+Responses are events like any other (email.responses, projected into
+message_events by the projector); these routes page through them in the
+order mailbus recorded them, scoped like every read: a key sees responses to
+its own messages, admin keys see the installation's. The suppression list,
+which spans every key's recipients, is for admin keys only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import AwareDatetime
+
+from mailbus import queries
+from mailbus.ingest.app import Key
+from mailbus.ingest.handlers import require_scope
+from mailbus.ingest.problems import Problem, invalid
+from mailbus.ingest.status import DEFAULT_LIMIT, MAX_LIMIT, _namespace, _rows
+
+SQL = queries.load(Path(__file__).with_name("responses.sql"))
+router = APIRouter()
+ResponseKind = Literal["reply", "auto_reply", "action", "unsubscribe", "complaint", "open",
+                       "unknown"]
+# Pages ascend: the first starts before the oldest possible row.
+FEED_START = ("-infinity", "00000000-0000-0000-0000-000000000000")
+SUPPRESSIONS_START = ("infinity", "g", "")  # after every hex hash
+_RESPONSE_FIELDS = ("recipient", "action_id", "subject", "text", "reliable", "source")
+
+
+def _cursor(parts: dict[str, str]) -> str:
+    raw = json.dumps(parts, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _uncursor(cursor: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """The fields of a cursor this API returned; 422 naming `cursor` otherwise."""
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(doc, dict) or set(doc) != set(keys):
+            raise ValueError("wrong fields")
+        if datetime.fromisoformat(doc["t"]).utcoffset() is None:
+            raise ValueError("naive time")
+        if "id" in doc:
+            doc["id"] = str(uuid.UUID(doc["id"]))
+        if not all(isinstance(v, str) for v in doc.values()):
+            raise ValueError("not text")
+    except (binascii.Error, ValueError, TypeError, KeyError):
+        raise invalid([{"field": "cursor", "message": "not a cursor this API returned"}]
+                      ) from None
+    return doc
+
+
+def response_body(row: dict[str, Any]) -> dict[str, Any]:
+    """One response as the API shows it."""
+    detail = row["detail"] or {}
+    return {"id": str(row["event_id"]), "message_id": str(row["message_id"]),
+            "kind": detail.get("response", "unknown"), "at": row["occurred_at"],
+            "recorded_at": row["projected_at"], "account": row["account_id"],
+            **{f: detail.get(f) for f in _RESPONSE_FIELDS}}
+
+
+async def _feed(request: Request, key: Any, *, message_id: str | None, kind: str | None,
+                since: datetime | None, limit: int, cursor: str | None) -> dict[str, Any]:
+    after = (_uncursor(cursor, ("t", "id")) if cursor
+             else dict(zip(("t", "id"), FEED_START, strict=True)))
+    params = {"namespace": _namespace(request), "key_id": key.id, "kind": kind,
+              "message_id": message_id, "since": since or "-infinity",
+              "after_at": after["t"], "after_id": after["id"], "limit": limit + 1}
+    async with _rows(request) as cur:
+        await cur.execute(SQL["feed_all" if key.is_admin else "feed_for_key"], params)
+        rows = await cur.fetchall()
+    page = rows[:limit]
+    last = page[-1] if len(rows) > limit else None
+    return {"responses": [response_body(r) for r in page],
+            "next_cursor": _cursor({"t": last["projected_at"].isoformat(),
+                                    "id": str(last["event_id"])}) if last else None}
+
+
+@router.get("/v1/responses", tags=["responses"])
+async def list_responses(
+    request: Request, key: Key,
+    kind: ResponseKind | None = None,
+    since: AwareDatetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=256)] = None,
+) -> dict[str, Any]:
+    """Responses to this key's messages (admin keys: all), in the order they were recorded.
+
+    Keep `next_cursor` and ask again later for what came since; it is null
+    when this page reached the newest response.
+    """
+    require_scope(key, "read")
+    return await _feed(request, key, message_id=None, kind=kind, since=since, limit=limit,
+                       cursor=cursor)
+
+
+@router.get("/v1/messages/{message_id}/responses", tags=["responses"])
+async def message_responses(
+    request: Request, message_id: str, key: Key,
+    kind: ResponseKind | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=256)] = None,
+) -> dict[str, Any]:
+    """The responses to one message this key sent (admin keys: any), oldest recorded first."""
+    require_scope(key, "read")
+    try:
+        message_id = str(uuid.UUID(message_id))
+    except ValueError:
+        raise Problem(404, "not-found", "No such message") from None
+    async with _rows(request) as cur:
+        await cur.execute(SQL["owns_message"], {
+            "message_id": message_id, "namespace": _namespace(request),
+            "key_id": None if key.is_admin else key.id})
+        if await cur.fetchone() is None:
+            raise Problem(404, "not-found", "No such message")
+    return await _feed(request, key, message_id=message_id, kind=kind, since=None, limit=limit,
+                       cursor=cursor)
+
+
+@router.get("/v1/suppressions", tags=["suppressions"])
+async def list_suppressions(
+    request: Request, key: Key,
+    address: Annotated[str | None, Query(max_length=320)] = None,
+    active: bool | None = True,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> dict[str, Any]:
+    """Admin keys: who may not be mailed (and, with active=false, who was lifted), newest first."""
+    require_scope(key, "admin")
+    after = (_uncursor(cursor, ("t", "h", "s")) if cursor
+             else dict(zip(("t", "h", "s"), SUPPRESSIONS_START, strict=True)))
+    digest = hashlib.sha256(address.strip().lower().encode()).hexdigest() if address else None
+    params = {"namespace": _namespace(request), "active": active, "address_hash": digest,
+              "after_at": after["t"], "after_hash": after["h"], "after_scope": after["s"],
+              "limit": limit + 1}
+    async with _rows(request) as cur:
+        await cur.execute(SQL["suppressions"], params)
+        rows = await cur.fetchall()
+    page = rows[:limit]
+    last = page[-1] if len(rows) > limit else None
+    return {"suppressions": [{
+        "address": r["address"], "scope": r["scope"] or None, "reason": r["reason"],
+        "active": r["active"], "message_id": str(r["message_id"]) if r["message_id"] else None,
+        "at": r["occurred_at"], "updated_at": r["updated_at"]} for r in page],
+        "next_cursor": _cursor({"t": last["updated_at"].isoformat(), "h": last["address_hash"],
+                                "s": last["scope"]}) if last else None}

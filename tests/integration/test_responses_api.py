@@ -1,0 +1,120 @@
+"""Responses and the suppression list through the API, projected for real."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from tests.integration.test_ingest_api import auth
+from tests.integration.test_status_api import at, post, problem, project_all
+from tests.support.projector import responded, suppression
+
+
+def kinds(body: dict) -> list[str]:
+    return [r["kind"] for r in body["responses"]]
+
+
+def test_responses_per_message_and_feed_scoped_to_the_key(api, make_key, namespace,
+                                                          admin_kafka, registry):
+    _, token = make_key()
+    _, other = make_key()
+    _, admin = make_key(scopes=("admin",))
+    mine, theirs = post(api, token), post(api, other)
+    loose = str(uuid.uuid4())  # written straight to Kafka by another producer
+    project_all(namespace, admin_kafka, registry, [
+        responded(mine["id"], at(mine, 1), "action", action_id="yes", text=None),
+        responded(mine["id"], at(mine, 2), "reply", text="See you <b>there</b>"),
+        responded(mine["id"], at(mine, 3), "open", reliable=False, source="hooks"),
+        responded(theirs["id"], at(theirs, 1), "unsubscribe", source="hooks"),
+        responded(loose, datetime.now(UTC), "complaint"),
+    ])
+
+    got = api.get(f"/v1/messages/{mine['id']}/responses", headers=auth(token))
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert sorted(kinds(body)) == ["action", "open", "reply"]
+    by_kind = {r["kind"]: r for r in body["responses"]}
+    assert by_kind["action"]["action_id"] == "yes"
+    assert by_kind["reply"]["text"] == "See you <b>there</b>"  # stored as text, never rendered
+    assert by_kind["open"]["reliable"] is False
+    assert all(r["message_id"] == mine["id"] and r["recipient"] == "ada@example.com"
+               for r in body["responses"])
+
+    # Another key's message is indistinguishable from an unknown one.
+    problem(api.get(f"/v1/messages/{mine['id']}/responses", headers=auth(other)), 404)
+    problem(api.get(f"/v1/messages/{uuid.uuid4()}/responses", headers=auth(token)), 404)
+    # Admin keys see any message's, also one that never came through the API.
+    loose_got = api.get(f"/v1/messages/{loose}/responses", headers=auth(admin)).json()
+    assert kinds(loose_got) == ["complaint"]
+
+    feed = api.get("/v1/responses", headers=auth(token)).json()
+    assert sorted(kinds(feed)) == ["action", "open", "reply"] and feed["next_cursor"] is None
+    assert kinds(api.get("/v1/responses?kind=reply", headers=auth(token)).json()) == ["reply"]
+    assert kinds(api.get("/v1/responses", headers=auth(other)).json()) == ["unsubscribe"]
+    assert sorted(kinds(api.get("/v1/responses", headers=auth(admin)).json())) == [
+        "action", "complaint", "open", "reply", "unsubscribe"]
+    future = "2999-01-01T00:00:00Z"
+    assert api.get("/v1/responses", params={"since": future},
+                   headers=auth(admin)).json()["responses"] == []
+
+    # The timeline shows the responses among the message's other events.
+    timeline = api.get(f"/v1/messages/{mine['id']}", headers=auth(token)).json()["timeline"]
+    assert sorted(e["detail"]["response"] for e in timeline if e["kind"] == "response") == [
+        "action", "open", "reply"]
+
+
+def test_feed_pages_without_repeats_or_gaps(api, make_key, namespace, admin_kafka, registry):
+    _, token = make_key()
+    msg = post(api, token)
+    first = [responded(msg["id"], at(msg, i), "action", action_id=f"a{i}") for i in range(5)]
+    project_all(namespace, admin_kafka, registry, first)
+    seen, cursor = [], None
+    while True:
+        page = api.get("/v1/responses", params={"limit": 2, **({"cursor": cursor} if cursor
+                                                               else {})},
+                       headers=auth(token)).json()
+        seen += [r["action_id"] for r in page["responses"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            last = page
+            break
+    assert sorted(seen) == [f"a{i}" for i in range(5)] and len(seen) == 5
+    # A response recorded later, even one that happened earlier, comes after the last page.
+    assert last["responses"], "the last page holds the newest response"
+    resume = last["responses"][-1]
+    project_all(namespace, admin_kafka, registry,
+                [responded(msg["id"], at(msg, 0.5), "action", action_id="late")])
+    page1 = api.get("/v1/responses", params={"limit": 5}, headers=auth(token)).json()
+    assert page1["next_cursor"] is not None
+    after = api.get("/v1/responses", params={"limit": 5, "cursor": page1["next_cursor"]},
+                    headers=auth(token)).json()
+    assert [r["action_id"] for r in after["responses"]] == ["late"]
+    assert resume["action_id"] in [r["action_id"] for r in page1["responses"]]
+
+
+def test_bad_queries_are_named(api, make_key):
+    _, token = make_key()
+    problem(api.get("/v1/responses?kind=clicked", headers=auth(token)), 422, "kind")
+    problem(api.get("/v1/responses?cursor=bm9wZQ", headers=auth(token)), 422, "cursor")
+    problem(api.get("/v1/responses?since=yesterday", headers=auth(token)), 422, "since")
+    problem(api.get("/v1/responses?limit=100000", headers=auth(token)), 422, "limit")
+
+
+def test_suppression_list_is_for_admin_keys(api, make_key, namespace, admin_kafka, registry):
+    _, token = make_key()
+    _, admin = make_key(scopes=("admin",))
+    now = datetime.now(UTC)
+    project_all(namespace, admin_kafka, registry, [
+        suppression("ada@example.com", now, reason="unsubscribe"),
+        suppression("bob@example.com", now, reason="hard_bounce", scope="dev"),
+        suppression("eve@example.com", now, reason="complaint", active=False),
+    ])
+    problem(api.get("/v1/suppressions", headers=auth(token)), 403)
+    active = api.get("/v1/suppressions", headers=auth(admin)).json()
+    assert sorted((s["address"], s["reason"], s["scope"]) for s in active["suppressions"]) == [
+        ("ada@example.com", "unsubscribe", None), ("bob@example.com", "hard_bounce", "dev")]
+    one = api.get("/v1/suppressions", params={"address": " ADA@example.com"},
+                  headers=auth(admin)).json()
+    assert [s["address"] for s in one["suppressions"]] == ["ada@example.com"]
+    lifted = api.get("/v1/suppressions", params={"active": "false"}, headers=auth(admin)).json()
+    assert [s["address"] for s in lifted["suppressions"]] == ["eve@example.com"]
