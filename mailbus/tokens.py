@@ -7,7 +7,7 @@ The token format is a contract between services:
 - ``kid``: id of the signing key, ``[A-Za-z0-9_-]{1,32}``.
 - ``payload``: base64url without padding of compact JSON (no spaces) with the keys
   ``m`` message id, ``r`` recipient address (lower-cased), ``a`` action
-  (``"unsubscribe"`` or an action id), ``e`` expiry in Unix seconds (int) and,
+  (``"unsubscribe"``, ``"open"`` or an action id), ``e`` expiry in Unix seconds (int) and,
   optionally, ``u`` the redirect URL signed in with the action.
 - ``sig``: base64url without padding of
   HMAC-SHA256(keys[kid], ASCII ``"v1." + kid + "." + payload``).
@@ -40,6 +40,9 @@ from mailbus.errors import ConfigError, MailbusError
 
 VERSION = "v1"
 UNSUBSCRIBE = "unsubscribe"
+OPEN = "open"
+# Actions with a route of their own (/u/, /o/); never an action button's id.
+RESERVED_ACTIONS = frozenset({UNSUBSCRIBE, OPEN})
 MAX_TOKEN = 4096
 MIN_KEY_BYTES = 32
 DEFAULT_BASE_URL = "http://127.0.0.1:8081"
@@ -232,7 +235,8 @@ class LinkBuilder:
     """
 
     def __init__(self, keyring: Keyring, base_url: str = DEFAULT_BASE_URL,
-                 ttl: timedelta = DEFAULT_TTL, unsubscribe_mailto: str | None = None):
+                 ttl: timedelta = DEFAULT_TTL, unsubscribe_mailto: str | None = None,
+                 open_tracking: bool = False):
         # Both end up in List-Unsubscribe as they are: nothing that could break out of <...>.
         if not re.fullmatch(r"https?://[^\s<>\"\\]+", base_url):
             raise ConfigError(f"hooks base URL {base_url!r} is not an http(s) URL")
@@ -240,7 +244,7 @@ class LinkBuilder:
                                                                unsubscribe_mailto):
             raise ConfigError(f"unsubscribe mailto {unsubscribe_mailto!r} is not an address")
         self.keyring, self.base_url, self.ttl = keyring, base_url.rstrip("/"), ttl
-        self.mailto = unsubscribe_mailto
+        self.mailto, self.open_tracking = unsubscribe_mailto, open_tracking
 
     def _token(self, message_id: str, recipient: str, action: str, url: str | None,
                now: datetime) -> str:
@@ -250,14 +254,18 @@ class LinkBuilder:
     def action_url(self, message_id: str, recipient: str, action_id: str,
                    url: str | None = None, *, now: datetime) -> str:
         """The signed link of one action button; `url` is where the click lands."""
-        if action_id == UNSUBSCRIBE:
-            # /u/ and /a/ tokens differ only by their action, so the name stays reserved.
-            raise TokenError(f"action id {UNSUBSCRIBE!r} is reserved")
+        if action_id in RESERVED_ACTIONS:
+            # /a/, /u/ and /o/ tokens differ only by their action, so these names stay reserved.
+            raise TokenError(f"action id {action_id!r} is reserved")
         return f"{self.base_url}/a/{self._token(message_id, recipient, action_id, url, now)}"
 
     def unsubscribe_url(self, message_id: str, recipient: str, *, now: datetime) -> str:
         """The one-click (RFC 8058) unsubscribe link."""
         return f"{self.base_url}/u/{self._token(message_id, recipient, UNSUBSCRIBE, None, now)}"
+
+    def open_url(self, message_id: str, recipient: str, *, now: datetime) -> str:
+        """The open-tracking pixel's link (recorded only where the hooks service tracks opens)."""
+        return f"{self.base_url}/o/{self._token(message_id, recipient, OPEN, None, now)}"
 
     def unsubscribe_mailto(self, message_id: str, recipient: str, *,
                            now: datetime) -> str | None:

@@ -65,7 +65,8 @@ def link_builder(settings: SenderSettings) -> LinkBuilder:
     from datetime import timedelta
 
     return LinkBuilder(Keyring.from_file(path), settings.hooks_base_url,
-                       timedelta(days=settings.link_ttl_days), settings.unsubscribe_mailto)
+                       timedelta(days=settings.link_ttl_days), settings.unsubscribe_mailto,
+                       open_tracking=settings.open_tracking)
 
 
 class Sender:

@@ -12,6 +12,8 @@ Decisions:
 - Signed links (actions, List-Unsubscribe) name the first To recipient (first Cc
   or Bcc when there is no To), so a message that needs per-recipient links must
   be sent once per recipient.
+- Open tracking is opt-in (LinkBuilder.open_tracking): an html body gets a 1x1
+  image linking to the hooks service; text-only mail has nothing to load it.
 """
 
 from __future__ import annotations
@@ -170,6 +172,14 @@ def with_buttons(html: str, actions: list[tuple[str, str]]) -> str:
     return html[:at] + block + html[at:] if at >= 0 else html + block
 
 
+def with_pixel(html: str, url: str) -> str:
+    """Insert the open-tracking image before </body>, or append it."""
+    img = (f'<img src="{escape(url)}" width="1" height="1" alt="" '
+           'style="display:block;width:1px;height:1px;border:0">')
+    at = html.lower().rfind("</body>")
+    return html[:at] + img + html[at:] if at >= 0 else html + img
+
+
 def _set_body(part: MIMEPart, content: str, subtype: str) -> None:
     lines = content.splitlines()
     # 7bit needs ASCII, no NUL and lines of at most 998 octets (RFC 5322 2.1.1);
@@ -227,6 +237,8 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
         unsubscribe = ([links.unsubscribe_url(message_id, first, now=now),
                         links.unsubscribe_mailto(message_id, first, now=now)]
                        if links else [])
+        pixel = (links.open_url(message_id, first, now=now)
+                 if links is not None and links.open_tracking and html is not None else None)
     except TokenError as exc:
         raise ComposeFailed(f"links: {exc}") from exc
 
@@ -255,6 +267,8 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
         lines = "\n".join(f"{label}: {url}" for label, url in actions)
         text = f"{text.rstrip()}\n\n{lines}\n" if text.strip() else f"{lines}\n"
         html = with_buttons(html, actions) if html is not None else None
+    if pixel is not None and html is not None:
+        html = with_pixel(html, pixel)
     _set_body(msg, text, "plain")
     if html is not None:
         msg.make_alternative()

@@ -27,6 +27,9 @@ class SenderSettings(ServiceSettings):
     link_keys_file: Path | None = None
     link_ttl_days: int = Field(default=30, ge=1, le=365)
     unsubscribe_mailto: str | None = None
+    # Add a 1x1 open-tracking image to html mail (the hooks service records
+    # the loads as unreliable opens when its own open_tracking is on).
+    open_tracking: bool = False
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9101, ge=0, le=65535)
     # Gmail API endpoints: Google's unless overridden (the tests' emulator).

@@ -239,9 +239,27 @@ def test_actions_append_to_html_without_body_tag() -> None:
     assert text.startswith("Hi\n\nOK: https://")
 
 
+def test_open_pixel_only_when_tracking_is_on_and_only_in_html() -> None:
+    html = "<html><body><p>Hi</p></body></html>"
+    untracked = bodies(parse(compose(event(html=html), ACCOUNT, LINKS, now=NOW).raw))
+    assert "<img" not in untracked[1][1]
+    tracking = LinkBuilder(RING, HOOKS, timedelta(days=30), open_tracking=True)
+    out = compose(event(text=None, html=html), ACCOUNT, tracking, now=NOW)
+    well_formed(out.raw)
+    (_, text), (_, body) = bodies(parse(out.raw))
+    [src] = re.findall(r'<img src="([^"]+)" width="1" height="1" alt=""', body)
+    assert body.index("<img") < body.index("</body>") and text == "Hi\n"
+    claims = verify(RING, src.removeprefix(f"{HOOKS}/o/"), now=NOW)
+    assert (claims.message_id, claims.recipient, claims.action) == (
+        MID, "ada@example.org", "open")
+    text_only = parse(compose(event(), ACCOUNT, tracking, now=NOW).raw)
+    assert text_only.get_content_type() == "text/plain" and "/o/" not in content(text_only)
+
+
 @pytest.mark.parametrize("actions, links", [
     ([{"id": "ok", "label": "OK", "url": None}], None),
     ([{"id": "unsubscribe", "label": "Bye", "url": None}], LINKS),
+    ([{"id": "open", "label": "Open", "url": None}], LINKS),
     ([{"id": "Bad Id", "label": "x", "url": None}], LINKS),
     ([{"id": "go", "label": "x", "url": "javascript:alert(1)"}], LINKS),
     ([{"id": "go", "label": "x", "url": "https://x.org/\r\nBcc: victim@evil"}], LINKS),

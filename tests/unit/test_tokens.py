@@ -243,10 +243,21 @@ def test_link_builder_defaults_and_reserved_action(ring: Keyring) -> None:
     assert links.unsubscribe_mailto(MID, "a@b.c", now=NOW) is None
     with pytest.raises(TokenError, match="reserved"):
         links.action_url(MID, "a@b.c", "unsubscribe", now=NOW)
+    with pytest.raises(TokenError, match="reserved"):
+        links.action_url(MID, "a@b.c", "open", now=NOW)
+    assert links.open_tracking is False
     with pytest.raises(ConfigError):
         LinkBuilder(ring, unsubscribe_mailto="x@y.z?cc=victim@evil")
     with pytest.raises(ConfigError):
         LinkBuilder(ring, "https://hooks.example.org>\r\nBcc: victim@evil")
+
+
+def test_open_url_verifies_as_an_open(ring: Keyring) -> None:
+    links = LinkBuilder(ring, "https://hooks.example.org", open_tracking=True)
+    url = links.open_url(MID, "Ada@Example.org", now=NOW)
+    assert url.startswith("https://hooks.example.org/o/")
+    claims = verify(ring, url.removeprefix("https://hooks.example.org/o/"), now=NOW)
+    assert (claims.action, claims.recipient, claims.url) == ("open", "ada@example.org", None)
 
 
 def test_verify_refuses_a_naive_now(ring: Keyring) -> None:
