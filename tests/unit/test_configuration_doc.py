@@ -9,7 +9,9 @@ from pydantic import BaseModel
 
 from mailbus.confirm.projector import ProjectorSettings
 from mailbus.confirm.settings import ConfirmSettings
+from mailbus.hooks.settings import HooksSettings
 from mailbus.ingest.settings import IngestSettings
+from mailbus.replies.settings import RepliesSettings
 from mailbus.sender.settings import SenderSettings
 from mailbus.settings import REPO_ROOT
 
@@ -31,8 +33,11 @@ def env_names(model: type[BaseModel]) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("model", [IngestSettings, SenderSettings, ConfirmSettings,
-                                   ProjectorSettings])
+MODELS = (IngestSettings, SenderSettings, ConfirmSettings, ProjectorSettings, HooksSettings,
+          RepliesSettings)
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_every_setting_is_documented(model: type[BaseModel]) -> None:
     missing = sorted(n for n in env_names(model) if f"`{n}`" not in DOC)
     assert missing == [], f"docs/configuration.md lacks {missing}"
@@ -45,7 +50,6 @@ SCRIPTS = {"MAILBUS_VAR", "MAILBUS_CACHE", "MAILBUS_KAFKA_PORT", "MAILBUS_KAFKA_
 
 
 def test_the_doc_names_no_setting_that_does_not_exist() -> None:
-    known = set().union(*(env_names(m) for m in (IngestSettings, SenderSettings,
-                                                 ConfirmSettings, ProjectorSettings)))
+    known = set().union(*(env_names(m) for m in MODELS))
     documented = set(re.findall(r"`(MAILBUS_[A-Z0-9_]+)`", DOC))
     assert documented - known - SCRIPTS == set()
