@@ -1,4 +1,5 @@
-"""Sender accounts and pools, from one TOML file; which account sends a message."""
+"""Accounts and pools, from one TOML file: how each sends, which mailbox it reads, and
+which account sends a message."""
 
 from __future__ import annotations
 
@@ -35,13 +36,45 @@ class SmtpAccount(BaseModel):
     dkim_key_file: Path | None = None
 
 
+class ImapAccount(BaseModel):
+    """The mailbox the replies service reads for an account, over IMAP."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = Field(min_length=1)
+    port: int = Field(default=993, ge=1, le=65535)
+    # implicit: TLS from the first byte (port 993); starttls: upgrade on 143; none: loopback only.
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    # Default: the account's from_address.
+    username: str | None = None
+    password_file: Path
+    # CA bundle for a server with a private certificate; the system's otherwise.
+    ca_file: Path | None = None
+    mailbox: str = Field(default="INBOX", min_length=1)
+    # Move each processed message there. Unset: the mailbox is never altered
+    # (it is opened read-only and read with BODY.PEEK, so not even \Seen is set).
+    processed_folder: str | None = Field(default=None, min_length=1)
+    # Wait for new mail with IDLE when the server offers it; else poll.
+    idle: bool = True
+    poll_seconds: float = Field(default=60.0, ge=1, le=3600)
+    # Messages fetched per round trip.
+    batch: int = Field(default=100, ge=1, le=1000)
+    timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+
+
 class GmailAccount(BaseModel):
-    """Which Google credentials a Gmail API account uses."""
+    """Which Google credentials a Gmail API account uses, and whether its inbox is read."""
 
     model_config = ConfigDict(extra="forbid")
     token_file: Path | None = None
     service_account_file: Path | None = None
     delegated_user: str | None = None
+    # The replies service reads the INBOX through users.history.list, read-only:
+    # nothing in the mailbox is changed (gmail.readonly suffices).
+    read_inbox: bool = False
+    # Gmail offers no IDLE to API clients (push needs Cloud Pub/Sub): history is polled.
+    poll_seconds: float = Field(default=30.0, ge=1, le=3600)
+    # Messages fetched per page of history or of a full sync.
+    batch: int = Field(default=100, ge=1, le=500)
 
 
 class Account(BaseModel):
@@ -65,6 +98,8 @@ class Account(BaseModel):
     confirm_within_seconds: int = Field(default=3600, ge=1)
     smtp: SmtpAccount | None = None
     gmail: GmailAccount | None = None
+    # The mailbox the replies service reads (DSNs, replies, auto-replies).
+    imap: ImapAccount | None = None
 
     @model_validator(mode="after")
     def _transport_matches_kind(self) -> Account:
@@ -73,6 +108,11 @@ class Account(BaseModel):
         if self.kind == "gmail" and self.gmail is None:
             raise ValueError("a gmail account needs an [accounts.gmail] table")
         return self
+
+    @property
+    def reads_mailbox(self) -> bool:
+        """Whether the replies service reads a mailbox of this account."""
+        return self.imap is not None or bool(self.gmail and self.gmail.read_inbox)
 
 
 class AccountsFile(BaseModel):

@@ -157,6 +157,24 @@ class Keyring:
         return ring
 
 
+def load_keyring(path: Path, *, create: bool) -> Keyring:
+    """The link keyring at `path`; with `create` (local development), made on first use.
+
+    The sender, the hooks and the replies service all load the same file;
+    when two of them start at once, generate_file lets one write it and the
+    others read it.
+    """
+    if not path.exists():
+        if not create:
+            raise ConfigError(f"link signing keys {path} do not exist")
+        try:
+            Keyring.generate_file(path)
+        except ConfigError:
+            if not path.exists():
+                raise
+    return Keyring.from_file(path)
+
+
 def _mac(key: bytes, signed: str) -> str:
     return _b64encode(hmac.new(key, signed.encode("ascii"), hashlib.sha256).digest())
 

@@ -21,8 +21,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mailbus import tokens
 from mailbus.codec import Registry
-from mailbus.errors import ConfigError, UnavailableError
+from mailbus.errors import UnavailableError
 from mailbus.hooks import handlers, metrics, pages
 from mailbus.hooks.guard import Guard
 from mailbus.hooks.handlers import Record, Route
@@ -43,17 +44,8 @@ _LOCATION_SAFE = "".join(map(chr, range(0x21, 0x7f)))
 
 def load_keyring(settings: HooksSettings) -> Keyring:
     """The sender's link keyring; the local stack makes it on first use, like the sender."""
-    path = settings.link_keys_file
-    assert path is not None
-    if not path.exists():
-        if settings.env != "local":
-            raise ConfigError(f"link signing keys {path} do not exist")
-        try:
-            Keyring.generate_file(path)
-        except ConfigError:
-            if not path.exists():  # else the sender made it at the same moment
-                raise
-    return Keyring.from_file(path)
+    assert settings.link_keys_file is not None
+    return tokens.load_keyring(settings.link_keys_file, create=settings.env == "local")
 
 
 def server_config(settings: HooksSettings, keyring: Keyring) -> uvicorn.Config:

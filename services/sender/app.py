@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from contextlib import suppress
+from datetime import timedelta
 
 from prometheus_client import start_http_server
 
@@ -27,7 +28,7 @@ from mailbus.sender.smtp import SmtpTransport
 from mailbus.sender.suppressions import SuppressionReader, Suppressions
 from mailbus.sender.transport import Transport
 from mailbus.sender.worker import AccountWorker, Context
-from mailbus.tokens import Keyring, LinkBuilder
+from mailbus.tokens import LinkBuilder, load_keyring
 
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 10.0
@@ -56,15 +57,9 @@ def dkim_for(account: Account) -> DkimSigner | None:
 
 def link_builder(settings: SenderSettings) -> LinkBuilder:
     """Signed links to the hooks service; the local stack makes its key on first use."""
-    path = settings.link_keys_file
-    assert path is not None
-    if not path.exists():
-        if settings.env != "local":
-            raise ConfigError(f"link signing keys {path} do not exist")
-        Keyring.generate_file(path)
-    from datetime import timedelta
-
-    return LinkBuilder(Keyring.from_file(path), settings.hooks_base_url,
+    assert settings.link_keys_file is not None
+    keyring = load_keyring(settings.link_keys_file, create=settings.env == "local")
+    return LinkBuilder(keyring, settings.hooks_base_url,
                        timedelta(days=settings.link_ttl_days), settings.unsubscribe_mailto,
                        open_tracking=settings.open_tracking)
 

@@ -18,16 +18,26 @@ send, the quota arithmetic and the error bodies, as documented publicly:
 * 400 "Invalid To header" / "Recipient address required" (invalidArgument), 401
   authError, 403 insufficientPermissions, token endpoint invalid_grant: the
   shapes the Google front end returns for every API.
-Not emulated: uploads (/upload/...), drafts, labels, pagination, threading by
-References, search operators other than rfc822msgid:/in:sent, recipient-count
-limits, From rewriting for send-as aliases.
+* the mailbox's history (developers.google.com/gmail/api/guides/sync): every
+  change raises the user's historyId; users.getProfile reports it,
+  users.history.list returns the records after startHistoryId (filtered by
+  historyTypes and labelId, paged by maxResults/pageToken) with the current
+  historyId, and answers 404 notFound once startHistoryId is older than the
+  history kept (expire_history). users.messages.insert puts mail into the
+  inbox as delivery would (deliver() does the same without HTTP).
+Not emulated: uploads (/upload/...), drafts, label management, threading by
+References, search operators other than rfc822msgid:, in:sent, in:inbox,
+after:/before: (epoch seconds), recipient-count limits, From rewriting for
+send-as aliases, history types other than messageAdded.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import email
 import email.policy
+import email.utils
 import json
 import re
 import secrets
@@ -52,6 +62,10 @@ AUTH = "https://www.googleapis.com/auth/"
 SEND_SCOPES = {AUTH + "gmail.send", AUTH + "gmail.compose", AUTH + "gmail.modify",
                "https://mail.google.com/"}
 READ_SCOPES = {AUTH + "gmail.readonly", AUTH + "gmail.modify", "https://mail.google.com/"}
+INSERT_SCOPES = {AUTH + "gmail.insert", AUTH + "gmail.modify", "https://mail.google.com/"}
+# Quota units per method (developers.google.com/gmail/api/reference/quota).
+READ_COSTS = {"get": 5, "list": 5, "history": 2, "profile": 1}
+NOT_FOUND = "Requested entity was not found."
 DEFAULT_SCOPES = (AUTH + "gmail.send", AUTH + "gmail.readonly")
 WINDOW = timedelta(hours=24)
 STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
@@ -135,6 +149,19 @@ class User:
     read_cost: int = 5
     rate_status: int = 429
     messages: list[Stored] = field(default_factory=list)
+    # Gmail's history ids are large, increasing, not contiguous; here +1 per change.
+    history_id: int = 100_000
+    history: list[dict[str, Any]] = field(default_factory=list)
+    history_floor: int = 100_000  # records before this are no longer kept
+
+    def change(self, stored: Stored) -> None:
+        """A message was added: a new history record, and the message carries its id."""
+        self.history_id += 1
+        stored.history_id = self.history_id
+        ref = {"id": stored.id, "threadId": stored.thread_id}
+        self.history.append({"id": str(self.history_id), "messages": [ref],
+                             "messagesAdded": [{"message": ref | {
+                                 "labelIds": list(stored.label_ids)}}]})
 
 
 @dataclass
@@ -145,6 +172,8 @@ class Stored:
     message: EmailMessage
     recipients: list[str]  # from To, Cc and Bcc: Gmail has no separate envelope
     label_ids: list[str] = field(default_factory=lambda: ["SENT"])
+    internal_date: datetime = field(default_factory=lambda: datetime.now(UTC))
+    history_id: int = 0
 
 
 @dataclass
@@ -227,6 +256,21 @@ class GmailEmulator:
         with self._lock:
             self._faults.setdefault(method, deque()).append(Fault(count, body))
 
+    def deliver(self, user: str, raw: bytes, labels: tuple[str, ...] = ("INBOX", "UNREAD"),
+                received: datetime | None = None) -> Stored:
+        """Mail arriving in the user's mailbox, as delivery (or users.messages.insert) puts it."""
+        with self._lock:
+            return self._store(self._users[user.lower()], raw, list(labels),
+                               received or self.now())
+
+    def expire_history(self, user: str) -> int:
+        """Forget the user's history so far: older startHistoryIds now get 404. Returns it."""
+        with self._lock:
+            found = self._users[user.lower()]
+            found.history.clear()
+            found.history_floor = found.history_id
+            return found.history_id
+
     def messages(self, user: str) -> list[Stored]:
         with self._lock:
             return list(self._users[user.lower()].messages)
@@ -269,14 +313,19 @@ class GmailEmulator:
         if method == "POST" and path == "/token":
             self.requests["token"] += 1
             return self._token({k: v[0] for k, v in parse_qs(body.decode()).items()})
-        match = re.fullmatch(r"/gmail/v1/users/([^/]+)/messages(?:/([^/]+))?", path)
-        name = {("POST", "send"): "send", ("GET", None): "list"}.get(
-            (method, match[2] if match else ""), "get" if method == "GET" and match else "")
+        match = re.fullmatch(r"/gmail/v1/users/([^/]+)/(messages|history|profile)(?:/([^/]+))?",
+                             path)
+        name = {("POST", "messages", "send"): "send", ("POST", "messages", None): "insert",
+                ("GET", "messages", None): "list", ("GET", "history", None): "history",
+                ("GET", "profile", None): "profile"}.get(
+            (method, match[2], match[3]) if match else ("", "", ""), "")
+        if match and not name and method == "GET" and match[2] == "messages":
+            name = "get"
         if not match or not name:
             raise _Reject(404, google_error(404, "Not Found", "notFound"))
         self.requests[name] += 1
-        user = self._authorize(headers.get("Authorization", ""), match[1],
-                               SEND_SCOPES if name == "send" else READ_SCOPES, now)
+        needed = {"send": SEND_SCOPES, "insert": INSERT_SCOPES}.get(name, READ_SCOPES)
+        user = self._authorize(headers.get("Authorization", ""), match[1], needed, now)
         faults = self._faults.get(name)
         if faults:
             fault = faults[0]
@@ -284,7 +333,9 @@ class GmailEmulator:
             if fault.remaining <= 0:
                 faults.popleft()
             return fault.body["error"]["code"], fault.body
-        over = user.quota.take_units(user.send_cost if name == "send" else user.read_cost, now)
+        cost = user.send_cost if name in ("send", "insert") else \
+            user.read_cost * READ_COSTS[name] // 5
+        over = user.quota.take_units(cost, now)
         if over and user.rate_status == 403:
             raise _Reject(403, google_error(403, "User Rate Limit Exceeded",
                                             "userRateLimitExceeded", "usageLimits"))
@@ -293,9 +344,17 @@ class GmailEmulator:
             raise _Reject(429, google_error(429, text, "rateLimitExceeded", "usageLimits"))
         if name == "send":
             return self._send(user, body, now)
+        if name == "insert":
+            return self._insert(user, body, query, now)
         if name == "list":
             return self._list(user, query)
-        return self._get(user, match[2], query)
+        if name == "history":
+            return self._history(user, query)
+        if name == "profile":
+            return 200, {"emailAddress": user.email, "messagesTotal": len(user.messages),
+                         "threadsTotal": len({m.thread_id for m in user.messages}),
+                         "historyId": str(user.history_id)}
+        return self._get(user, match[3], query)
 
     def _authorize(self, header: str, user_id: str, needed: set[str], now: datetime) -> User:
         found = self._access.get(header.removeprefix("Bearer ")) if header else None
@@ -397,33 +456,111 @@ class GmailEmulator:
         if blocked:
             text = f"User-rate limit exceeded.  Retry after {rfc3339(blocked)} (Mail sending)"
             raise _Reject(429, google_error(429, text, "rateLimitExceeded", "usageLimits"))
-        message_id = secrets.token_hex(8)
-        thread_id = data.get("threadId") or message_id  # no threading by References here
-        user.messages.append(Stored(message_id, thread_id, raw, message, recipients))
+        stored = self._store(user, raw, ["SENT"], now, data.get("threadId"), message,
+                             recipients)
         user.quota.sends.append(now)
-        return 200, {"id": message_id, "threadId": thread_id, "labelIds": ["SENT"]}
+        return 200, {"id": stored.id, "threadId": stored.thread_id, "labelIds": ["SENT"]}
+
+    def _store(self, user: User, raw: bytes, labels: list[str], now: datetime,
+               thread_id: str | None = None, message: EmailMessage | None = None,
+               recipients: list[str] | None = None) -> Stored:
+        if message is None:
+            parsed = email.message_from_bytes(raw, policy=email.policy.default)
+            assert isinstance(parsed, EmailMessage)
+            message = parsed
+        if recipients is None:
+            recipients = [a for _, a in getaddresses(
+                [str(v) for h in ("To", "Cc", "Bcc") for v in message.get_all(h, [])]) if a]
+        message_id = secrets.token_hex(8)
+        # No threading by References here.
+        stored = Stored(message_id, thread_id or message_id, raw, message, recipients, labels,
+                        now)
+        user.messages.append(stored)
+        user.change(stored)
+        return stored
+
+    def _insert(self, user: User, body: bytes, query: dict[str, list[str]],
+                now: datetime) -> Reply:
+        """users.messages.insert: straight into the mailbox, like delivery, no sending."""
+        try:
+            data = json.loads(body or b"{}")
+            raw = _unb64(data["raw"])
+        except (ValueError, KeyError, TypeError):
+            raise _Reject(400, google_error(400, "'raw' RFC822 payload message string or"
+                                            " uploading message via /upload/* URL required",
+                                            "invalidArgument")) from None
+        labels = list(data.get("labelIds") or [])
+        source = query.get("internalDateSource", ["receivedTime"])[0]
+        received = now
+        if source == "dateHeader":
+            parsed = email.message_from_bytes(raw, policy=email.policy.default)
+            with contextlib.suppress(TypeError, ValueError):
+                received = email.utils.parsedate_to_datetime(str(parsed["Date"]))
+        stored = self._store(user, raw, labels, received, data.get("threadId"))
+        return 200, {"id": stored.id, "threadId": stored.thread_id, "labelIds": labels}
+
+    def _history(self, user: User, query: dict[str, list[str]]) -> Reply:
+        """users.history.list: what changed after startHistoryId, oldest first."""
+        try:
+            start = int(query["startHistoryId"][0])
+        except (KeyError, ValueError):
+            return 400, google_error(400, "Invalid startHistoryId", "invalidArgument")
+        if start < user.history_floor:
+            return 404, google_error(404, NOT_FOUND, "notFound")
+        types = set(query.get("historyTypes", [])) or {"messageAdded"}
+        label = query.get("labelId", [None])[0]
+        records = []
+        for record in user.history:
+            if int(record["id"]) <= start or "messageAdded" not in types:
+                continue
+            added = [a for a in record["messagesAdded"]
+                     if label is None or label in a["message"]["labelIds"]]
+            if added:
+                records.append(record | {"messagesAdded": added})
+        offset = int(query.get("pageToken", ["0"])[0])
+        size = min(int(query.get("maxResults", ["100"])[0]), 500)
+        page = records[offset: offset + size]
+        out: dict[str, Any] = {"historyId": str(user.history_id)}
+        if page:
+            out["history"] = page
+        if offset + size < len(records):
+            out["nextPageToken"] = str(offset + size)
+        return 200, out
 
     def _list(self, user: User, query: dict[str, list[str]]) -> Reply:
-        found = list(reversed(user.messages))
+        found = [s for s in reversed(user.messages)
+                 if all(label in s.label_ids for label in query.get("labelIds", []))]
         for term in " ".join(query.get("q", [])).split():
-            op, _, value = term.partition(":")
+            op, _, value = term.lower().partition(":")
             if op == "rfc822msgid":
-                want = value.strip("<>").lower()
+                want = value.strip("<>")
                 found = [s for s in found
                          if s.message.get("Message-ID", "").strip().strip("<>").lower() == want]
-            elif term.lower() not in ("in:sent", "label:sent"):
+            elif op in ("in", "label") and value in ("sent", "inbox"):
+                found = [s for s in found if value.upper() in s.label_ids]
+            elif op in ("after", "before") and value.isdigit():
+                edge = datetime.fromtimestamp(int(value), UTC)
+                found = [s for s in found
+                         if (s.internal_date > edge if op == "after" else s.internal_date < edge)]
+            else:
                 return 400, google_error(400, f"Emulator: unsupported query term {term!r}",
                                          "invalidArgument")
-        found = found[: int(query.get("maxResults", ["100"])[0])]
-        listed = [{"id": s.id, "threadId": s.thread_id} for s in found]
-        return 200, ({"messages": listed} if listed else {}) | {"resultSizeEstimate": len(listed)}
+        offset = int(query.get("pageToken", ["0"])[0])
+        size = min(int(query.get("maxResults", ["100"])[0]), 500)
+        page = found[offset: offset + size]
+        listed = [{"id": s.id, "threadId": s.thread_id} for s in page]
+        more = {"nextPageToken": str(offset + size)} if offset + size < len(found) else {}
+        return 200, ({"messages": listed} if listed else {}) | more | {
+            "resultSizeEstimate": len(found)}
 
     def _get(self, user: User, message_id: str, query: dict[str, list[str]]) -> Reply:
         stored = next((s for s in user.messages if s.id == message_id), None)
         if stored is None:
-            return 404, google_error(404, "Requested entity was not found.", "notFound")
+            return 404, google_error(404, NOT_FOUND, "notFound")
         out: dict[str, Any] = {"id": stored.id, "threadId": stored.thread_id,
-                               "labelIds": stored.label_ids, "sizeEstimate": len(stored.raw)}
+                               "labelIds": stored.label_ids, "sizeEstimate": len(stored.raw),
+                               "historyId": str(stored.history_id),
+                               "internalDate": str(int(stored.internal_date.timestamp() * 1000))}
         form = query.get("format", ["full"])[0]
         if form == "raw":
             return 200, out | {"raw": base64.urlsafe_b64encode(stored.raw).decode()}

@@ -1,12 +1,18 @@
-"""The Gmail emulator's quota arithmetic and error shapes, without a server."""
+"""The Gmail emulator's quota arithmetic, mailbox history and error shapes, without a
+server: requests go straight to its handler."""
 
 from __future__ import annotations
 
+import base64
+import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
-from tests.support.gmail_emulator import FakeClock, Quota, google_error, rfc3339
+from tests.support.gmail_emulator import FakeClock, GmailEmulator, Quota, google_error, rfc3339
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -111,3 +117,84 @@ def test_units_per_second_scales_the_bucket(cost: int) -> None:
     while quota.take_units(cost, T0) is None:
         spent += cost
     assert spent == 250 // cost * cost
+
+
+ME = "me@example.test"
+
+
+@pytest.fixture
+def emu() -> Iterator[GmailEmulator]:
+    emulator = GmailEmulator(now=FakeClock(T0))  # never started: handle() is called directly
+    emulator.add_user(ME)
+    yield emulator
+    emulator.stop()
+
+
+def call(emu: GmailEmulator, method: str, resource: str, body: dict[str, Any] | None = None,
+         **query: Any) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": "Bearer " + emu.issue_token(
+        ME, ("https://www.googleapis.com/auth/gmail.modify",))}
+    target = f"/gmail/v1/users/me/{resource}?" + urlencode(query, doseq=True)
+    return emu.handle(method, target, headers, json.dumps(body or {}).encode())
+
+
+def raw(subject: str) -> bytes:
+    return f"From: a@example.com\r\nTo: {ME}\r\nSubject: {subject}\r\n\r\nhi\r\n".encode()
+
+
+def test_each_added_message_raises_the_history_id_that_the_profile_reports(
+        emu: GmailEmulator) -> None:
+    start = int(call(emu, "GET", "profile")[1]["historyId"])
+    first = emu.deliver(ME, raw("one"))
+    status, inserted = call(emu, "POST", "messages", {
+        "raw": base64.urlsafe_b64encode(raw("two")).decode(), "labelIds": ["INBOX"]})
+    assert status == 200 and inserted["labelIds"] == ["INBOX"]
+    profile = call(emu, "GET", "profile")[1]
+    assert profile["emailAddress"] == ME and int(profile["historyId"]) == start + 2
+    got = call(emu, "GET", f"messages/{first.id}", format="raw")[1]
+    assert int(got["historyId"]) == start + 1
+    assert got["internalDate"] == str(int(T0.timestamp() * 1000))
+    assert base64.urlsafe_b64decode(got["raw"]) == raw("one")
+
+
+def test_history_lists_added_messages_after_the_start_by_label_in_pages(
+        emu: GmailEmulator) -> None:
+    start = call(emu, "GET", "profile")[1]["historyId"]
+    inbox = [emu.deliver(ME, raw(f"in {n}")) for n in range(3)]
+    emu.deliver(ME, raw("sent"), labels=("SENT",))
+    query = {"startHistoryId": start, "historyTypes": "messageAdded", "labelId": "INBOX",
+             "maxResults": 2}
+    status, page = call(emu, "GET", "history", **query)
+    assert status == 200 and page["historyId"] == str(inbox[-1].history_id + 1)
+    assert [r["messagesAdded"][0]["message"]["id"] for r in page["history"]] == \
+        [m.id for m in inbox[:2]]
+    assert page["history"][0]["messagesAdded"][0]["message"]["labelIds"] == ["INBOX", "UNREAD"]
+    rest = call(emu, "GET", "history", **query, pageToken=page["nextPageToken"])[1]
+    assert [r["id"] for r in rest["history"]] == [str(inbox[2].history_id)]
+    assert "nextPageToken" not in rest
+    caught_up = call(emu, "GET", "history", **query | {"startHistoryId": rest["historyId"]})[1]
+    assert "history" not in caught_up
+
+
+def test_an_expired_start_history_id_is_googles_404(emu: GmailEmulator) -> None:
+    start = call(emu, "GET", "profile")[1]["historyId"]
+    emu.deliver(ME, raw("one"))
+    now = emu.expire_history(ME)
+    status, body = call(emu, "GET", "history", startHistoryId=start)
+    assert (status, body) == (404, {"error": {
+        "code": 404, "message": "Requested entity was not found.",
+        "errors": [{"message": "Requested entity was not found.", "domain": "global",
+                    "reason": "notFound"}],
+        "status": "NOT_FOUND"}})
+    assert call(emu, "GET", "history", startHistoryId=now)[0] == 200
+
+
+def test_listing_filters_by_label_and_received_time_newest_first(emu: GmailEmulator) -> None:
+    old = emu.deliver(ME, raw("old"), received=T0 - timedelta(hours=1))
+    new = emu.deliver(ME, raw("new"))
+    emu.deliver(ME, raw("sent"), labels=("SENT",))
+    listed = call(emu, "GET", "messages", labelIds="INBOX")[1]
+    assert [m["id"] for m in listed["messages"]] == [new.id, old.id]
+    since = int((T0 - timedelta(minutes=1)).timestamp())
+    recent = call(emu, "GET", "messages", labelIds="INBOX", q=f"after:{since}")[1]
+    assert [m["id"] for m in recent["messages"]] == [new.id]

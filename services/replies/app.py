@@ -1,0 +1,173 @@
+"""`mailbus replies`: read every account's mailbox, turn what comes back into events.
+
+One reader per account with a mailbox (IMAP: `ImapReader`; Gmail:
+`GmailReader`) hands each new message to `Replies.handle`, which
+
+1. skips it when `inbound_messages` already holds it (a message handed over
+   again after a crash was fully handled before);
+2. classifies it (`classify.py`, pure) and plans its records
+   (`events.py`, pure): bounces, delivery evidence, responses, suppressions;
+3. produces them and waits for the broker's acks;
+4. records the message in `inbound_messages` (unmatched mail included).
+
+Only then does the reader move its mark past the message. A failure in steps 2 to 4
+raises, so the reader hands the same message over again later: nothing read
+is lost, and the derived event ids make the repeat harmless. The mailbox
+itself is never changed unless the account asks for a processed folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from contextlib import suppress
+from datetime import UTC, datetime
+from functools import partial
+
+from prometheus_client import start_http_server
+
+from mailbus import tokens
+from mailbus.accounts import Account, Directory, load_accounts
+from mailbus.codec import Registry
+from mailbus.db import open_pool
+from mailbus.producer import AsyncProducer
+from mailbus.replies import metrics
+from mailbus.replies.classify import Inbound, classify
+from mailbus.replies.events import Plan, plan
+from mailbus.replies.gmail_inbox import GmailReader
+from mailbus.replies.imap import ImapReader
+from mailbus.replies.settings import RepliesSettings
+from mailbus.replies.state import InboundMessage, MailboxState, MailRef
+from mailbus.replytag import verify_tag
+from mailbus.tokens import UNSUBSCRIBE, Keyring, TokenError
+
+log = logging.getLogger(__name__)
+
+
+def token_check(keyring: Keyring, token: str) -> tuple[str, str] | None:
+    """(message id, recipient) of a genuine, unexpired unsubscribe token; else None."""
+    try:
+        claims = tokens.verify(keyring, token, now=datetime.now(UTC))
+    except TokenError:
+        return None
+    if claims.action != UNSUBSCRIBE:
+        return None
+    return claims.message_id, claims.recipient
+
+
+def sending_domains(account: Account) -> tuple[str, ...]:
+    """The domains our Message-IDs carry for this account (its From address's)."""
+    return (account.from_address.rpartition("@")[2].lower(),)
+
+
+class Replies:
+    """The running service: one reader per mailbox, one handler for all of them."""
+
+    def __init__(self, settings: RepliesSettings, directory: Directory | None = None):
+        settings.check_secrets()
+        assert settings.accounts_file is not None and settings.link_keys_file is not None
+        self.settings = settings
+        self.directory = directory or load_accounts(settings.accounts_file)
+        self.registry = Registry.load()
+        self.keyring = tokens.load_keyring(settings.link_keys_file,
+                                           create=settings.env == "local")
+        self.readers: dict[str, ImapReader | GmailReader] = {}
+        self.handled = 0  # messages newly handled, since start
+        self._stop = asyncio.Event()
+
+    async def handle(self, account: Account, raw: bytes, ref: MailRef) -> None:
+        """Classify one inbound message, produce what it means, record it."""
+        if await self.state.known_refs(account.id, [ref.source_ref]):
+            return
+        inbound = await asyncio.to_thread(classify, raw, domains=sending_domains(account))
+        source = f"{account.kind if account.imap is None else 'imap'}:{account.id}"
+        planned = plan(inbound, account_id=account.id, source=source,
+                       source_ref=ref.source_ref, now=datetime.now(UTC),
+                       check_token=partial(token_check, self.keyring),
+                       check_tag=partial(verify_tag, self.keyring))
+        await asyncio.gather(*(
+            self.producer.produce(self.settings.kafka.topic(r.topic),
+                                  self.registry.encode(r.topic, r.value), key=r.key.encode())
+            for r in planned.records))
+        await self.state.record_inbound(_row(ref, inbound, planned))
+        self.handled += 1
+        _count(account.id, planned)
+
+    def _reader(self, account: Account) -> ImapReader | GmailReader:
+        s = self.settings
+        handler = partial(self.handle, account)
+        if account.imap is not None:
+            return ImapReader(account, state=self.state, handler=handler,
+                              max_bytes=s.max_message_bytes)
+        return GmailReader(account, state=self.state, handler=handler,
+                           max_bytes=s.max_message_bytes, api_endpoint=s.gmail_api_endpoint,
+                           token_uri=s.gmail_token_uri)
+
+    async def run(self) -> None:
+        """Read every mailbox until stop()."""
+        s = self.settings
+        self.pool = open_pool(s.postgres)
+        await self.pool.open(wait=True, timeout=30)
+        self.state = MailboxState(self.pool, s.kafka.topic_prefix)
+        self.producer = AsyncProducer(s.kafka.client_config(), **{"client.id": "mailbus-replies"})
+        self.readers = {a.id: self._reader(a) for a in self.directory.by_id.values()
+                        if a.reads_mailbox}
+        metrics.MAILBOXES.set(len(self.readers))
+        tasks = [asyncio.create_task(r.run(), name=f"reader-{a}")
+                 for a, r in self.readers.items()]
+        log.info("replies running: %d mailbox(es) of %d account(s)", len(self.readers),
+                 len(self.directory))
+        try:
+            await self._stop.wait()
+        finally:
+            for reader in self.readers.values():
+                reader.stop()
+            for task in tasks:
+                with suppress(Exception):
+                    await asyncio.wait_for(task, 30)
+            self.producer.close()
+            await self.pool.close()
+            log.info("replies stopped")
+
+    def stop(self) -> None:
+        """Ask run() to stop the readers (each finishes the message in hand) and return."""
+        self._stop.set()
+
+
+def _row(ref: MailRef, inbound: Inbound, planned: Plan) -> InboundMessage:
+    return InboundMessage(
+        ref=ref, kind=planned.kind, header_message_id=inbound.header_message_id,
+        message_id=uuid.UUID(planned.message_id) if planned.message_id else None,
+        sender=inbound.sender, subject=inbound.subject, text=inbound.text,
+        detail={"classified_as": inbound.kind, **planned.detail})
+
+
+def _count(account_id: str, planned: Plan) -> None:
+    metrics.INBOUND.labels(account_id, planned.kind).inc()
+    for record in planned.records:
+        value = record.value
+        if record.topic.endswith("email.responses"):
+            metrics.RESPONSES.labels(value["kind"]).inc()
+            if value["kind"] == "unsubscribe":
+                metrics.UNSUBSCRIBES.labels(account_id).inc()
+        elif record.topic.endswith("email.bounced"):
+            metrics.BOUNCES.labels(account_id, value["bounce_class"]).inc()
+        elif record.topic.endswith("email.suppressions"):
+            metrics.SUPPRESSED.labels(value["reason"]).inc()
+
+
+def main(settings: RepliesSettings) -> None:
+    """`mailbus replies`: serve metrics, read mailboxes until SIGTERM or SIGINT."""
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+
+    async def serve() -> None:
+        replies = Replies(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, replies.stop)
+        await replies.run()
+
+    asyncio.run(serve())

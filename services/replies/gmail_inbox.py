@@ -1,0 +1,227 @@
+"""Reads one Gmail account's INBOX through the Gmail API and hands every new message over.
+
+Credentials, the service object and the error mapping are the sender's
+(mailbus.sender.gmail): the same token file or delegated service account,
+the same endpoint override for the emulator, and its classification of
+failures (TransientError with the HTTP code, AccountExhausted for 429 and
+rate limits).
+
+Behaviour:
+* First run: record the mailbox's current historyId (users.getProfile) and
+  read only what arrives after it. The inbox of a sending account holds
+  years of mail that answers nothing mailbus sent; reading it all once
+  would flood the classifier with history.
+* Then users.history.list(startHistoryId, historyTypes=messageAdded,
+  labelId=INBOX), every page, every poll_seconds (Gmail offers API clients
+  no IDLE; push needs Cloud Pub/Sub). Each added message is fetched with
+  format=raw and handed over; the history position moves after each record
+  and after the last page, only once its messages were handed over.
+* 404 from history.list (Gmail keeps history for about a week, and
+  sometimes less): full sync. The new position is read first
+  (getProfile), then INBOX is listed for mail newer than the last message
+  handed over (at most FULL_SYNC_LIMIT), messages already recorded in
+  inbound_messages are skipped, the rest handed over oldest first, and the
+  mark is reset to that position (mailbox_state.resets records it).
+* 429 and rate errors wait as long as Google says (or a second); 5xx,
+  network and credential trouble back off, doubling up to 5 minutes.
+* The mailbox is never changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+from mailbus.accounts import Account
+from mailbus.errors import ConfigError
+from mailbus.replies.state import Handler, HandlerFailed, MailboxState, MailRef
+from mailbus.sender.gmail import GmailTransport
+from mailbus.sender.transport import AccountExhausted, SendError, TransientError
+
+log = logging.getLogger(__name__)
+
+MAILBOX = "INBOX"
+FULL_SYNC_LIMIT = 2000  # messages listed by one full sync, newest first
+BACKOFF = (1.0, 300.0)  # first and longest wait after a failure, seconds
+
+
+class _Mailbox(GmailTransport):
+    """The sender's Gmail client, used to read: calls run in worker threads."""
+
+    async def call(self, make_request: Callable[[], Any]) -> dict[str, Any]:
+        return await self._run(make_request)
+
+
+class GmailReader:
+    """One Gmail account's INBOX, read until stop()."""
+
+    def __init__(self, account: Account, *, state: MailboxState, handler: Handler,
+                 max_bytes: int, api_endpoint: str | None = None, token_uri: str | None = None,
+                 backoff: tuple[float, float] = BACKOFF, timeout: float = 30.0):
+        if account.gmail is None:
+            raise ConfigError(f"account {account.id} has no [accounts.gmail] table")
+        self.account_id, self.config = account.id, account.gmail
+        self._gmail = _Mailbox.from_account(account, api_endpoint=api_endpoint,
+                                            token_uri=token_uri, timeout=timeout)
+        self._state, self._handler, self._max_bytes = state, handler, max_bytes
+        self._backoff = backoff
+        self._stopping: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # For health checks and tests.
+        self.caught_up = asyncio.Event()
+        self.failures = 0
+        self.last_error: str | None = None
+        self.full_syncs = 0
+
+    async def run(self) -> None:
+        """Poll the mailbox's history until stop()."""
+        self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
+        delay = self._backoff[0]
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._sync()
+                except AccountExhausted as exc:
+                    self._failed(logging.WARNING, exc.reason, exc.retry_after or 1.0)
+                    await self._sleep(exc.retry_after or 1.0)
+                    continue
+                except (SendError, HandlerFailed) as exc:
+                    self._failed(logging.WARNING if isinstance(exc, SendError) else logging.ERROR,
+                                 str(exc), delay, exc.__cause__)
+                    await self._sleep(delay)
+                    delay = min(delay * 2, self._backoff[1])
+                    continue
+                delay = self._backoff[0]
+                self.caught_up.set()
+                await self._sleep(self.config.poll_seconds)
+        finally:
+            await self._gmail.close()
+
+    def stop(self) -> None:
+        """Stop after the message in hand."""
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._stopping is not None
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    def _failed(self, level: int, text: str, wait: float, cause: BaseException | None = None
+                ) -> None:
+        self.failures += 1
+        self.last_error = text
+        log.log(level, "account %s Gmail inbox: %s; retrying in %.1f s", self.account_id, text,
+                wait, exc_info=cause)
+
+    async def _sync(self) -> None:
+        users = self._gmail.service.users()
+        mark = await self._state.load(self.account_id, MAILBOX)
+        if mark is None or mark.history_id is None:
+            profile = await self._gmail.call(lambda: users.getProfile(userId="me"))
+            await self._state.save_gmail(self.account_id, MAILBOX,
+                                         history_id=str(profile["historyId"]))
+            return
+        try:
+            await self._follow(mark.history_id)
+        except TransientError as exc:
+            if exc.code != 404:
+                raise
+            await self._full_sync(mark.history_id, mark.last_received_at)
+
+    async def _follow(self, start: str) -> None:
+        history = self._gmail.service.users().history()
+        page: str | None = None
+        while self._running():
+            reply = await self._gmail.call(partial(
+                history.list, userId="me", startHistoryId=start, historyTypes=["messageAdded"],
+                labelId=MAILBOX, maxResults=self.config.batch, pageToken=page))
+            for record in reply.get("history", []):
+                ids = [a["message"]["id"] for a in record.get("messagesAdded", [])
+                       if MAILBOX in a["message"].get("labelIds", [])]
+                if not await self._hand_over_all(ids):
+                    return
+                await self._state.save_gmail(self.account_id, MAILBOX, history_id=record["id"])
+            page = reply.get("nextPageToken")
+            if not page:
+                await self._state.save_gmail(self.account_id, MAILBOX,
+                                             history_id=str(reply["historyId"]))
+                return
+
+    async def _full_sync(self, expired: str, since: datetime | None) -> None:
+        log.warning("account %s Gmail inbox: history id %s is no longer kept; full sync of %s "
+                    "after %s", self.account_id, expired, MAILBOX, since or "the beginning")
+        users = self._gmail.service.users()
+        # The position first: whatever arrives while listing is then in the history too.
+        profile = await self._gmail.call(lambda: users.getProfile(userId="me"))
+        query = f"after:{int(since.timestamp()) - 1}" if since else None
+        ids: list[str] = []
+        page: str | None = None
+        while len(ids) < FULL_SYNC_LIMIT:
+            reply = await self._gmail.call(partial(
+                users.messages().list, userId="me", labelIds=[MAILBOX], q=query,
+                maxResults=self.config.batch, pageToken=page))
+            ids += [m["id"] for m in reply.get("messages", [])]
+            page = reply.get("nextPageToken")
+            if not page:
+                break
+        ids = list(reversed(ids[:FULL_SYNC_LIMIT]))  # oldest first
+        for start in range(0, len(ids), self.config.batch):
+            if not await self._hand_over_all(ids[start: start + self.config.batch], since):
+                return
+        self.full_syncs += 1
+        await self._state.reset_gmail(
+            self.account_id, MAILBOX, str(profile["historyId"]),
+            f"history id {expired} expired (404); full sync after {since}")
+
+    async def _hand_over_all(self, ids: list[str], since: datetime | None = None) -> bool:
+        """Hand over the messages not recorded yet; False when stopped part way."""
+        known = await self._state.known_refs(self.account_id, [f"gmail:{i}" for i in ids])
+        for gmail_id in ids:
+            if not self._running():
+                return False
+            if f"gmail:{gmail_id}" not in known:
+                await self._hand_over(gmail_id, since)
+        return True
+
+    async def _hand_over(self, gmail_id: str, since: datetime | None) -> None:
+        messages = self._gmail.service.users().messages()
+        try:
+            found = await self._gmail.call(
+                lambda: messages.get(userId="me", id=gmail_id, format="raw"))
+        except TransientError as exc:
+            if exc.code == 404:  # deleted since it was added: nothing to hand over
+                return
+            raise
+        raw = _unb64(found["raw"])
+        received = datetime.fromtimestamp(int(found.get("internalDate", 0)) / 1000, UTC)
+        if since is not None and received < since:
+            return  # a full sync's margin: handed over before
+        headers_only = len(raw) > self._max_bytes
+        if headers_only:
+            end = raw.find(b"\r\n\r\n")
+            raw = raw[: end + 4] if end >= 0 else raw[: self._max_bytes]
+        ref = MailRef(account_id=self.account_id, mailbox=MAILBOX,
+                      source_ref=f"gmail:{gmail_id}",
+                      size=int(found.get("sizeEstimate", len(raw))), headers_only=headers_only,
+                      received_at=received, gmail_id=gmail_id)
+        try:
+            await self._handler(raw, ref)
+        except Exception as exc:
+            raise HandlerFailed(ref.source_ref) from exc
+        await self._state.save_gmail(self.account_id, MAILBOX, history_id=None,
+                                     received_at=received)
+
+    def _running(self) -> bool:
+        return self._stopping is not None and not self._stopping.is_set()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

@@ -1,0 +1,481 @@
+"""The mailbox readers of `mailbus replies` against real servers: Dovecot over real IMAP
+sockets, and the Gmail emulator through the real google-api-python-client; marks in
+the real PostgreSQL as the replies role."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from mailbus.accounts import Account, GmailAccount, ImapAccount, SmtpAccount
+from mailbus.db import open_pool
+from mailbus.replies.gmail_inbox import GmailReader
+from mailbus.replies.imap import ImapReader
+from mailbus.replies.state import InboundMessage, MailboxState, MailRef
+from mailbus.sender.gmail import SCOPES
+from mailbus.settings import ServiceSettings
+from tests.support import dovecot
+from tests.support.gmail_emulator import GmailEmulator
+from tests.support.kafka import new_prefix
+
+pytestmark = pytest.mark.integration
+REPLIES = ServiceSettings(service_name="replies")
+QUICK = (0.1, 1.0)  # reconnect backoff for tests: first, longest
+
+
+def message(subject: str, body: str = "hello", message_id: str | None = None) -> bytes:
+    return (f"From: Ada <ada@example.com>\r\nTo: box@example.test\r\nSubject: {subject}\r\n"
+            f"Message-ID: {message_id or make_msgid(domain='example.com')}\r\n"
+            f"Date: Thu, 01 Jan 2026 10:00:00 +0000\r\n\r\n{body}\r\n").encode()
+
+
+def subject_of(raw: bytes) -> str:
+    return next(line.split(b": ", 1)[1].decode() for line in raw.split(b"\r\n")
+                if line.startswith(b"Subject: "))
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Wait for a condition with a deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.02)
+
+
+class Collector:
+    """The service's part, as the glue does it: record each message, remember what came."""
+
+    def __init__(self, state: MailboxState, fail: Callable[[bytes, int], bool] | None = None):
+        self.state, self.fail = state, fail
+        self.attempts: list[MailRef] = []
+        self.got: list[tuple[bytes, MailRef]] = []
+
+    async def __call__(self, raw: bytes, ref: MailRef) -> None:
+        self.attempts.append(ref)
+        if self.fail and self.fail(raw, len(self.attempts)):
+            raise RuntimeError(f"handler refuses {ref.source_ref}")
+        mid = next((line.split(b": ", 1)[1].decode() for line in raw.split(b"\r\n")
+                    if line.lower().startswith(b"message-id: ")), None)
+        await self.state.record_inbound(InboundMessage(ref, kind="unknown",
+                                                       header_message_id=mid))
+        self.got.append((raw, ref))
+
+    @property
+    def subjects(self) -> list[str]:
+        return [subject_of(raw) for raw, _ in self.got]
+
+
+@asynccontextmanager
+async def state_for(namespace: str) -> AsyncIterator[MailboxState]:
+    pool = open_pool(REPLIES.postgres)
+    await pool.open()
+    try:
+        yield MailboxState(pool, namespace)
+    finally:
+        await pool.close()
+
+
+@asynccontextmanager
+async def running(reader: ImapReader | GmailReader) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(reader.run())
+    try:
+        yield task
+    finally:
+        reader.stop()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[dovecot.Dovecot]:
+    started = dovecot.start()
+    yield started
+    dovecot.stop(started)
+
+
+@pytest.fixture
+def imap(server: dovecot.Dovecot) -> dovecot.Dovecot:
+    server.clear()
+    return server
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A fresh namespace of marks and inbound messages (no Kafka needed here)."""
+    return new_prefix()
+
+
+def imap_account(server: dovecot.Dovecot, **imap: Any) -> Account:
+    settings: dict[str, Any] = {"host": server.host, "port": server.port, "tls": "none",
+                                "username": server.user, "password_file": server.password_file}
+    return Account(id="box", kind="smtp", from_address=server.user,
+                   smtp=SmtpAccount(host="127.0.0.1"), imap=ImapAccount(**settings | imap))
+
+
+def imap_reader(server: dovecot.Dovecot, state: MailboxState, handler: Any,
+                max_bytes: int = 1 << 20, **imap: Any) -> ImapReader:
+    return ImapReader(imap_account(server, **imap), state=state, handler=handler,
+                      max_bytes=max_bytes, backoff=QUICK)
+
+
+def stored_mark(namespace: str, account: str = "box", mailbox: str = "INBOX"
+                ) -> dict[str, Any] | None:
+    with psycopg.connect(REPLIES.postgres.conninfo()) as conn:
+        row = conn.execute("SELECT uidvalidity, last_uid, history_id, resets, reset_reason"
+                           " FROM mailbox_state WHERE namespace = %s AND account_id = %s"
+                           " AND mailbox = %s", (namespace, account, mailbox)).fetchone()
+    return dict(zip(("uidvalidity", "last_uid", "history_id", "resets", "reset_reason"), row,
+                    strict=True)) if row else None
+
+
+def imap_mark(namespace: str, account: str = "box", mailbox: str = "INBOX") -> dict[str, Any]:
+    mark = stored_mark(namespace, account, mailbox)
+    assert mark, "no mark stored"
+    return mark
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+# -- IMAP --
+
+def test_messages_already_there_are_handed_over_once_and_the_mailbox_is_unchanged(
+        imap: dovecot.Dovecot, namespace: str) -> None:
+    for n in range(3):
+        imap.append(message(f"before {n}"))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = imap_reader(imap, state, got, batch=2)  # two fetch rounds
+            async with running(reader):
+                await until(lambda: len(got.got) == 3, what="3 messages")
+                await until(reader.idling.is_set, what="IDLE")
+            assert got.subjects == ["before 0", "before 1", "before 2"]
+            uidvalidity = got.got[0][1].uidvalidity
+            assert [r.source_ref for _, r in got.got] == [
+                f"imap:{uidvalidity}:{uid}" for uid in (1, 2, 3)]
+            assert all(not r.headers_only and r.size == len(raw) for raw, r in got.got)
+            assert all(r.received_at and r.received_at.tzinfo for _, r in got.got)
+            assert imap_mark(namespace) | {"uidvalidity": None} == {
+                "uidvalidity": None, "last_uid": 3, "history_id": None, "resets": 0,
+                "reset_reason": None}
+
+    run(scenario)
+    box = imap.mailbox()
+    assert len(box) == 3
+    assert not any(b"\\Seen" in flags for _, flags in box)
+
+
+def test_a_message_delivered_during_idle_arrives_within_seconds(
+        imap: dovecot.Dovecot, namespace: str) -> None:
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = imap_reader(imap, state, got)
+            async with running(reader):
+                await until(reader.idling.is_set, what="IDLE")
+                await asyncio.to_thread(imap.append, message("while idle"))
+                await until(lambda: len(got.got) == 1, timeout=5, what="the new message")
+            assert got.subjects == ["while idle"]
+
+    run(scenario)
+
+
+def test_polling_without_idle_finds_new_mail(imap: dovecot.Dovecot, namespace: str) -> None:
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = imap_reader(imap, state, got, idle=False, poll_seconds=1)
+            async with running(reader):
+                await until(lambda: stored_mark(namespace) is not None, what="SELECT")
+                await asyncio.to_thread(imap.append, message("polled"))
+                await until(lambda: len(got.got) == 1, timeout=5, what="the polled message")
+                assert not reader.idling.is_set()
+            assert got.subjects == ["polled"]
+
+    run(scenario)
+
+
+def test_a_restart_resumes_after_the_stored_uid(imap: dovecot.Dovecot, namespace: str) -> None:
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            imap.append(message("one"))
+            imap.append(message("two"))
+            first = Collector(state)
+            async with running(reader := imap_reader(imap, state, first)):
+                await until(lambda: len(first.got) == 2)
+                await until(reader.idling.is_set)
+            imap.append(message("three"))  # while no reader runs
+            second = Collector(state)
+            async with running(reader := imap_reader(imap, state, second)):
+                await until(lambda: len(second.got) == 1)
+                await until(reader.idling.is_set)
+                await asyncio.to_thread(imap.append, message("four"))
+                await until(lambda: len(second.got) == 2)
+            assert first.subjects == ["one", "two"]
+            assert second.subjects == ["three", "four"]
+            assert imap_mark(namespace)["last_uid"] == 4
+
+    run(scenario)
+
+
+def test_a_failing_handler_is_retried_and_never_skipped(
+        imap: dovecot.Dovecot, namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    for subject in ("a", "b", "c"):
+        imap.append(message(subject))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            # The second attempt overall (message b) fails once.
+            got = Collector(state, fail=lambda raw, attempt: attempt == 2)
+            async with running(reader := imap_reader(imap, state, got)):
+                await until(lambda: len(got.got) == 3)
+            assert [subject_of(raw) for raw, _ in got.got] == ["a", "b", "c"]
+            assert [r.uid for r in got.attempts] == [1, 2, 2, 3]
+            assert reader.failures == 1 and "imap:" in (reader.last_error or "")
+            assert imap_mark(namespace)["last_uid"] == 3
+
+    with caplog.at_level(logging.ERROR, logger="mailbus.replies.imap"):
+        run(scenario)
+    assert any("handler failed" in r.getMessage() for r in caplog.records)
+
+
+def test_processed_mail_moves_to_the_processed_folder_when_one_is_set(
+        imap: dovecot.Dovecot, namespace: str) -> None:
+    imap.append(message("first"))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = imap_reader(imap, state, got, processed_folder="Processed")
+            async with running(reader):
+                await until(lambda: len(got.got) == 1)
+                await until(reader.idling.is_set)
+                await asyncio.to_thread(imap.append, message("second"))
+                await until(lambda: len(got.got) == 2)
+                await until(lambda: len(imap.mailbox("Processed")) == 2, what="the moves")
+            assert got.subjects == ["first", "second"]
+
+    run(scenario)
+    assert imap.mailbox("INBOX") == []
+
+
+def test_an_oversized_message_is_handed_over_as_its_header(
+        imap: dovecot.Dovecot, namespace: str) -> None:
+    big = message("big", body="x" * 200_000)
+    imap.append(big)
+    imap.append(message("small"))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            async with running(imap_reader(imap, state, got, max_bytes=64 * 1024)):
+                await until(lambda: len(got.got) == 2)
+            (raw, ref), (small, small_ref) = got.got
+            assert ref.headers_only and ref.size == len(big)
+            assert raw.startswith(b"From: ") and raw.endswith(b"\r\n\r\n")
+            assert b"xxxx" not in raw and len(raw) < 1000
+            assert not small_ref.headers_only and small.endswith(b"hello\r\n")
+
+    run(scenario)
+
+
+def test_a_wrong_password_is_logged_and_retried_with_backoff(
+        imap: dovecot.Dovecot, namespace: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-the-password\n")
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = imap_reader(imap, state, got, password_file=wrong)
+            async with running(reader) as task:
+                await until(lambda: reader.failures >= 2, what="a retried login")
+                await asyncio.sleep(1.0)  # let the backoff show: 0.1, 0.2, 0.4, 0.8 s ...
+                assert not task.done()
+            # Five attempts at most in ~1.3 s: doubling waits, not a tight loop.
+            assert 2 <= reader.failures <= 5
+            assert "login refused" in (reader.last_error or "")
+            assert got.attempts == []
+
+    with caplog.at_level(logging.ERROR, logger="mailbus.replies.imap"):
+        run(scenario)
+    refused = [r for r in caplog.records if "login refused" in r.getMessage()]
+    assert refused and all(r.levelno == logging.ERROR for r in refused)
+    assert "not-the-password" not in caplog.text
+
+
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+def test_tls_with_a_private_ca_file(imap: dovecot.Dovecot, namespace: str, tls: str) -> None:
+    imap.append(message("over tls"))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            port = imap.tls_port if tls == "implicit" else imap.port
+            async with running(imap_reader(imap, state, got, tls=tls, port=port,
+                                           ca_file=imap.ca_file)):
+                await until(lambda: len(got.got) == 1)
+            assert got.subjects == ["over tls"]
+
+    run(scenario)
+
+
+def test_tls_refuses_a_certificate_not_signed_by_the_ca(
+        imap: dovecot.Dovecot, namespace: str) -> None:
+    imap.append(message("never read"))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = imap_reader(imap, state, got, tls="implicit", port=imap.tls_port)
+            async with running(reader):  # the system CAs do not know the test certificate
+                await until(lambda: reader.failures >= 1)
+            assert "CERTIFICATE_VERIFY_FAILED" in (reader.last_error or "")
+            assert got.attempts == []
+
+    run(scenario)
+
+
+def test_a_new_uidvalidity_rereads_the_mailbox_without_repeating_messages(
+        imap: dovecot.Dovecot, namespace: str) -> None:
+    imap.append(message("old one"))
+    imap.append(message("old two"))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            first = Collector(state)
+            async with running(imap_reader(imap, state, first)):
+                await until(lambda: len(first.got) == 2)
+            old = imap_mark(namespace)["uidvalidity"]
+            imap.set_uidvalidity(old + 1000)
+            imap.append(message("new"))
+            second = Collector(state)
+            async with running(reader := imap_reader(imap, state, second)):
+                await until(lambda: imap_mark(namespace)["last_uid"] == 3, what="the re-read")
+                await until(reader.idling.is_set)
+            assert second.subjects == ["new"]
+            assert second.got[0][1].source_ref == f"imap:{old + 1000}:3"
+            mark = imap_mark(namespace)
+            assert mark["uidvalidity"] == old + 1000 and mark["resets"] == 1
+            assert "UIDVALIDITY changed" in mark["reset_reason"]
+
+    run(scenario)
+
+
+# -- Gmail --
+
+ME, REFRESH = "box@example.test", "1//refresh-box"
+
+
+@pytest.fixture
+def emu() -> Iterator[GmailEmulator]:
+    with GmailEmulator() as emulator:
+        emulator.add_user(ME, refresh_token=REFRESH)
+        yield emulator
+
+
+@pytest.fixture
+def gmail_account(emu: GmailEmulator, tmp_path: Path) -> Account:
+    token = tmp_path / "token.json"
+    expiry = datetime.now(UTC) + timedelta(hours=1)
+    token.write_text(json.dumps({
+        "token": emu.issue_token(ME), "refresh_token": REFRESH, "client_id": "client-id",
+        "client_secret": "client-secret", "token_uri": emu.token_uri, "scopes": list(SCOPES),
+        "expiry": expiry.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}))
+    return Account(id="gbox", kind="gmail", from_address=ME,
+                   gmail=GmailAccount(token_file=token, read_inbox=True, poll_seconds=1,
+                                      batch=2))
+
+
+def gmail_reader(emu: GmailEmulator, account: Account, state: MailboxState,
+                 handler: Any) -> GmailReader:
+    return GmailReader(account, state=state, handler=handler, max_bytes=1 << 20,
+                       api_endpoint=emu.api_endpoint, token_uri=emu.token_uri, backoff=QUICK)
+
+
+def test_gmail_inbox_mail_arrives_through_history_and_a_restart_resumes(
+        emu: GmailEmulator, gmail_account: Account, namespace: str) -> None:
+    emu.deliver(ME, message("already there"))  # before the first run: not read (see module)
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            first = Collector(state)
+            async with running(reader := gmail_reader(emu, gmail_account, state, first)):
+                await reader.caught_up.wait()
+                stored = [emu.deliver(ME, message(f"reply {n}")) for n in range(3)]
+                emu.deliver(ME, message("sent by us"), labels=("SENT",))
+                await until(lambda: len(first.got) == 3, what="3 replies")
+            assert first.subjects == ["reply 0", "reply 1", "reply 2"]
+            assert [r.source_ref for _, r in first.got] == [f"gmail:{s.id}" for s in stored]
+            assert first.got[0][0] == stored[0].raw
+            emu.deliver(ME, message("while stopped"))
+            second = Collector(state)
+            async with running(reader := gmail_reader(emu, gmail_account, state, second)):
+                await until(lambda: len(second.got) == 1)
+                await reader.caught_up.wait()
+            assert second.subjects == ["while stopped"]
+            mark = stored_mark(namespace, "gbox")
+            assert mark and mark | {"uidvalidity": None} == {
+                "uidvalidity": None, "last_uid": 0, "history_id": str(
+                    emu.messages(ME)[-1].history_id), "resets": 0, "reset_reason": None}
+
+    run(scenario)
+
+
+def test_an_expired_history_id_falls_back_to_a_full_sync_without_loss_or_repeats(
+        emu: GmailEmulator, gmail_account: Account, namespace: str) -> None:
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            async with running(reader := gmail_reader(emu, gmail_account, state, got)):
+                await reader.caught_up.wait()
+                emu.deliver(ME, message("one"))
+                emu.deliver(ME, message("two"))
+                await until(lambda: len(got.got) == 2)
+            # While stopped: more mail, then Gmail forgets the history the mark points into.
+            for subject in ("three", "four", "five"):
+                emu.deliver(ME, message(subject))
+            emu.expire_history(ME)
+            async with running(reader := gmail_reader(emu, gmail_account, state, got)):
+                await until(lambda: reader.full_syncs == 1, what="the full sync")
+                emu.deliver(ME, message("six"))  # followed through history again
+                await until(lambda: len(got.got) == 6)
+            assert got.subjects == ["one", "two", "three", "four", "five", "six"]
+            assert len({r.source_ref for r in got.attempts}) == len(got.attempts) == 6
+            mark = stored_mark(namespace, "gbox")
+            assert mark and mark["resets"] == 1 and "expired" in mark["reset_reason"]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("status", "method"), [(429, "history"), (503, "get")])
+def test_gmail_rate_limits_and_server_errors_are_retried(
+        emu: GmailEmulator, gmail_account: Account, namespace: str, status: int,
+        method: str) -> None:
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            async with running(reader := gmail_reader(emu, gmail_account, state, got)):
+                await reader.caught_up.wait()
+                emu.fail_next(status, method=method)
+                emu.deliver(ME, message("after a refusal"))
+                await until(lambda: len(got.got) == 1, timeout=10)
+            assert got.subjects == ["after a refusal"]
+            assert reader.failures == 1
+            assert emu.requests[method] >= 2
+
+    run(scenario)
