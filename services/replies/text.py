@@ -143,9 +143,10 @@ def html_to_text(html: str) -> str:
     return _TAG_START.sub("\u2039", text)
 
 
-# Attribution lines carry a date or an address, so each one needs a digit.
-_ATTRIBUTION = re.compile(
-    r"^(?=.*\d)\s*(?:"
+# Attribution lines carry a date or an address, so each one needs a digit,
+# unless a quoted line follows at once (`_ATTRIBUTION_LOOSE`).
+_ATTRIBUTION_BODY = (
+    r"\s*(?:"
     r"On\b.{1,300}\bwrote:"  # English
     r"|Am\b.{1,300}\bschrieb\b.{0,300}:"  # German
     r"|Le\b.{1,300}\ba\s+écrit\s*:"  # French
@@ -157,9 +158,10 @@ _ATTRIBUTION = re.compile(
     r"|.{1,300}\bпишет:"  # Russian  # noqa: RUF001
     r"|\d{4}年\d{1,2}月\d{1,2}日.{1,300}[:：]"  # Japanese  # noqa: RUF001
     r"|.{1,300}写道[:：]"  # Chinese  # noqa: RUF001
-    r")\s*$",
-    re.IGNORECASE,
+    r")\s*$"
 )
+_ATTRIBUTION = re.compile(r"^(?=.*\d)" + _ATTRIBUTION_BODY, re.IGNORECASE)
+_ATTRIBUTION_LOOSE = re.compile("^" + _ATTRIBUTION_BODY, re.IGNORECASE)
 _ATTRIBUTION_START = re.compile(r"^\s*(?:On|Am|Le|El|Il|Op|Em|Den)\s", re.IGNORECASE)
 _SEPARATOR = re.compile(
     r"^\s*(?:-{2,}\s*(?:Original Message|Ursprüngliche Nachricht|Message d'origine"
@@ -179,6 +181,14 @@ _SIGNATURE = re.compile(
 )
 
 
+def _quote_follows(lines: list[str], start: int) -> bool:
+    """Whether the next non-blank line (within two) is a quoted one."""
+    for line in lines[start:start + 3]:
+        if line.strip():
+            return line.lstrip().startswith(">")
+    return False
+
+
 def strip_reply(text: str) -> str:
     """The new text of a reply: quoted history, attribution lines and signature removed."""
     lines = text.split("\n")
@@ -188,6 +198,8 @@ def strip_reply(text: str) -> str:
         joined = line + " " + lines[index + 1] if index + 1 < len(lines) else line
         if _ATTRIBUTION.match(line) or (_ATTRIBUTION_START.match(line)
                                         and _ATTRIBUTION.match(joined)):
+            break
+        if _ATTRIBUTION_LOOSE.match(line) and _quote_follows(lines, index + 1):
             break
         if _SEPARATOR.match(line) or _SIGNATURE.match(line):
             break

@@ -524,3 +524,10 @@ def test_decode_bytes(data: bytes, charset: str | None, expected: str) -> None:
 ])
 def test_decode_raw_header(raw: str, expected: str) -> None:
     assert decode_raw_header(raw) == expected
+
+
+def test_an_attribution_without_a_date_goes_only_before_a_quote() -> None:
+    assert strip_reply("Count me in.\n\nOn Mon, Ada wrote:\n> Are you coming?\n") == (
+        "Count me in.")
+    kept = "Sure.\nOn reflection, what I wrote: still holds.\nBye"
+    assert strip_reply(kept) == kept

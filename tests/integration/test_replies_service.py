@@ -1,0 +1,158 @@
+"""`mailbus replies` as a process: a real Dovecot mailbox in, Kafka events and rows out."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from mailbus.replies.settings import RepliesSettings
+from mailbus.tokens import Keyring, LinkBuilder
+from tests.support import dovecot
+from tests.support.kafka import read_all
+from tests.support.processes import Services
+from tests.support.projector import eventually
+
+CORPUS = Path(__file__).parent.parent / "unit" / "corpus" / "inbound"
+READER = RepliesSettings()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[dovecot.Dovecot]:
+    started = dovecot.start()
+    yield started
+    dovecot.stop(started)
+
+
+def accounts_toml(server: dovecot.Dovecot) -> str:
+    return f"""
+[[accounts]]
+id = "dev"
+kind = "smtp"
+from_address = "news@example.com"
+
+[accounts.smtp]
+host = "127.0.0.1"
+port = 2525
+tls = "none"
+
+[accounts.imap]
+host = "{server.host}"
+port = {server.port}
+tls = "none"
+username = "{server.user}"
+password_file = "{server.password_file}"
+poll_seconds = 1
+"""
+
+
+def mail(**headers: str) -> bytes:
+    msg = EmailMessage()
+    for name, value in headers.items():
+        if name != "body":
+            msg[name.replace("_", "-")] = value
+    msg.set_content(headers.get("body", "Hello"))
+    return bytes(msg)
+
+
+def reply_to(message_id: str, text: str) -> bytes:
+    return mail(From="Ada <ada@example.org>", To="news@example.com", Subject="Re: Friday",
+                In_Reply_To=f"<{message_id}@example.com>",
+                Message_ID=f"<{uuid.uuid4()}@mail.example.org>",
+                Date=format_datetime(datetime.now(UTC)),
+                body=f"{text}\n\nOn Mon, Ada wrote:\n> Are you coming on Friday?\n")
+
+
+def inbound_rows(namespace: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(READER.postgres.conninfo()) as conn:
+        return conn.execute(
+            "SELECT kind, message_id::text, sender FROM inbound_messages WHERE namespace = %s"
+            " ORDER BY source_ref", (namespace,)).fetchall()
+
+
+def decoded(admin_kafka, namespace: str, registry, topic: str, **kw: Any) -> list[dict]:
+    return [registry.decode(m.value())[1]
+            for m in read_all(admin_kafka, namespace + topic, **kw)]
+
+
+def test_mailbox_to_events_once_each_and_the_mailbox_untouched(
+        server, namespace, admin_kafka, registry, tmp_path):
+    server.clear()
+    keys = tmp_path / "link-keys.json"
+    links = LinkBuilder(Keyring.generate_file(keys), unsubscribe_mailto="unsub@example.com")
+    replied, bounced, unsubscribed = (str(uuid.uuid4()) for _ in range(3))
+    mailto = links.unsubscribe_mailto(unsubscribed, "carol@example.org", now=datetime.now(UTC))
+    assert mailto is not None
+    subject = mailto.split("subject=")[1].replace("%2E", ".").replace("%2D", "-")
+    expired = LinkBuilder(Keyring.from_file(keys), ttl=timedelta(seconds=1),
+                          unsubscribe_mailto="unsub@example.com").unsubscribe_mailto(
+        str(uuid.uuid4()), "dave@example.org", now=datetime.now(UTC) - timedelta(days=1))
+    assert expired is not None
+    bounce = (CORPUS / "postfix_hard_511.eml").read_bytes().replace(
+        b"1c6a2f0e-5b7d-4e39-8a21-3f4d5e6a7b8c", bounced.encode())
+    for raw in (reply_to(replied, "Yes, count me in!"), bounce,
+                mail(From="carol@example.org", To="unsub@example.com", Subject=subject,
+                     Message_ID="<u1@example.org>"),
+                mail(From="dave@example.org", To="unsub@example.com",
+                     Subject=expired.split("subject=")[1], Message_ID="<u2@example.org>"),
+                (CORPUS / "spam_unrelated.eml").read_bytes()):
+        server.append(raw)
+    before = server.mailbox()
+
+    accounts = tmp_path / "accounts.toml"
+    accounts.write_text(accounts_toml(server))
+    env = {"MAILBUS_KAFKA__TOPIC_PREFIX": namespace, "MAILBUS_ACCOUNTS_FILE": str(accounts),
+           "MAILBUS_LINK_KEYS_FILE": str(keys), "MAILBUS_METRICS_PORT": "0"}
+    with Services(env, tmp_path) as services:
+        services.start("replies")
+
+        def all_recorded() -> None:
+            services.check_alive()
+            assert len(inbound_rows(namespace)) == 5
+
+        eventually(all_recorded, timeout=60)
+        # Mail arriving while it waits (IDLE) is read too.
+        services.check_alive()
+        server.append(reply_to(replied, "Also bringing a friend."))
+        eventually(lambda: _assert(len(inbound_rows(namespace)) == 6), timeout=30)
+
+    responses = decoded(admin_kafka, namespace, registry, "email.responses", expect=3)
+    assert sorted((r["kind"], r["message_id"], r["recipient"]) for r in responses) == sorted([
+        ("reply", replied, "ada@example.org"), ("reply", replied, "ada@example.org"),
+        ("unsubscribe", unsubscribed, "carol@example.org")])
+    texts = sorted(r["text"] or "" for r in responses if r["kind"] == "reply")
+    assert texts == ["Also bringing a friend.", "Yes, count me in!"]  # quotes stripped
+    assert {r["source"] for r in responses} == {"imap:dev"}
+    [bounce_event] = decoded(admin_kafka, namespace, registry, "email.bounced", expect=1)
+    assert (bounce_event["message_id"], bounce_event["recipient"], bounce_event["bounce_class"],
+            bounce_event["status_code"]) == (bounced, "nobody@example.net", "hard", "5.1.1")
+    suppressions = decoded(admin_kafka, namespace, registry, "email.suppressions", expect=2)
+    assert sorted((s["address"], s["reason"]) for s in suppressions) == [
+        ("carol@example.org", "unsubscribe"), ("nobody@example.net", "hard_bounce")]
+    rows = inbound_rows(namespace)
+    assert sorted(kind for kind, _, _ in rows) == ["dsn", "reply", "reply", "unmatched",
+                                                    "unmatched", "unsubscribe"]
+    # The expired token and the spam are kept, threaded to nothing.
+    assert sorted((s, m) for k, m, s in rows if k == "unmatched") == [
+        ("dave@example.org", None), ("winner@promo.example.net", None)]
+    # Read-only: nothing moved, nothing flagged \\Seen.
+    assert server.mailbox()[:5] == before
+
+    # A restart reads nothing twice.
+    with Services(env, tmp_path) as services:
+        services.start("replies")
+        server.append(reply_to(replied, "One more thing."))
+        eventually(lambda: _assert(len(inbound_rows(namespace)) == 7), timeout=60)
+    again = decoded(admin_kafka, namespace, registry, "email.responses", expect=4)
+    assert len(again) == 4 and len({r["event_id"] for r in again}) == 4
+
+
+def _assert(condition: bool) -> None:
+    assert condition
