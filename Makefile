@@ -45,3 +45,11 @@ lint: install
 # Removes all local state (data, logs, generated credentials). Stops first.
 clean-var: down
 	rm -rf var
+
+# The image, built and run with podman (scripts/podman.sh) against the native
+# Kafka and PostgreSQL: non-root, no secret in any layer, send-and-confirm
+# through the containerised services.
+.PHONY: image-test
+image-test: infra
+	@scripts/podman.sh build
+	$(PYTEST) tests/containers/image_check.py
