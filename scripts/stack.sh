@@ -16,7 +16,7 @@ RUN="$MAILBUS_VAR/run"
 LOGS="$MAILBUS_VAR/log"
 API_PORT="${MAILBUS_PORT:-8080}"
 # Started in this order, stopped in reverse.
-SERVICES=(devsmtp ingest sender confirm projector prometheus)
+SERVICES=(devsmtp ingest sender confirm projector hooks replies prometheus)
 
 install_python() {
     local stamp="$VENV/.installed" want
@@ -79,6 +79,8 @@ health() {
         sender) echo "http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/metrics" ;;
         confirm) echo "http://127.0.0.1:9102/metrics" ;;
         projector) echo "http://127.0.0.1:9103/metrics" ;;
+        hooks) echo "http://127.0.0.1:8081/readyz" ;;
+        replies) echo "http://127.0.0.1:9105/metrics" ;;
         prometheus) echo "http://127.0.0.1:9090/-/ready" ;;
     esac
 }
@@ -125,6 +127,8 @@ mailbus is up.
   Kafka        127.0.0.1:${MAILBUS_KAFKA_PORT:-9092} (SASL/SCRAM-SHA-512; credentials in $MAILBUS_VAR/secrets)
   PostgreSQL   127.0.0.1:${MAILBUS_PG_PORT:-5433} database mailbus
   Sender       metrics http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/metrics; \`mailbus accounts list\`
+  Hooks        http://127.0.0.1:8081 (action and unsubscribe links; metrics :9104)
+  Replies      reads the mailboxes of accounts with an [accounts.imap] table (metrics :9105)
   Prometheus   http://127.0.0.1:9090 (rules in deploy/prometheus; Grafana dashboards in deploy/grafana)
   Dev mail     SMTP 127.0.0.1:2525, kept in $MAILBUS_VAR/devmail; \`mailbus devmail\` lists it
   Logs         $LOGS/

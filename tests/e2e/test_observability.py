@@ -125,7 +125,8 @@ def test_promtool_accepts_the_config_and_the_rules():
     targets = {c["job_name"]: c["static_configs"][0]["targets"]
                for c in shipped["scrape_configs"]}
     assert targets == {"ingest": ["127.0.0.1:8080"], "sender": ["127.0.0.1:9101"],
-                       "confirm": ["127.0.0.1:9102"], "projector": ["127.0.0.1:9103"]}
+                       "confirm": ["127.0.0.1:9102"], "projector": ["127.0.0.1:9103"],
+                       "hooks": ["127.0.0.1:9104"], "replies": ["127.0.0.1:9105"]}
 
 
 class Prometheus:
