@@ -23,7 +23,9 @@ Behaviour, per mailbox:
   the middle of that re-read hands the rest over again (consumers dedupe).
 * Then IDLE (renewed every 25 minutes, RFC 2177 allows servers to drop it
   after 30) when the server offers it and `idle` is on, else poll every
-  poll_seconds. stop() wakes either at once.
+  poll_seconds. In IDLE too, the mailbox is searched again every
+  poll_seconds, so mail announced just before IDLE began waits at most that
+  long. stop() wakes either at once.
 * Any failure: log, close, reconnect after a backoff doubling up to 5 minutes.
 * Only with processed_folder set is anything changed: each processed message
   is moved there (UID MOVE, or COPY + \\Deleted + UID EXPUNGE without MOVE).
@@ -276,7 +278,10 @@ class ImapReader:
             self._idle_sock = client.socket()
         self.idling.set()
         try:
-            renew_at = time.monotonic() + IDLE_RENEW_SECONDS
+            # Also leave IDLE every poll_seconds for one UID SEARCH: mail that
+            # arrived between the last search and the IDLE command may have been
+            # announced in that search's response, where nothing watches for it.
+            renew_at = time.monotonic() + min(IDLE_RENEW_SECONDS, self.config.poll_seconds)
             while not self._stop.is_set():
                 left = renew_at - time.monotonic()
                 if left <= 0:
