@@ -78,7 +78,18 @@ class Replies:
         self._stop = asyncio.Event()
 
     async def handle(self, account: Account, raw: bytes, ref: MailRef) -> None:
-        """Classify one inbound message, produce what it means, record it."""
+        """Classify one inbound message, produce what it means, record it.
+
+        Raises when any step fails (Kafka or PostgreSQL down): the reader then
+        keeps its mark before the message and hands it over again later.
+        """
+        try:
+            await self._handle(account, raw, ref)
+        except Exception:
+            metrics.ERRORS.labels(account.id).inc()
+            raise
+
+    async def _handle(self, account: Account, raw: bytes, ref: MailRef) -> None:
         if await self.state.known_refs(account.id, [ref.source_ref]):
             return
         inbound = await asyncio.to_thread(classify, raw, domains=sending_domains(account))
