@@ -55,3 +55,12 @@ def test_named_queries(tmp_path: Path):
     f = tmp_path / "q.sql"
     f.write_text("-- preamble\n-- name: one\n-- why\nSELECT 1;\n\n-- name: two\nSELECT 2;\n")
     assert load(f) == {"one": "-- why\nSELECT 1;", "two": "SELECT 2;"}
+
+
+def test_the_example_accounts_file_is_valid_and_reads_mailboxes() -> None:
+    from mailbus.accounts import load_accounts
+    from mailbus.settings import REPO_ROOT
+
+    directory = load_accounts(REPO_ROOT / "deploy" / "accounts.example.toml")
+    assert {a.id: a.reads_mailbox for a in directory.by_id.values()} == {
+        "sales-gmail": True, "relay-1": True}
