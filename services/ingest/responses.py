@@ -4,7 +4,8 @@ Responses are events like any other (email.responses, projected into
 message_events by the projector); these routes page through them in the
 order mailbus recorded them, scoped like every read: a key sees responses to
 its own messages, admin keys see the installation's. The suppression list,
-which spans every key's recipients, is for admin keys only.
+which spans every key's recipients, and the inbound mail the readers kept
+(unmatched mail included) are for admin keys only.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ ResponseKind = Literal["reply", "auto_reply", "action", "unsubscribe", "complain
 # Pages ascend: the first starts before the oldest possible row.
 FEED_START = ("-infinity", "00000000-0000-0000-0000-000000000000")
 SUPPRESSIONS_START = ("infinity", "g", "")  # after every hex hash
+INBOUND_START = ("infinity", "\uffff", "")
+InboundKind = Literal["dsn", "complaint", "auto_reply", "reply", "unsubscribe", "unmatched"]
 _RESPONSE_FIELDS = ("recipient", "action_id", "subject", "text", "reliable", "source")
 
 
@@ -154,3 +157,33 @@ async def list_suppressions(
         "at": r["occurred_at"], "updated_at": r["updated_at"]} for r in page],
         "next_cursor": _cursor({"t": last["updated_at"].isoformat(), "h": last["address_hash"],
                                 "s": last["scope"]}) if last else None}
+
+
+@router.get("/v1/inbound", tags=["responses"])
+async def list_inbound(
+    request: Request, key: Key,
+    kind: InboundKind | None = None,
+    account: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(max_length=1024)] = None,
+) -> dict[str, Any]:
+    """Admin keys: every message the mailbox readers read, newest first (unmatched too)."""
+    require_scope(key, "admin")
+    after = (_uncursor(cursor, ("t", "a", "r")) if cursor
+             else dict(zip(("t", "a", "r"), INBOUND_START, strict=True)))
+    params = {"namespace": _namespace(request), "kind": kind, "account": account,
+              "after_at": after["t"], "after_account": after["a"], "after_ref": after["r"],
+              "limit": limit + 1}
+    async with _rows(request) as cur:
+        await cur.execute(SQL["inbound"], params)
+        rows = await cur.fetchall()
+    page = rows[:limit]
+    last = page[-1] if len(rows) > limit else None
+    return {"inbound": [{
+        "account": r["account_id"], "ref": r["source_ref"], "kind": r["kind"],
+        "message_id": str(r["message_id"]) if r["message_id"] else None,
+        "header_message_id": r["header_message_id"], "sender": r["sender"],
+        "subject": r["subject"], "text": r["text"], "received_at": r["received_at"],
+        "recorded_at": r["recorded_at"], "detail": r["detail"]} for r in page],
+        "next_cursor": _cursor({"t": last["recorded_at"].isoformat(), "a": last["account_id"],
+                                "r": last["source_ref"]}) if last else None}

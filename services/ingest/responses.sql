@@ -51,3 +51,16 @@ WHERE namespace = %(namespace)s
       < (%(after_at)s::timestamptz, %(after_hash)s::text, %(after_scope)s::text)
 ORDER BY updated_at DESC, address_hash DESC, scope DESC
 LIMIT %(limit)s;
+
+-- name: inbound
+-- Admin keys: what the mailbox readers read, newest first, matched or not.
+SELECT account_id, source_ref, header_message_id, received_at, kind, message_id, sender,
+       subject, left(text, 2000) AS text, detail, recorded_at
+FROM inbound_messages
+WHERE namespace = %(namespace)s
+  AND (%(kind)s::text IS NULL OR kind = %(kind)s)
+  AND (%(account)s::text IS NULL OR account_id = %(account)s)
+  AND (recorded_at, account_id, source_ref)
+      < (%(after_at)s::timestamptz, %(after_account)s::text, %(after_ref)s::text)
+ORDER BY recorded_at DESC, account_id DESC, source_ref DESC
+LIMIT %(limit)s;

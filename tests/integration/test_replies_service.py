@@ -83,7 +83,7 @@ def decoded(admin_kafka, namespace: str, registry, topic: str, **kw: Any) -> lis
 
 
 def test_mailbox_to_events_once_each_and_the_mailbox_untouched(
-        server, namespace, admin_kafka, registry, tmp_path):
+        server, namespace, admin_kafka, registry, tmp_path, api, make_key):
     server.clear()
     keys = tmp_path / "link-keys.json"
     links = LinkBuilder(Keyring.generate_file(keys), unsubscribe_mailto="unsub@example.com")
@@ -144,6 +144,23 @@ def test_mailbox_to_events_once_each_and_the_mailbox_untouched(
         ("dave@example.org", None), ("winner@promo.example.net", None)]
     # Read-only: nothing moved, nothing flagged \\Seen.
     assert server.mailbox()[:5] == before
+
+    # Admin keys see what was read, unmatched mail included; other keys do not.
+    _, admin = make_key(scopes=("admin",))
+    _, reader = make_key(scopes=("read",))
+    unmatched = api.get("/v1/inbound", params={"kind": "unmatched"},
+                        headers={"Authorization": f"Bearer {admin}"}).json()["inbound"]
+    assert sorted(m["sender"] for m in unmatched) == ["dave@example.org",
+                                                      "winner@promo.example.net"]
+    assert all(m["account"] == "dev" and m["message_id"] is None for m in unmatched)
+    page = api.get("/v1/inbound", params={"limit": 4},
+                   headers={"Authorization": f"Bearer {admin}"}).json()
+    rest = api.get("/v1/inbound", params={"limit": 4, "cursor": page["next_cursor"]},
+                   headers={"Authorization": f"Bearer {admin}"}).json()
+    assert len({m["ref"] for m in page["inbound"] + rest["inbound"]}) == 6
+    assert rest["next_cursor"] is None
+    assert api.get("/v1/inbound", headers={"Authorization": f"Bearer {reader}"}
+                   ).status_code == 403
 
     # A restart reads nothing twice.
     with Services(env, tmp_path) as services:
