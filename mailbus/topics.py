@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 REQUESTED = "email.requested"
@@ -13,6 +14,17 @@ BOUNCED = "email.bounced"
 RESPONSES = "email.responses"
 CONFIRMED = "email.confirmed"
 SUPPRESSIONS = "email.suppressions"
+
+
+
+def address_hash(address: str) -> str:
+    """The key of email.suppressions: hex SHA-256 of the trimmed, lower-cased address.
+
+    Every producer of suppressions, in any language, must key them this way;
+    the sender looks addresses up by it.
+    """
+    return hashlib.sha256(address.strip().lower().encode()).hexdigest()
+
 
 # Every per-message topic has the same partition count: the confirm join
 # reads them as co-partitioned tables keyed by message id, which only holds

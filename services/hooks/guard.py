@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mailbus.asgi import BodyTooLarge, read_capped, replaying
 from mailbus.hooks import metrics, pages
 from mailbus.hooks.limiter import Network, RateLimiter, limiter_key, retry_after, source_address
 
@@ -70,19 +71,14 @@ class Guard:
         try:
             if route not in _UNLIMITED and not await self._allowed(scope, stamped):
                 return
-            body = await self._body(scope, receive, stamped)
-            if body is None:
+            try:
+                body = await read_capped(scope, receive, self.max_body)
+            except BodyTooLarge:
+                await send_page(stamped, pages.error(413))
                 return
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, stamped)
+            if body is None:
+                return  # the client went away
+            await self.app(scope, replaying(body, receive), stamped)
         except Exception:
             log.exception("unexpected error answering %s %s", method, route)
             if not started:
@@ -103,24 +99,3 @@ class Guard:
         metrics.RATE_LIMITED.inc()
         await send_page(send, pages.rate_limited(retry_after(wait)))
         return False
-
-    async def _body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        """The request body up to the cap, or None once a 413 has been answered."""
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_body):
-                await send_page(send, pages.error(413))
-                return None
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None  # the client went away
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > self.max_body:
-                await send_page(send, pages.error(413))
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)

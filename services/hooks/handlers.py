@@ -7,7 +7,6 @@ event_id); occurred_at is the moment of each recording.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +23,7 @@ from mailbus.tokens import (
     TokenInvalid,
     UnknownKey,
 )
+from mailbus.topics import address_hash
 
 # uuid5 namespace of the hooks' event ids (a fixed random UUID; never change it).
 _EVENT_NAMESPACE = uuid.UUID("3b8e2f64-9d1c-4a7b-b5e0-7c2d6a18f943")
@@ -52,10 +52,6 @@ class Record:
     key: bytes
     value: dict[str, Any]
 
-
-def address_hash(address: str) -> str:
-    """The suppression list's key: hex SHA-256 of the lower-cased address."""
-    return hashlib.sha256(address.strip().lower().encode()).hexdigest()
 
 
 def event_id(*parts: str) -> str:

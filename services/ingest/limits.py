@@ -6,6 +6,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mailbus.asgi import BodyTooLarge, read_capped, replaying
 from mailbus.ingest.problems import Problem
 
 
@@ -25,35 +26,14 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.per_path.get(scope["path"], self.default)
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
-                await self._refuse(scope, send, limit)
-                return
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # client went away
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > limit:
-                await self._refuse(scope, send, limit)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        try:
+            body = await read_capped(scope, receive, limit)
+        except BodyTooLarge:
+            await self._refuse(scope, send, limit)
+            return
+        if body is None:
+            return  # client went away
+        await self.app(scope, replaying(body, receive), send)
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, limit: int) -> None:

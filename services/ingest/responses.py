@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -63,6 +64,13 @@ def _uncursor(cursor: str, keys: tuple[str, ...]) -> dict[str, str]:
     return doc
 
 
+def _page(rows: list[Any], limit: int, cursor_of: Callable[[Any], dict[str, str]]
+          ) -> tuple[list[Any], str | None]:
+    """The page of a query that asked for limit + 1 rows, and the cursor after it if more."""
+    page = rows[:limit]
+    return page, _cursor(cursor_of(page[-1])) if len(rows) > limit else None
+
+
 def response_body(row: dict[str, Any]) -> dict[str, Any]:
     """One response as the API shows it."""
     detail = row["detail"] or {}
@@ -82,11 +90,9 @@ async def _feed(request: Request, key: Any, *, message_id: str | None, kind: str
     async with _rows(request) as cur:
         await cur.execute(SQL["feed_all" if key.is_admin else "feed_for_key"], params)
         rows = await cur.fetchall()
-    page = rows[:limit]
-    last = page[-1] if len(rows) > limit else None
-    return {"responses": [response_body(r) for r in page],
-            "next_cursor": _cursor({"t": last["projected_at"].isoformat(),
-                                    "id": str(last["event_id"])}) if last else None}
+    page, after_last = _page(rows, limit, lambda r: {"t": r["projected_at"].isoformat(),
+                                                     "id": str(r["event_id"])})
+    return {"responses": [response_body(r) for r in page], "next_cursor": after_last}
 
 
 @router.get("/v1/responses", tags=["responses"])
@@ -149,14 +155,13 @@ async def list_suppressions(
     async with _rows(request) as cur:
         await cur.execute(SQL["suppressions"], params)
         rows = await cur.fetchall()
-    page = rows[:limit]
-    last = page[-1] if len(rows) > limit else None
+    page, after_last = _page(rows, limit, lambda r: {"t": r["updated_at"].isoformat(),
+                                                     "h": r["address_hash"], "s": r["scope"]})
     return {"suppressions": [{
         "address": r["address"], "scope": r["scope"] or None, "reason": r["reason"],
         "active": r["active"], "message_id": str(r["message_id"]) if r["message_id"] else None,
         "at": r["occurred_at"], "updated_at": r["updated_at"]} for r in page],
-        "next_cursor": _cursor({"t": last["updated_at"].isoformat(), "h": last["address_hash"],
-                                "s": last["scope"]}) if last else None}
+        "next_cursor": after_last}
 
 
 @router.get("/v1/inbound", tags=["responses"])
@@ -177,13 +182,13 @@ async def list_inbound(
     async with _rows(request) as cur:
         await cur.execute(SQL["inbound"], params)
         rows = await cur.fetchall()
-    page = rows[:limit]
-    last = page[-1] if len(rows) > limit else None
+    page, after_last = _page(rows, limit, lambda r: {"t": r["recorded_at"].isoformat(),
+                                                     "a": r["account_id"],
+                                                     "r": r["source_ref"]})
     return {"inbound": [{
         "account": r["account_id"], "ref": r["source_ref"], "kind": r["kind"],
         "message_id": str(r["message_id"]) if r["message_id"] else None,
         "header_message_id": r["header_message_id"], "sender": r["sender"],
         "subject": r["subject"], "text": r["text"], "received_at": r["received_at"],
         "recorded_at": r["recorded_at"], "detail": r["detail"]} for r in page],
-        "next_cursor": _cursor({"t": last["recorded_at"].isoformat(), "a": last["account_id"],
-                                "r": last["source_ref"]}) if last else None}
+        "next_cursor": after_last}

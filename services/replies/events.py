@@ -16,7 +16,6 @@ asked not to be mailed, is not to be mailed by any of them.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 from mailbus import topics
 from mailbus.replies.classify import Inbound
+from mailbus.topics import address_hash
 
 # uuid5 namespace of the events the replies service derives.
 EVENT_NAMESPACE = uuid.UUID("5b0c1d2e-8f4a-4e7b-9a61-3c2d1e0f9a8b")
@@ -56,10 +56,6 @@ TokenCheck = Callable[[str], tuple[str, str] | None]
 # (reply tag) -> message id when the tag is genuine, else None.
 TagCheck = Callable[[str], str | None]
 
-
-def address_hash(address: str) -> str:
-    """The suppression list's key: hex SHA-256 of the lower-cased address."""
-    return hashlib.sha256(address.strip().lower().encode()).hexdigest()
 
 
 def _event_id(*parts: str) -> str:

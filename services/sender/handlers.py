@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,10 +34,6 @@ def admission(event: dict[str, Any], payload: bytes, partition: int, now: dateti
         "requested_at": event.get("requested_at"),
     }
 
-
-def address_hash(address: str) -> str:
-    """The suppression list's key: hex SHA-256 of the lower-cased address."""
-    return hashlib.sha256(address.strip().lower().encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from mailbus.codec import Registry
 from mailbus.errors import DecodeError
-from mailbus.sender.handlers import address_hash
+from mailbus.topics import address_hash
 
 log = logging.getLogger(__name__)
 

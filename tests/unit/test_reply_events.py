@@ -31,16 +31,14 @@ def planned(name: str, *, source_ref: str = "imap:7:42", token_check=check_token
                 check_token=token_check, check_tag=partial(verify_tag, TAG_RING))
 
 
+FIELDS = {"email.bounced": ("recipient", "bounce_class", "status_code"),
+          "email.delivered": ("recipient", "evidence"),
+          "email.responses": ("kind", "recipient"),
+          "email.suppressions": ("address", "reason")}
+
+
 def summary(p: Plan) -> list[tuple[str, ...]]:
-    out = []
-    for r in p.records:
-        v = r.value
-        detail = {"email.bounced": lambda: (v["recipient"], v["bounce_class"], v["status_code"]),
-                  "email.delivered": lambda: (v["recipient"], v["evidence"]),
-                  "email.responses": lambda: (v["kind"], v["recipient"]),
-                  "email.suppressions": lambda: (v["address"], v["reason"])}[r.topic]()
-        out.append((r.topic, *detail))
-    return out
+    return [(r.topic, *(r.value[f] for f in FIELDS[r.topic])) for r in p.records]
 
 
 def test_hard_bounce_is_a_bounce_and_a_suppression():
