@@ -96,6 +96,10 @@ class Account(BaseModel):
     evidence: Literal["smtp_final", "dsn", "mailbox"] = "dsn"
     # A sent message with no delivery evidence after this long is unconfirmed.
     confirm_within_seconds: int = Field(default=3600, ge=1)
+    # Reply-To from_address+<signed tag> when a request names no reply_to, so
+    # replies thread even when a client drops In-Reply-To and References. The
+    # mailbox must take plus-addressed mail (Gmail and most servers do).
+    reply_tags: bool = False
     smtp: SmtpAccount | None = None
     gmail: GmailAccount | None = None
     # The mailbox the replies service reads (DSNs, replies, auto-replies).

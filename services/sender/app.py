@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import uuid
 from contextlib import suppress
 from datetime import timedelta
 
@@ -19,6 +20,7 @@ from mailbus.lag import LagReporter
 from mailbus.producer import AsyncProducer
 from mailbus.sender import metrics
 from mailbus.sender.admit import Admission
+from mailbus.sender.compose import ComposeFailed, tagged_reply_address
 from mailbus.sender.dkim import DkimSigner
 from mailbus.sender.handlers import utcnow
 from mailbus.sender.outbox import Outbox
@@ -74,6 +76,12 @@ class Sender:
         self.directory = directory or load_accounts(settings.accounts_file)
         self.registry = Registry.load()
         self.links = link_builder(settings)
+        for account in self.directory.by_id.values():
+            if account.reply_tags:  # a from address too long to tag fails here, not per message
+                try:
+                    tagged_reply_address(account, self.links.keyring, str(uuid.uuid4()))
+                except ComposeFailed as exc:
+                    raise ConfigError(f"account {account.id}: {exc}") from exc
         self.suppressions = Suppressions()
         self.workers: dict[str, AccountWorker] = {}
         self._tasks: list[asyncio.Task[None]] = []

@@ -32,10 +32,11 @@ from email_validator import EmailNotValidError, validate_email
 
 from mailbus.accounts import Account
 from mailbus.errors import MailbusError
+from mailbus.replytag import make_tag, tagged_address
 from mailbus.sender.dkim import DkimSigner
 from mailbus.sender.templates import render
 from mailbus.sender.transport import Outgoing
-from mailbus.tokens import LinkBuilder, TokenError
+from mailbus.tokens import Keyring, LinkBuilder, TokenError
 
 # Python folds long unstructured headers by turning long words into RFC 2047
 # encoded words, which would break the URIs of List-Unsubscribe; with
@@ -212,6 +213,14 @@ def _content(event: dict[str, Any]) -> tuple[str | None, str | None, str | None]
     return subject, text, html
 
 
+def tagged_reply_address(account: Account, keyring: Keyring, message_id: str) -> str:
+    """from_address+<reply tag>: where replies to this message go, naming it."""
+    try:
+        return tagged_address(account.from_address, make_tag(keyring, message_id))
+    except TokenError as exc:
+        raise ComposeFailed(f"reply tag: {exc}") from exc
+
+
 def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, *,
             now: datetime, domain: str | None = None,
             dkim: DkimSigner | None = None) -> Outgoing:
@@ -226,6 +235,9 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
     bcc = _mailboxes(event.get("bcc"), "bcc")
     reply = event.get("reply_to")
     reply_to = mailbox(reply.get("email", ""), reply.get("name"), "reply_to") if reply else None
+    if reply_to is None and account.reply_tags and links is not None:
+        reply_to = mailbox(tagged_reply_address(account, links.keyring, message_id),
+                           account.from_name, "reply_to")
     recipients = envelope(to, cc, bcc)
     if not recipients:
         raise ComposeFailed("the message has no recipients")

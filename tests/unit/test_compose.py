@@ -374,3 +374,34 @@ def test_dkim_signer_refuses_bad_config(tmp_path: Path) -> None:
         DkimSigner("mb1\r\n", "example.com", pem)
     with pytest.raises(ConfigError):
         DkimSigner.from_file("mb1", "example.com", tmp_path / "missing.pem")
+
+
+def test_reply_tags_name_the_message_in_the_reply_address() -> None:
+    from email.utils import parseaddr
+
+    from mailbus.replies.classify import classify
+    from mailbus.replytag import verify_tag
+
+    tagged = ACCOUNT.model_copy(update={"reply_tags": True})
+    message = parse(compose(event(), tagged, LINKS, now=NOW).raw)
+    name, address = parseaddr(str(message["Reply-To"]))
+    local, _, domain = address.partition("@")
+    assert (name, domain) == ("Billing", "example.com") and local.startswith("billing+")
+    assert verify_tag(RING, local.partition("+")[2]) == MID
+    # A reply to it that lost In-Reply-To and References still names the message.
+    reply = (f"From: ada@example.org\r\nTo: {address}\r\nSubject: Re: Your receipt\r\n"
+             "Message-ID: <r1@example.org>\r\n\r\nGot it, thanks.\r\n").encode()
+    [tag] = classify(reply).reply_tags
+    assert verify_tag(RING, tag) == MID
+    # The request's own reply_to wins; without the option nothing changes.
+    own = parse(compose(event(reply_to={"email": "desk@example.com", "name": None}), tagged,
+                        LINKS, now=NOW).raw)
+    assert str(own["Reply-To"]) == "desk@example.com"
+    assert parse(compose(event(), ACCOUNT, LINKS, now=NOW).raw)["Reply-To"] is None
+
+
+def test_a_from_address_too_long_to_tag_fails_clearly() -> None:
+    long_local = Account(id="long", kind="smtp", from_address="x" * 20 + "@example.com",
+                         reply_tags=True, smtp=SmtpAccount(host="127.0.0.1"))
+    with pytest.raises(ComposeFailed, match="reply tag"):
+        compose(event(), long_local, LINKS, now=NOW)
