@@ -37,6 +37,8 @@ test-e2e: infra
 bench: infra
 	$(VENV)/bin/python bench/ingest_throughput.py
 	$(VENV)/bin/python bench/sender_throughput.py
+	$(VENV)/bin/python bench/replies_throughput.py
+	$(VENV)/bin/python bench/hooks_throughput.py
 
 lint: install
 	$(VENV)/bin/ruff check mailbus services tests bench
