@@ -75,10 +75,11 @@ class Grant:
     owned_prefixes: tuple[str, ...] = ()
 
 
-# Least privilege per service. Ingest may only append requests; nothing it
-# holds lets it read what others wrote.
+# Least privilege per service. Ingest may only append (requests, and manual
+# suppressions); nothing it holds lets it read what others wrote.
 GRANTS: dict[str, Grant] = {
-    "ingest": Grant(write=(REQUESTED,)),
+    # Admin keys may also suppress an address or lift a suppression by hand.
+    "ingest": Grant(write=(REQUESTED, SUPPRESSIONS)),
     # The sender also writes email.requested: an exhausted account's pool
     # messages move to another member as a new request keyed by that account.
     "sender": Grant(

@@ -5,7 +5,9 @@ message_events by the projector); these routes page through them in the
 order mailbus recorded them, scoped like every read: a key sees responses to
 its own messages, admin keys see the installation's. The suppression list,
 which spans every key's recipients, and the inbound mail the readers kept
-(unmatched mail included) are for admin keys only.
+(unmatched mail included) are for admin keys only; admins also suppress an
+address by hand, or lift a suppression (a bounce that was a mistake), through
+the same compacted topic every sender reads.
 """
 
 from __future__ import annotations
@@ -16,17 +18,22 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from email_validator import EmailNotValidError, validate_email
 from fastapi import APIRouter, Query, Request
-from pydantic import AwareDatetime
+from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from mailbus import queries
+from mailbus import queries, topics
+from mailbus.accounts import ACCOUNT_ID_PATTERN
+from mailbus.errors import UnavailableError
 from mailbus.ingest.app import Key
 from mailbus.ingest.handlers import require_scope
-from mailbus.ingest.problems import Problem, invalid
+from mailbus.ingest.models import no_header_breaks
+from mailbus.ingest.problems import Problem, invalid, unavailable
 from mailbus.ingest.status import DEFAULT_LIMIT, MAX_LIMIT, _namespace, _rows
 
 SQL = queries.load(Path(__file__).with_name("responses.sql"))
@@ -192,3 +199,42 @@ async def list_inbound(
         "subject": r["subject"], "text": r["text"], "received_at": r["received_at"],
         "recorded_at": r["recorded_at"], "detail": r["detail"]} for r in page],
         "next_cursor": after_last}
+
+
+class SuppressionChange(BaseModel):
+    """Suppress an address (active) or lift its suppression, for all accounts or one."""
+
+    model_config = ConfigDict(extra="forbid")
+    address: str = Field(max_length=320)
+    scope: str | None = Field(default=None, pattern=ACCOUNT_ID_PATTERN)
+    active: bool = True
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        no_header_breaks(value)
+        try:  # syntax only, as for recipients
+            return validate_email(value, check_deliverability=False).normalized.lower()
+        except EmailNotValidError as exc:
+            raise ValueError(str(exc)) from None
+
+
+@router.post("/v1/suppressions", tags=["suppressions"], status_code=202)
+async def change_suppression(request: Request, key: Key, change: SuppressionChange
+                             ) -> JSONResponse:
+    """Admin keys: suppress or lift an address; 202 once every sender can read it."""
+    require_scope(key, "admin")
+    ingestor = request.app.state.ingestor
+    digest = topics.address_hash(change.address)
+    record = {"event_id": str(uuid.uuid4()), "message_id": None,
+              "occurred_at": datetime.now(UTC), "address": change.address,
+              "address_hash": digest, "reason": "manual", "scope": change.scope,
+              "active": change.active}
+    try:
+        await ingestor.producer.produce(
+            _namespace(request) + topics.SUPPRESSIONS,
+            ingestor.registry.encode(topics.SUPPRESSIONS, record), key=digest.encode())
+    except UnavailableError as exc:
+        raise unavailable(str(exc)) from exc
+    return JSONResponse({"address": change.address, "scope": change.scope,
+                         "active": change.active, "reason": "manual"}, status_code=202)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from tests.integration.test_ingest_api import auth
 from tests.integration.test_status_api import at, post, problem, project_all
-from tests.support.projector import responded, suppression
+from tests.support.projector import eventually, responded, suppression
 
 
 def kinds(body: dict) -> list[str]:
@@ -118,3 +118,47 @@ def test_suppression_list_is_for_admin_keys(api, make_key, namespace, admin_kafk
     assert [s["address"] for s in one["suppressions"]] == ["ada@example.com"]
     lifted = api.get("/v1/suppressions", params={"active": "false"}, headers=auth(admin)).json()
     assert [s["address"] for s in lifted["suppressions"]] == ["eve@example.com"]
+
+
+def test_admins_suppress_and_lift_by_hand(api, make_key, namespace, admin_kafka, registry):
+    from tests.support.kafka import read_all
+    from tests.support.projector import lag, projector_running, settings_for
+
+    _, token = make_key()
+    _, admin = make_key(scopes=("admin",))
+    as_admin = {"Authorization": f"Bearer {admin}"}
+    problem(api.post("/v1/suppressions", json={"address": "x@example.com"},
+                     headers=auth(token)), 403)
+    problem(api.post("/v1/suppressions", json={"address": "not an address"},
+                     headers=as_admin), 422, "address")
+    problem(api.post("/v1/suppressions", json={"address": "x@example.com", "scope": "No Such!"},
+                     headers=as_admin), 422, "scope")
+    problem(api.post("/v1/suppressions", json={"address": "x@example.com", "extra": 1},
+                     headers=as_admin), 422, "extra")
+    added = api.post("/v1/suppressions", json={"address": "Mallory@Example.com"},
+                     headers=as_admin)
+    assert added.status_code == 202, added.text
+    assert added.json() == {"address": "mallory@example.com", "scope": None, "active": True,
+                            "reason": "manual"}
+    scoped = api.post("/v1/suppressions", json={"address": "trent@example.com",
+                                                "scope": "dev"}, headers=as_admin)
+    assert scoped.status_code == 202, scoped.text
+    # 202 means the record is on the topic every sender reads, keyed by the address hash.
+    records = read_all(admin_kafka, namespace + "email.suppressions", expect=2)
+    assert sorted(registry.decode(r.value())[1]["address"] for r in records) == [
+        "mallory@example.com", "trent@example.com"]
+    with projector_running(settings_for(namespace)):
+        eventually(lambda: _caught_up(admin_kafka, namespace, lag))
+        listed = api.get("/v1/suppressions", headers=as_admin).json()["suppressions"]
+        assert sorted((s["address"], s["scope"], s["reason"]) for s in listed) == [
+            ("mallory@example.com", None, "manual"), ("trent@example.com", "dev", "manual")]
+        lifted = api.post("/v1/suppressions", json={"address": "mallory@example.com",
+                                                    "active": False}, headers=as_admin)
+        assert lifted.status_code == 202
+        eventually(lambda: _caught_up(admin_kafka, namespace, lag))
+    active = api.get("/v1/suppressions", headers=as_admin).json()["suppressions"]
+    assert [s["address"] for s in active] == ["trent@example.com"]
+
+
+def _caught_up(admin_kafka, namespace, lag) -> None:
+    assert lag(admin_kafka, namespace) == 0

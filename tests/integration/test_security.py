@@ -30,12 +30,14 @@ def _consume_error(config: dict, topic: str) -> KafkaError | None:
 def _produce_error(config: dict, topic: str) -> KafkaError | None:
     producer = Producer({**config, "message.timeout.ms": 5000})
     errors: list[KafkaError | None] = []
-    producer.produce(topic, b"probe", on_delivery=lambda err, _msg: errors.append(err))
+    # A key: the compacted suppressions topic refuses records without one.
+    producer.produce(topic, b"probe", key=b"probe",
+                     on_delivery=lambda err, _msg: errors.append(err))
     producer.flush(10)
     return errors[0] if errors else None
 
 
-def test_ingest_may_write_requested_and_nothing_else(namespace):
+def test_ingest_may_write_requested_and_suppressions_and_nothing_else(namespace):
     ingest = ServiceSettings(service_name="ingest", kafka={"topic_prefix": namespace}).kafka
     conf = ingest.client_config()
     err = _consume_error(conf, ingest.topic("email.requested"))
@@ -46,6 +48,11 @@ def test_ingest_may_write_requested_and_nothing_else(namespace):
     err = _produce_error(conf, ingest.topic("email.sent"))
     assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
     assert _produce_error(conf, ingest.topic("email.requested")) is None
+    # Manual suppressions (admin keys): written, never read back.
+    assert _produce_error(conf, ingest.topic("email.suppressions")) is None
+    err = _consume_error(conf, ingest.topic("email.suppressions"))
+    assert err is not None and err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                                              KafkaError.GROUP_AUTHORIZATION_FAILED)
 
 
 def test_unauthenticated_and_wrong_password_are_refused(admin):
