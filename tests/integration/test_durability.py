@@ -90,6 +90,11 @@ def test_broker_crash_loses_nothing_and_answers_503(own_broker: Broker, accounts
         assert r.headers["content-type"] == "application/problem+json"
         assert int(r.headers["retry-after"]) > 0
         assert api.get("/readyz").status_code == 503
+        # A manual suppression is not accepted either while nothing can hold it.
+        _, admin_token = make_key(scopes=("admin",))
+        r = api.post("/v1/suppressions", json={"address": "ada@example.com"},
+                     headers=auth(admin_token))
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
         with psycopg.connect(admin.postgres.conninfo()) as conn:
             rows = conn.execute("SELECT count(*) FROM messages WHERE key_id = %s",
                                 (key_id,)).fetchone()
