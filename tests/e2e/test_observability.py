@@ -2,13 +2,15 @@
 
 promtool checks deploy/prometheus/{prometheus,rules}.yml. Then the real
 Prometheus binary scrapes this test's own pipeline (ingest in the test on a
-real socket; sender, confirm and projector as processes, each serving
-/metrics on a free port), evaluating deploy/prometheus/rules.yml every
-second, while mail flows through the API to an SMTP server in the test.
+real socket; sender, confirm, projector, hooks and replies as processes,
+each serving /metrics on a free port), evaluating deploy/prometheus/rules.yml
+every second, while mail flows through the API to an SMTP server in the test
+and a recipient clicks a link and unsubscribes through the hooks service.
 Every expression of every rule and every dashboard target is then sent to
 Prometheus' query API: each must parse, and those the traffic moves must
-return data. Panels on the replies service's metrics (mailbus_replies_*,
-a service not built yet) are checked for parsing only. Last, the lag
+return data. Panels on what this traffic does not cause (bounces, mail read
+from a mailbox: the replies service here reads none) are checked for
+parsing only. Last, the lag
 reporter's arithmetic is checked against offsets committed by hand, read
 with the sender's own Kafka principal (its ACLs suffice).
 """
@@ -22,6 +24,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from mailbus import verify
 from mailbus.ingest.settings import IngestSettings
 from mailbus.lag import LAG, LagReporter
 from mailbus.settings import ServiceSettings
+from mailbus.tokens import Keyring, LinkBuilder
 from tests.integration.conftest import LiveServer
 from tests.support.processes import Services
 from tests.support.sender import smtp_account
@@ -53,7 +57,8 @@ VARIABLES = {"account": ".*", "__range": "1h", "__rate_interval": "1m", "__inter
 MOVED = ("mailbus_sender_sent_total", "mailbus_ingest_messages_accepted_total",
          "mailbus_confirm_confirmed_total", "mailbus_sender_quota_used", "mailbus_consumer_lag",
          "mailbus_confirm_sent_to_delivered_seconds", "mailbus:sent:", "mailbus:accepted:",
-         "mailbus:confirmed:", "mailbus:quota:", 'kind="delivered"')
+         "mailbus:confirmed:", "mailbus:quota:", 'kind="delivered"',
+         "mailbus_hooks_responses_recorded_total", "mailbus_hooks_requests_total")
 # Not moved by this traffic (no bounces, responses, failures), or not exported yet.
 PARSE_ONLY = ("mailbus_replies_", 'kind="bounced"', 'kind="response"')
 
@@ -190,7 +195,9 @@ class Prometheus:
 
 def test_every_rule_and_panel_query_runs_on_live_metrics(namespace, tmp_path: Path, make_key):
     _, token = make_key(scopes=("send", "read"))
-    ports = {name: free_port() for name in ("sender", "confirm", "projector")}
+    ports = {name: free_port() for name in ("sender", "confirm", "projector", "hooks",
+                                             "replies")}
+    hooks_port = free_port()
     with SmtpServer() as smtp:
         accounts = tmp_path / "accounts.toml"
         accounts.write_text(smtp_account("dev", smtp.port, rate=500, quota=1000))
@@ -200,7 +207,8 @@ def test_every_rule_and_panel_query_runs_on_live_metrics(namespace, tmp_path: Pa
         settings = IngestSettings(accounts_file=accounts, kafka={"topic_prefix": namespace})
         with Services(env, tmp_path) as services, LiveServer(settings) as api:
             for name, port in ports.items():
-                services.start(name, MAILBUS_METRICS_PORT=str(port))
+                services.start(name, MAILBUS_METRICS_PORT=str(port),
+                               MAILBUS_PORT=str(hooks_port))
             targets = {"ingest": f"127.0.0.1:{api.port}"} | {
                 name: f"127.0.0.1:{port}" for name, port in ports.items()}
             with Prometheus(tmp_path, targets) as prom:
@@ -221,6 +229,16 @@ def test_every_rule_and_panel_query_runs_on_live_metrics(namespace, tmp_path: Pa
                     verifier.close()
                 assert outcome.ok, (outcome.count(), services.tail("confirm"))
                 assert len(smtp.handler.received) == COUNT
+                # A recipient answers through the public links of the first message.
+                links = LinkBuilder(Keyring.from_file(tmp_path / "keys"),
+                                    f"http://127.0.0.1:{hooks_port}")
+                now = datetime.now(UTC)
+                with httpx.Client(timeout=30) as browser:
+                    for url in (links.action_url(outcome.ids[0], "obs@example.com", "yes",
+                                                 now=now),
+                                links.unsubscribe_url(outcome.ids[0], "obs@example.com",
+                                                      now=now)):
+                        assert browser.post(url).status_code == 200
 
                 def scraped(expr: str, at_least: float) -> Callable[[], bool]:
                     return lambda: any(float(s["value"][1]) >= at_least
@@ -235,6 +253,10 @@ def test_every_rule_and_panel_query_runs_on_live_metrics(namespace, tmp_path: Pa
                     ("quota used", 'mailbus_sender_quota_used{account="dev"}', COUNT),
                     ("projected deliveries",
                      'sum(mailbus_projector_events_total{kind="delivered"})', COUNT),
+                    # rate() needs two scrapes of a series that the clicks just made.
+                    ("link responses", 'count(rate(mailbus_hooks_responses_recorded_total'
+                                       '{kind=~"action|unsubscribe"}[1m]))', 2),
+                    ("hook requests", 'count(rate(mailbus_hooks_requests_total[1m]))', 2),
                     ("the recording rule", 'mailbus:sent:increase24h{account="dev"}', 0),
                     # Lag of every group is measured (0 once caught up).
                     ("sender lag", f'count(mailbus_consumer_lag{{group="{group}"}})', 12),
