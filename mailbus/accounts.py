@@ -9,7 +9,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mailbus.errors import ConfigError
 
@@ -68,13 +75,25 @@ class GmailAccount(BaseModel):
     token_file: Path | None = None
     service_account_file: Path | None = None
     delegated_user: str | None = None
-    # The replies service reads the INBOX through users.history.list, read-only:
-    # nothing in the mailbox is changed (gmail.readonly suffices).
+    # The replies service reads the INBOX through users.history.list; unless
+    # processed_label is set it only reads (gmail.readonly suffices).
     read_inbox: bool = False
     # Gmail offers no IDLE to API clients (push needs Cloud Pub/Sub): history is polled.
     poll_seconds: float = Field(default=30.0, ge=1, le=3600)
     # Messages fetched per page of history or of a full sync.
     batch: int = Field(default=100, ge=1, le=500)
+    # Add this user label (created when missing) to each message once it was handled;
+    # nothing else changes: it stays in INBOX, read state untouched. Needs the
+    # gmail.modify scope. Unset: the mailbox is never changed.
+    processed_label: str | None = Field(default=None, min_length=1, max_length=225)
+
+    @field_validator("processed_label")
+    @classmethod
+    def _label_name(cls, name: str | None) -> str | None:
+        # Gmail's label names neither begin nor end with blanks.
+        if name is not None and name != name.strip():
+            raise ValueError("processed_label must not begin or end with a space")
+        return name
 
 
 class Account(BaseModel):

@@ -24,7 +24,13 @@ Behaviour:
   mark is reset to that position (mailbox_state.resets records it).
 * 429 and rate errors wait as long as Google says (or a second); 5xx,
   network and credential trouble back off, doubling up to 5 minutes.
-* The mailbox is never changed.
+* Only with processed_label set is anything changed: each handled message
+  gets that label (users.messages.modify addLabelIds, nothing removed). Its
+  id comes from users.labels.list once per start, the label is created when
+  missing. Gmail records a label change as labelAdded history, which the
+  messageAdded filter leaves out, so labelling never brings a message back.
+  A message met again already recorded (a retry after the labelling itself
+  failed) is labelled again; adding a label it carries changes nothing.
 """
 
 from __future__ import annotations
@@ -37,21 +43,35 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from google.oauth2 import service_account
+
 from mailbus.accounts import Account
 from mailbus.errors import ConfigError
 from mailbus.replies.state import Handler, HandlerFailed, MailboxState, MailRef
-from mailbus.sender.gmail import GmailTransport
-from mailbus.sender.transport import AccountExhausted, SendError, TransientError
+from mailbus.sender.gmail import AUTH, GmailTransport
+from mailbus.sender.transport import (
+    AccountExhausted,
+    PermanentError,
+    SendError,
+    TransientError,
+)
 
 log = logging.getLogger(__name__)
 
 MAILBOX = "INBOX"
 FULL_SYNC_LIMIT = 2000  # messages listed by one full sync, newest first
 BACKOFF = (1.0, 300.0)  # first and longest wait after a failure, seconds
+MODIFY = AUTH + "gmail.modify"
+MAY_MODIFY = {MODIFY, "https://mail.google.com/"}
 
 
 class _Mailbox(GmailTransport):
     """The sender's Gmail client, used to read: calls run in worker threads."""
+
+    def __init__(self, credentials: Any, *, modify: bool = False, **kwargs: Any):
+        if modify:
+            credentials = _allowed_to_modify(credentials, kwargs["account_id"])
+        super().__init__(credentials, **kwargs)
 
     async def call(self, make_request: Callable[[], Any]) -> dict[str, Any]:
         return await self._run(make_request)
@@ -67,11 +87,13 @@ class GmailReader:
             raise ConfigError(f"account {account.id} has no [accounts.gmail] table")
         self.account_id, self.config = account.id, account.gmail
         self._gmail = _Mailbox.from_account(account, api_endpoint=api_endpoint,
-                                            token_uri=token_uri, timeout=timeout)
+                                            token_uri=token_uri, timeout=timeout,
+                                            modify=account.gmail.processed_label is not None)
         self._state, self._handler, self._max_bytes = state, handler, max_bytes
         self._backoff = backoff
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._label_id: str | None = None  # processed_label's, once looked up
         # For health checks and tests.
         self.caught_up = asyncio.Event()
         self.failures = 0
@@ -123,6 +145,8 @@ class GmailReader:
 
     async def _sync(self) -> None:
         users = self._gmail.service.users()
+        if self.config.processed_label and self._label_id is None:
+            self._label_id = await self._processed_label(self.config.processed_label)
         mark = await self._state.load(self.account_id, MAILBOX)
         if mark is None or mark.history_id is None:
             profile = await self._gmail.call(lambda: users.getProfile(userId="me"))
@@ -189,6 +213,8 @@ class GmailReader:
                 return False
             if f"gmail:{gmail_id}" not in known:
                 await self._hand_over(gmail_id, since)
+            else:
+                await self._label(gmail_id)
         return True
 
     async def _hand_over(self, gmail_id: str, since: datetime | None) -> None:
@@ -218,9 +244,66 @@ class GmailReader:
             raise HandlerFailed(ref.source_ref) from exc
         await self._state.save_gmail(self.account_id, MAILBOX, history_id=None,
                                      received_at=received)
+        await self._label(gmail_id)
+
+    async def _processed_label(self, name: str) -> str:
+        """The id of the user label called `name`, created when there is none."""
+        labels = self._gmail.service.users().labels()
+        found = await self._find_label(name)
+        if found is not None:
+            return found
+        body = {"name": name, "labelListVisibility": "labelShow", "messageListVisibility": "show"}
+        try:
+            created = await self._gmail.call(lambda: labels.create(userId="me", body=body))
+        except TransientError as exc:
+            # 409 "Label name exists or conflicts": created meanwhile by someone else, or
+            # the name clashes with a system label (Gmail compares names ignoring case).
+            if exc.code != 409:
+                raise
+            found = await self._find_label(name)
+            if found is None:
+                raise TransientError(f"Gmail will not create label {name!r}: {exc}",
+                                     code=409) from exc
+            return found
+        log.info("account %s: created Gmail label %r (%s)", self.account_id, name,
+                 created["id"])
+        return str(created["id"])
+
+    async def _find_label(self, name: str) -> str | None:
+        labels = self._gmail.service.users().labels()
+        reply = await self._gmail.call(lambda: labels.list(userId="me"))
+        return next((str(label["id"]) for label in reply.get("labels", [])
+                     if label.get("type") == "user"
+                     and label.get("name", "").lower() == name.lower()), None)
+
+    async def _label(self, gmail_id: str) -> None:
+        """Add processed_label to a handled message; nothing without one."""
+        if self._label_id is None:
+            return
+        messages, body = self._gmail.service.users().messages(), {"addLabelIds": [self._label_id]}
+        try:
+            await self._gmail.call(lambda: messages.modify(userId="me", id=gmail_id, body=body))
+        except TransientError as exc:
+            if exc.code != 404:  # 404: deleted since it was handled, nothing to label
+                raise
+        except PermanentError:
+            # 400 for a label deleted while the reader runs: look it up (create it) again.
+            self._label_id = None
+            raise
 
     def _running(self) -> bool:
         return self._stopping is not None and not self._stopping.is_set()
+
+
+def _allowed_to_modify(credentials: Any, account_id: str) -> Any:
+    """A service account also asks for gmail.modify; a user's token must have been granted it."""
+    if isinstance(credentials, service_account.Credentials):
+        return credentials.with_scopes([*(credentials.scopes or ()), MODIFY])
+    granted = set(credentials.scopes or ())
+    if not granted & MAY_MODIFY:
+        raise ConfigError(f"account {account_id}: processed_label needs the gmail.modify scope;"
+                          f" the token grants {sorted(granted)}")
+    return credentials
 
 
 def _unb64(text: str) -> bytes:

@@ -16,13 +16,17 @@ from typing import Any
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import ValidationError
 
 from mailbus.accounts import Account, GmailAccount, ImapAccount, SmtpAccount
 from mailbus.db import open_pool
+from mailbus.errors import ConfigError
 from mailbus.replies.gmail_inbox import GmailReader
 from mailbus.replies.imap import ImapReader
 from mailbus.replies.state import InboundMessage, MailboxState, MailRef
-from mailbus.sender.gmail import SCOPES
+from mailbus.sender.gmail import AUTH, SCOPES
 from mailbus.settings import ServiceSettings
 from tests.support import dovecot
 from tests.support.gmail_emulator import GmailEmulator
@@ -388,17 +392,23 @@ def emu() -> Iterator[GmailEmulator]:
         yield emulator
 
 
-@pytest.fixture
-def gmail_account(emu: GmailEmulator, tmp_path: Path) -> Account:
+def token_account(emu: GmailEmulator, tmp_path: Path, scopes: tuple[str, ...] = SCOPES,
+                  **gmail: Any) -> Account:
     token = tmp_path / "token.json"
     expiry = datetime.now(UTC) + timedelta(hours=1)
     token.write_text(json.dumps({
-        "token": emu.issue_token(ME), "refresh_token": REFRESH, "client_id": "client-id",
-        "client_secret": "client-secret", "token_uri": emu.token_uri, "scopes": list(SCOPES),
+        "token": emu.issue_token(ME, scopes), "refresh_token": REFRESH,
+        "client_id": "client-id", "client_secret": "client-secret",
+        "token_uri": emu.token_uri, "scopes": list(scopes),
         "expiry": expiry.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}))
     return Account(id="gbox", kind="gmail", from_address=ME,
                    gmail=GmailAccount(token_file=token, read_inbox=True, poll_seconds=1,
-                                      batch=2))
+                                      batch=2, **gmail))
+
+
+@pytest.fixture
+def gmail_account(emu: GmailEmulator, tmp_path: Path) -> Account:
+    return token_account(emu, tmp_path)
 
 
 def gmail_reader(emu: GmailEmulator, account: Account, state: MailboxState,
@@ -428,6 +438,9 @@ def test_gmail_inbox_mail_arrives_through_history_and_a_restart_resumes(
                 await until(lambda: len(second.got) == 1)
                 await reader.caught_up.wait()
             assert second.subjects == ["while stopped"]
+            # No processed_label: not one call that could change the mailbox.
+            assert emu.requests["modify"] == emu.requests["labels.create"] == 0
+            assert all(m.label_ids in (["INBOX", "UNREAD"], ["SENT"]) for m in emu.messages(ME))
             mark = stored_mark(namespace, "gbox")
             assert mark and mark | {"uidvalidity": None} == {
                 "uidvalidity": None, "last_uid": 0, "history_id": str(
@@ -456,6 +469,7 @@ def test_an_expired_history_id_falls_back_to_a_full_sync_without_loss_or_repeats
                 await until(lambda: len(got.got) == 6)
             assert got.subjects == ["one", "two", "three", "four", "five", "six"]
             assert len({r.source_ref for r in got.attempts}) == len(got.attempts) == 6
+            assert emu.requests["modify"] == emu.requests["labels.list"] == 0
             mark = stored_mark(namespace, "gbox")
             assert mark and mark["resets"] == 1 and "expired" in mark["reset_reason"]
 
@@ -477,5 +491,160 @@ def test_gmail_rate_limits_and_server_errors_are_retried(
             assert got.subjects == ["after a refusal"]
             assert reader.failures == 1
             assert emu.requests[method] >= 2
+
+    run(scenario)
+
+
+# -- Gmail: processed_label --
+
+LABEL = "mailbus/processed"
+MAY_MODIFY = (*SCOPES, AUTH + "gmail.modify")
+
+
+def labelled(emu: GmailEmulator) -> list[str]:
+    """Subjects of the messages that carry the processed label, as Gmail holds them."""
+    label_id = emu.labels(ME).get(LABEL)
+    return [str(m.message["Subject"]) for m in emu.messages(ME) if label_id in m.label_ids]
+
+
+@pytest.mark.parametrize("name", ["", " Processed", "Processed ", "x" * 226])
+def test_a_processed_label_gmail_would_not_take_is_refused(name: str) -> None:
+    with pytest.raises(ValidationError, match="processed_label"):
+        GmailAccount(token_file=Path("t.json"), processed_label=name)
+    assert GmailAccount(token_file=Path("t.json"), processed_label="x" * 225).processed_label
+
+
+def test_handled_messages_get_the_processed_label_created_once_across_restarts(
+        emu: GmailEmulator, tmp_path: Path, namespace: str) -> None:
+    account = token_account(emu, tmp_path, MAY_MODIFY, processed_label=LABEL)
+    emu.deliver(ME, message("already there"))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            first = Collector(state)
+            async with running(reader := gmail_reader(emu, account, state, first)):
+                await reader.caught_up.wait()
+                emu.deliver(ME, message("one"))
+                emu.deliver(ME, message("two"))
+                emu.deliver(ME, message("sent by us"), labels=("SENT",))
+                await until(lambda: labelled(emu) == ["one", "two"], what="two labels")
+                # Polls after the labelling: its history is labelAdded, never read as new mail.
+                polls = emu.requests["history"]
+                await until(lambda: emu.requests["history"] >= polls + 2, what="two more polls")
+            assert [subject_of(raw) for raw, _ in first.got] == ["one", "two"]
+            assert len(first.attempts) == 2
+            emu.deliver(ME, message("while stopped"))
+            second = Collector(state)
+            async with running(reader := gmail_reader(emu, account, state, second)):
+                await until(lambda: "while stopped" in labelled(emu), what="the third label")
+                await reader.caught_up.wait()
+            assert second.subjects == ["while stopped"]
+
+    run(scenario)
+    assert list(emu.labels(ME)) == [LABEL]
+    assert emu.requests["labels.create"] == 1
+    assert emu.requests["labels.list"] == 2  # once per start, not per poll
+    assert emu.requests["modify"] == 3
+    inbox = [m for m in emu.messages(ME) if "INBOX" in m.label_ids]
+    assert len(inbox) == 4 and all("UNREAD" in m.label_ids for m in inbox)  # nothing else
+
+
+def test_a_message_whose_handler_fails_stays_unlabelled_until_handled(
+        emu: GmailEmulator, tmp_path: Path, namespace: str) -> None:
+    account = token_account(emu, tmp_path, MAY_MODIFY, processed_label=LABEL)
+    refusing = True
+
+    async def scenario() -> None:
+        nonlocal refusing
+        async with state_for(namespace) as state:
+            got = Collector(state, fail=lambda raw, _: refusing and subject_of(raw) == "bad")
+            async with running(reader := gmail_reader(emu, account, state, got)):
+                await reader.caught_up.wait()
+                emu.deliver(ME, message("good"))
+                emu.deliver(ME, message("bad"))
+                await until(lambda: reader.failures >= 2, what="two refusals")
+                assert labelled(emu) == ["good"]
+                assert emu.requests["modify"] == 1
+                refusing = False
+                await until(lambda: labelled(emu) == ["good", "bad"], what="the late label")
+            assert got.subjects == ["good", "bad"]
+
+    run(scenario)
+
+
+def test_labelling_that_failed_is_retried_without_handling_the_message_again(
+        emu: GmailEmulator, tmp_path: Path, namespace: str) -> None:
+    account = token_account(emu, tmp_path, MAY_MODIFY, processed_label=LABEL)
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            async with running(reader := gmail_reader(emu, account, state, got)):
+                await reader.caught_up.wait()
+                emu.fail_next(503, method="modify")
+                emu.deliver(ME, message("once"))
+                await until(lambda: labelled(emu) == ["once"], what="the label")
+            assert len(got.attempts) == 1 and reader.failures == 1
+            assert emu.requests["modify"] == 2
+
+    run(scenario)
+
+
+def test_a_label_deleted_while_reading_is_created_again(
+        emu: GmailEmulator, tmp_path: Path, namespace: str) -> None:
+    account = token_account(emu, tmp_path, MAY_MODIFY, processed_label=LABEL)
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            async with running(reader := gmail_reader(emu, account, state, got)):
+                await reader.caught_up.wait()
+                emu.deliver(ME, message("first"))
+                await until(lambda: labelled(emu) == ["first"])
+                emu.delete_label(ME, emu.labels(ME)[LABEL])
+                emu.deliver(ME, message("second"))
+                await until(lambda: labelled(emu) == ["second"], what="a new label")
+            assert got.subjects == ["first", "second"] and reader.failures == 1
+            assert emu.requests["labels.create"] == 2
+
+    run(scenario)
+
+
+def test_a_token_without_the_modify_scope_is_refused_up_front(
+        emu: GmailEmulator, tmp_path: Path, namespace: str) -> None:
+    account = token_account(emu, tmp_path, processed_label=LABEL)
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            with pytest.raises(ConfigError, match=r"gmail\.modify"):
+                gmail_reader(emu, account, state, Collector(state))
+
+    run(scenario)
+    assert emu.requests["token"] == 0
+
+
+def test_a_delegated_service_account_asks_for_the_modify_scope(
+        emu: GmailEmulator, tmp_path: Path, namespace: str) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    sa_file = tmp_path / "sa.json"
+    sa_file.write_text(json.dumps({
+        "type": "service_account", "project_id": "p", "private_key_id": "k1",
+        "private_key": pem, "client_email": "reader@p.iam.gserviceaccount.com",
+        "client_id": "1", "token_uri": "https://oauth2.googleapis.com/token"}))
+    emu.add_service_account("reader@p.iam.gserviceaccount.com", key.public_key(),
+                            delegates={ME})
+    account = Account(id="gbox", kind="gmail", from_address=ME, gmail=GmailAccount(
+        service_account_file=sa_file, read_inbox=True, poll_seconds=1, processed_label=LABEL))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            async with running(reader := gmail_reader(emu, account, state, got)):
+                await reader.caught_up.wait()
+                emu.deliver(ME, message("to a delegate"))
+                await until(lambda: labelled(emu) == ["to a delegate"])
+            assert reader.failures == 0
 
     run(scenario)

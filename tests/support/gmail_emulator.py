@@ -25,10 +25,20 @@ send, the quota arithmetic and the error bodies, as documented publicly:
   historyId, and answers 404 notFound once startHistoryId is older than the
   history kept (expire_history). users.messages.insert puts mail into the
   inbox as delivery would (deliver() does the same without HTTP).
-Not emulated: uploads (/upload/...), drafts, label management, threading by
-References, search operators other than rfc822msgid:, in:sent, in:inbox,
-after:/before: (epoch seconds), recipient-count limits, From rewriting for
-send-as aliases, history types other than messageAdded.
+* labels (developers.google.com/gmail/api/reference/rest/v1/users.labels):
+  users.labels.list answers the system labels and the user's own; a name
+  already taken, ignoring case, is 409 "Label name exists or conflicts" as
+  users.labels.create answers it (gauteh/lieer issues #29, #207).
+  users.messages.modify adds and removes label ids: 404 notFound for an
+  unknown message, 400 "labelId not found" for an unknown label (seen in
+  celorodovalho/phpdfbot #24), "Invalid label: SENT" for SENT and DRAFT,
+  "No label add or removes specified" for an empty body. A change is one
+  labelAdded / labelRemoved history record, never a messageAdded one.
+Not emulated: uploads (/upload/...), drafts, labels.get/update/delete and
+batchModify, threading by References, search operators other than
+rfc822msgid:, in:sent, in:inbox, after:/before: (epoch seconds),
+recipient-count limits, From rewriting for send-as aliases, label name
+rules beyond "not empty", history types messageDeleted.
 """
 
 from __future__ import annotations
@@ -63,13 +73,27 @@ SEND_SCOPES = {AUTH + "gmail.send", AUTH + "gmail.compose", AUTH + "gmail.modify
                "https://mail.google.com/"}
 READ_SCOPES = {AUTH + "gmail.readonly", AUTH + "gmail.modify", "https://mail.google.com/"}
 INSERT_SCOPES = {AUTH + "gmail.insert", AUTH + "gmail.modify", "https://mail.google.com/"}
+MODIFY_SCOPES = {AUTH + "gmail.modify", "https://mail.google.com/"}
+LABEL_SCOPES = {AUTH + "gmail.labels"} | MODIFY_SCOPES
+SCOPES_NEEDED = {"send": SEND_SCOPES, "insert": INSERT_SCOPES, "modify": MODIFY_SCOPES,
+                 "labels.create": LABEL_SCOPES,
+                 "labels.list": READ_SCOPES | LABEL_SCOPES | {AUTH + "gmail.metadata"}}
 # Quota units per method (developers.google.com/gmail/api/reference/quota).
-READ_COSTS = {"get": 5, "list": 5, "history": 2, "profile": 1}
+READ_COSTS = {"get": 5, "list": 5, "history": 2, "profile": 1, "labels.list": 1,
+              "labels.create": 5, "modify": 5}
+SYSTEM_LABELS = ("CHAT", "SENT", "INBOX", "IMPORTANT", "TRASH", "DRAFT", "SPAM",
+                 "CATEGORY_FORUMS", "CATEGORY_UPDATES", "CATEGORY_PERSONAL",
+                 "CATEGORY_PROMOTIONS", "CATEGORY_SOCIAL", "STARRED", "UNREAD")
+FIXED_LABELS = {"SENT", "DRAFT"}  # modify refuses to add or remove these
+# historyTypes values and the record fields they select.
+HISTORY_TYPES = {"messageAdded": "messagesAdded", "labelAdded": "labelsAdded",
+                 "labelRemoved": "labelsRemoved"}
 NOT_FOUND = "Requested entity was not found."
 DEFAULT_SCOPES = (AUTH + "gmail.send", AUTH + "gmail.readonly")
 WINDOW = timedelta(hours=24)
 STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
-          404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+          404: "NOT_FOUND", 409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+          503: "UNAVAILABLE"}
 FAULTS = {400: ("invalidArgument", "Invalid argument", "global"),
           403: ("dailyLimitExceeded", "Daily Limit Exceeded", "usageLimits"),
           429: ("rateLimitExceeded", "Resource has been exhausted (e.g. check quota).", "global"),
@@ -153,15 +177,18 @@ class User:
     history_id: int = 100_000
     history: list[dict[str, Any]] = field(default_factory=list)
     history_floor: int = 100_000  # records before this are no longer kept
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)  # user labels by id
 
-    def change(self, stored: Stored) -> None:
-        """A message was added: a new history record, and the message carries its id."""
+    def change(self, stored: Stored, kind: str = "messagesAdded",
+               label_ids: list[str] | None = None) -> None:
+        """A new history record of `kind` for the message, which carries its id."""
         self.history_id += 1
         stored.history_id = self.history_id
         ref = {"id": stored.id, "threadId": stored.thread_id}
-        self.history.append({"id": str(self.history_id), "messages": [ref],
-                             "messagesAdded": [{"message": ref | {
-                                 "labelIds": list(stored.label_ids)}}]})
+        entry: dict[str, Any] = {"message": ref | {"labelIds": list(stored.label_ids)}}
+        if label_ids is not None:
+            entry["labelIds"] = label_ids
+        self.history.append({"id": str(self.history_id), "messages": [ref], kind: [entry]})
 
 
 @dataclass
@@ -278,6 +305,21 @@ class GmailEmulator:
     def sent(self, user: str) -> list[EmailMessage]:
         return [stored.message for stored in self.messages(user)]
 
+    def labels(self, user: str) -> dict[str, str]:
+        """The user's own labels: name -> id."""
+        with self._lock:
+            return {label["name"]: label_id
+                    for label_id, label in self._users[user.lower()].labels.items()}
+
+    def delete_label(self, user: str, label_id: str) -> None:
+        """The user deletes one of their labels in Gmail: it leaves every message too."""
+        with self._lock:
+            found = self._users[user.lower()]
+            del found.labels[label_id]
+            for stored in found.messages:
+                if label_id in stored.label_ids:
+                    stored.label_ids = [i for i in stored.label_ids if i != label_id]
+
     # -- lifecycle --
     def __enter__(self) -> GmailEmulator:
         self._thread.start()
@@ -313,18 +355,20 @@ class GmailEmulator:
         if method == "POST" and path == "/token":
             self.requests["token"] += 1
             return self._token({k: v[0] for k, v in parse_qs(body.decode()).items()})
-        match = re.fullmatch(r"/gmail/v1/users/([^/]+)/(messages|history|profile)(?:/([^/]+))?",
-                             path)
+        match = re.fullmatch(r"/gmail/v1/users/([^/]+)/(messages|history|profile|labels)"
+                             r"(?:/([^/]+))?(/modify)?", path)
         name = {("POST", "messages", "send"): "send", ("POST", "messages", None): "insert",
                 ("GET", "messages", None): "list", ("GET", "history", None): "history",
-                ("GET", "profile", None): "profile"}.get(
-            (method, match[2], match[3]) if match else ("", "", ""), "")
-        if match and not name and method == "GET" and match[2] == "messages":
-            name = "get"
+                ("GET", "profile", None): "profile", ("GET", "labels", None): "labels.list",
+                ("POST", "labels", None): "labels.create"}.get(
+            (method, match[2], match[3]) if match and not match[4] else ("", "", ""), "")
+        if match and not name and match[2] == "messages" and match[3]:
+            name = {("GET", None): "get", ("POST", "/modify"): "modify"}.get(
+                (method, match[4]), "")
         if not match or not name:
             raise _Reject(404, google_error(404, "Not Found", "notFound"))
         self.requests[name] += 1
-        needed = {"send": SEND_SCOPES, "insert": INSERT_SCOPES}.get(name, READ_SCOPES)
+        needed = SCOPES_NEEDED.get(name, READ_SCOPES)
         user = self._authorize(headers.get("Authorization", ""), match[1], needed, now)
         faults = self._faults.get(name)
         if faults:
@@ -350,6 +394,12 @@ class GmailEmulator:
             return self._list(user, query)
         if name == "history":
             return self._history(user, query)
+        if name == "labels.list":
+            return self._list_labels(user)
+        if name == "labels.create":
+            return self._create_label(user, body)
+        if name == "modify":
+            return self._modify(user, match[3], body)
         if name == "profile":
             return 200, {"emailAddress": user.email, "messagesTotal": len(user.messages),
                          "threadsTotal": len({m.thread_id for m in user.messages}),
@@ -507,16 +557,20 @@ class GmailEmulator:
             return 400, google_error(400, "Invalid startHistoryId", "invalidArgument")
         if start < user.history_floor:
             return 404, google_error(404, NOT_FOUND, "notFound")
-        types = set(query.get("historyTypes", [])) or {"messageAdded"}
+        # Without historyTypes Google returns every type; the filter keeps the named ones.
+        kinds = {HISTORY_TYPES.get(t, t) for t in query.get("historyTypes", [])} or \
+            set(HISTORY_TYPES.values())
         label = query.get("labelId", [None])[0]
         records = []
         for record in user.history:
-            if int(record["id"]) <= start or "messageAdded" not in types:
+            if int(record["id"]) <= start:
                 continue
-            added = [a for a in record["messagesAdded"]
-                     if label is None or label in a["message"]["labelIds"]]
-            if added:
-                records.append(record | {"messagesAdded": added})
+            kept = {kind: [e for e in entries
+                           if label is None or label in e["message"]["labelIds"]]
+                    for kind, entries in record.items() if kind in kinds}
+            if any(kept.values()):
+                records.append({"id": record["id"], "messages": record["messages"]}
+                               | {k: v for k, v in kept.items() if v})
         offset = int(query.get("pageToken", ["0"])[0])
         size = min(int(query.get("maxResults", ["100"])[0]), 500)
         page = records[offset: offset + size]
@@ -526,6 +580,61 @@ class GmailEmulator:
         if offset + size < len(records):
             out["nextPageToken"] = str(offset + size)
         return 200, out
+
+    def _list_labels(self, user: User) -> Reply:
+        system = [{"id": i, "name": i, "type": "system"} for i in SYSTEM_LABELS]
+        return 200, {"labels": system + [label | {"id": i} for i, label in user.labels.items()]}
+
+    def _create_label(self, user: User, body: bytes) -> Reply:
+        try:
+            data = json.loads(body or b"{}")
+            name = data.get("name") if isinstance(data, dict) else None
+        except ValueError:
+            raise _Reject(400, google_error(400, "Invalid JSON payload received.",
+                                            "parseError")) from None
+        if not isinstance(name, str) or not name.strip():
+            raise _Reject(400, google_error(400, "Invalid label name", "invalidArgument"))
+        taken = [*SYSTEM_LABELS, *(label["name"] for label in user.labels.values())]
+        if name.lower() in {t.lower() for t in taken}:
+            raise _Reject(409, google_error(409, "Label name exists or conflicts", "aborted"))
+        label = {"name": name, "type": "user",
+                 "messageListVisibility": data.get("messageListVisibility", "show"),
+                 "labelListVisibility": data.get("labelListVisibility", "labelShow")}
+        label_id = f"Label_{len(user.labels) + 1}"
+        user.labels[label_id] = label
+        return 200, label | {"id": label_id}
+
+    def _modify(self, user: User, message_id: str, body: bytes) -> Reply:
+        """users.messages.modify: one history record per kind of change that happened."""
+        stored = next((s for s in user.messages if s.id == message_id), None)
+        if stored is None:
+            raise _Reject(404, google_error(404, NOT_FOUND, "notFound"))
+        try:
+            data = json.loads(body or b"{}")
+            add, remove = list(data.get("addLabelIds") or []), \
+                list(data.get("removeLabelIds") or [])
+        except (ValueError, AttributeError, TypeError):
+            raise _Reject(400, google_error(400, "Invalid JSON payload received.",
+                                            "parseError")) from None
+        if not add and not remove:
+            raise _Reject(400, google_error(400, "No label add or removes specified",
+                                            "invalidArgument"))
+        for label_id in add + remove:
+            if label_id in FIXED_LABELS:
+                raise _Reject(400, google_error(400, f"Invalid label: {label_id}",
+                                                "invalidArgument"))
+            if label_id not in SYSTEM_LABELS and label_id not in user.labels:
+                raise _Reject(400, google_error(400, "labelId not found", "invalidArgument"))
+        added = [i for i in dict.fromkeys(add) if i not in stored.label_ids]
+        stored.label_ids = [*stored.label_ids, *added]
+        if added:
+            user.change(stored, "labelsAdded", added)
+        removed = [i for i in dict.fromkeys(remove) if i in stored.label_ids]
+        stored.label_ids = [i for i in stored.label_ids if i not in removed]
+        if removed:
+            user.change(stored, "labelsRemoved", removed)
+        return 200, {"id": stored.id, "threadId": stored.thread_id,
+                     "labelIds": list(stored.label_ids)}
 
     def _list(self, user: User, query: dict[str, list[str]]) -> Reply:
         found = [s for s in reversed(user.messages)

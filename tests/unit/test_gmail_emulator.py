@@ -198,3 +198,66 @@ def test_listing_filters_by_label_and_received_time_newest_first(emu: GmailEmula
     since = int((T0 - timedelta(minutes=1)).timestamp())
     recent = call(emu, "GET", "messages", labelIds="INBOX", q=f"after:{since}")[1]
     assert [m["id"] for m in recent["messages"]] == [new.id]
+
+
+def test_labels_are_created_once_by_name_ignoring_case(emu: GmailEmulator) -> None:
+    system = call(emu, "GET", "labels")[1]["labels"]
+    assert {"id": "INBOX", "name": "INBOX", "type": "system"} in system
+    status, created = call(emu, "POST", "labels", {
+        "name": "Processed", "labelListVisibility": "labelShow", "messageListVisibility": "show"})
+    assert status == 200 and created["name"] == "Processed" and created["type"] == "user"
+    assert created in call(emu, "GET", "labels")[1]["labels"]
+    assert emu.labels(ME) == {"Processed": created["id"]}
+    conflict = google_error(409, "Label name exists or conflicts", "aborted")
+    assert conflict["error"]["status"] == "ABORTED"
+    assert call(emu, "POST", "labels", {"name": "processed"}) == (409, conflict)
+    assert call(emu, "POST", "labels", {"name": "Inbox"}) == (409, conflict)
+    assert call(emu, "POST", "labels", {"name": ""})[0] == 400
+    assert emu.requests["labels.create"] == 4 and emu.requests["labels.list"] == 2
+
+
+def test_modify_changes_labels_and_records_label_history_not_added_messages(
+        emu: GmailEmulator) -> None:
+    label = call(emu, "POST", "labels", {"name": "Done"})[1]["id"]
+    message = emu.deliver(ME, raw("one"))
+    start = call(emu, "GET", "profile")[1]["historyId"]
+    status, changed = call(emu, "POST", f"messages/{message.id}/modify",
+                           {"addLabelIds": [label], "removeLabelIds": ["UNREAD"]})
+    assert status == 200 and changed["labelIds"] == ["INBOX", label]
+    assert call(emu, "GET", f"messages/{message.id}", format="minimal")[1]["labelIds"] == \
+        ["INBOX", label]
+    assert call(emu, "GET", "messages", labelIds=label)[1]["messages"][0]["id"] == message.id
+    added_only = {"startHistoryId": start, "historyTypes": "messageAdded", "labelId": "INBOX"}
+    assert "history" not in call(emu, "GET", "history", **added_only)[1]
+    records = call(emu, "GET", "history", startHistoryId=start)[1]["history"]
+    assert [[k for k in r if k not in ("id", "messages")] for r in records] == \
+        [["labelsAdded"], ["labelsRemoved"]]
+    assert records[0]["labelsAdded"][0]["labelIds"] == [label]
+    assert records[1]["labelsRemoved"][0]["labelIds"] == ["UNREAD"]
+    # Adding a label the message carries already changes nothing, records nothing.
+    profile = call(emu, "GET", "profile")[1]["historyId"]
+    assert call(emu, "POST", f"messages/{message.id}/modify", {"addLabelIds": [label]})[0] == 200
+    assert call(emu, "GET", "profile")[1]["historyId"] == profile
+
+
+def test_modify_refusals_are_googles(emu: GmailEmulator) -> None:
+    message = emu.deliver(ME, raw("one"))
+    assert call(emu, "POST", "messages/0123456789abcdef/modify", {"addLabelIds": ["INBOX"]}) == \
+        (404, google_error(404, "Requested entity was not found.", "notFound"))
+    assert call(emu, "POST", f"messages/{message.id}/modify", {"addLabelIds": ["Label_9"]}) == \
+        (400, google_error(400, "labelId not found", "invalidArgument"))
+    assert call(emu, "POST", f"messages/{message.id}/modify", {"removeLabelIds": ["SENT"]}) == \
+        (400, google_error(400, "Invalid label: SENT", "invalidArgument"))
+    assert call(emu, "POST", f"messages/{message.id}/modify", {})[1]["error"]["message"] == \
+        "No label add or removes specified"
+    assert emu.messages(ME)[0].label_ids == ["INBOX", "UNREAD"]
+
+
+def test_modify_needs_the_modify_scope(emu: GmailEmulator) -> None:
+    message = emu.deliver(ME, raw("one"))
+    headers = {"Authorization": "Bearer " + emu.issue_token(ME)}  # gmail.send + gmail.readonly
+    status, body = emu.handle("POST", f"/gmail/v1/users/me/messages/{message.id}/modify",
+                              headers, json.dumps({"addLabelIds": ["STARRED"]}).encode())
+    assert status == 403 and body["error"]["errors"][0]["reason"] == "insufficientPermissions"
+    status, _ = emu.handle("GET", "/gmail/v1/users/me/labels", headers, b"")
+    assert status == 200
