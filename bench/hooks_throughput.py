@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +41,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from servers import rss_kib, wait_ready  # noqa: E402
+
 from mailbus.provision import provision  # noqa: E402
 from mailbus.settings import ServiceSettings  # noqa: E402
 from mailbus.tokens import Keyring, LinkBuilder  # noqa: E402
@@ -51,14 +52,6 @@ from tests.support.smtp import free_port  # noqa: E402
 LINKS = 100
 # The hooks settings' upper bounds: wrk's one address must not be throttled.
 RATE_MAX = "100000"
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):  # peak resident set size
-            return int(line.split()[1])
-    return 0
-
 
 def signed_paths(keyring: Keyring, base_url: str) -> list[str]:
     """Action links as the sender signs them: one message and recipient each."""
@@ -108,21 +101,6 @@ def baseline_server(port: int, get_bytes: int, post_bytes: int) -> None:
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                 server_header=False, proxy_headers=False)
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("server not ready in 60 s")
-
 
 def load(url: str, method: str, paths_file: Path, seconds: int,
          concurrency: int) -> dict[str, float]:

@@ -24,15 +24,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import psycopg
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from servers import rss_kib, wait_ready  # noqa: E402
 
 from mailbus import apikeys  # noqa: E402
 from mailbus.provision import provision  # noqa: E402
@@ -43,14 +43,6 @@ from tests.support.smtp import free_port  # noqa: E402
 
 MESSAGE = {"to": ["Ada Lovelace <ada@example.com>"], "subject": "Benchmark",
            "text": "Hello " * 50, "html": "<p>" + "Hello " * 50 + "</p>", "tags": ["bench"]}
-
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):  # peak resident set size
-            return int(line.split()[1])
-    return 0
 
 
 def load(url: str, token: str, seconds: float, concurrency: int, batch: int,
@@ -79,21 +71,6 @@ def serve(variant: str, prefix: str, accounts: Path, port: int) -> subprocess.Po
            "MAILBUS_ACCOUNTS_FILE": str(accounts), "MAILBUS_LOG_LEVEL": "WARNING",
            "MAILBUS_POSTGRES__POOL_MAX": "20", "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, str(REPO / "bench" / "serve.py"), variant], env=env)
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit("server not ready in 60 s")
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
