@@ -135,7 +135,8 @@ def create_app(settings: HooksSettings, keyring: Keyring, clock: Clock | None = 
         claims = claims_of(token, "action")
         if isinstance(claims, Response):
             return claims
-        return _html(pages.confirm_action(token, claims.action))
+        url = claims.url if claims.url is not None and _REDIRECT.fullmatch(claims.url) else None
+        return _html(pages.confirm_action(token, claims.action, url))
 
     @app.post("/a/{token}")
     async def action_click(request: Request, token: str) -> Response:

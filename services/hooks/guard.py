@@ -19,6 +19,7 @@ from mailbus.hooks.limiter import Network, RateLimiter, limiter_key, retry_after
 log = logging.getLogger(__name__)
 _SECURITY = [(k.lower().encode(), v.encode()) for k, v in pages.SECURITY_HEADERS]
 _DROPPED = {name for name, _ in _SECURITY} | {b"set-cookie", b"server"}
+_CSP = b"content-security-policy"
 _METHODS = frozenset({"GET", "HEAD", "POST"})
 _UNLIMITED = frozenset({"/healthz", "/readyz"})
 
@@ -63,9 +64,14 @@ class Guard:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
-                headers = [(k, v) for k, v in message.get("headers", ())
-                           if k.lower() not in _DROPPED]
-                message = {**message, "headers": headers + _SECURITY}
+                given = list(message.get("headers", ()))
+                # A page may widen form-action to its signed redirect's origin
+                # (pages.csp); every other security header is always the guard's.
+                own = [(k, v) for k, v in given if k.lower() == _CSP and
+                       v.decode("latin-1").startswith("default-src 'none'; form-action 'self'")]
+                headers = [(k, v) for k, v in given if k.lower() not in _DROPPED]
+                security = [(k, v) for k, v in _SECURITY if not (own and k == _CSP)]
+                message = {**message, "headers": headers + own[:1] + security}
             await send(message)
 
         try:

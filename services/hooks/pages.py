@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from dataclasses import dataclass, field
 from html import escape
+from urllib.parse import urlsplit
 
 STYLE = ("body{font-family:system-ui,-apple-system,'Segoe UI',Arial,sans-serif;margin:0;"
          "padding:2rem 1rem;background:#f6f7f9;color:#1f2328;line-height:1.5}"
@@ -19,8 +21,33 @@ STYLE = ("body{font-family:system-ui,-apple-system,'Segoe UI',Arial,sans-serif;m
          "background:#1a56db;color:#fff;cursor:pointer}"
          "button:focus{outline:3px solid #1f2328;outline-offset:2px}")
 _STYLE_HASH = base64.b64encode(hashlib.sha256(STYLE.encode()).digest()).decode()
-CSP = ("default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
-       f"style-src 'sha256-{_STYLE_HASH}'")
+_ORIGIN = re.compile(r"https?://[a-z0-9.-]+(?::[0-9]{1,5})?")
+
+
+def csp(form_target: str | None = None) -> str:
+    """The pages' policy; `form_target` also lets the form's POST redirect to that origin.
+
+    Browsers apply form-action to the redirects that follow a submission, so
+    the page of an action with a signed URL must name the URL's origin.
+    """
+    targets = "'self'" + (f" {form_target}" if form_target else "")
+    return (f"default-src 'none'; form-action {targets}; frame-ancestors 'none'; "
+            f"base-uri 'none'; style-src 'sha256-{_STYLE_HASH}'")
+
+
+def origin(url: str) -> str | None:
+    """scheme://host[:port] of an http(s) URL, the host in ASCII; None if it has none."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").encode("idna").decode("ascii")
+        port = f":{parts.port}" if parts.port else ""
+    except (ValueError, UnicodeError):
+        return None
+    found = f"{parts.scheme.lower()}://{host}{port}"
+    return found if _ORIGIN.fullmatch(found) else None
+
+
+CSP = csp()
 # On every response, pages and errors alike; Set-Cookie is stripped.
 SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
     ("Content-Security-Policy", CSP),
@@ -62,12 +89,14 @@ def _form(target: str, button: str, hidden: dict[str, str] | None = None) -> str
             f'<button type="submit">{escape(button)}</button>\n</form>\n')
 
 
-def confirm_action(token: str, action_id: str) -> Page:
-    """Shown by GET /a/: the choice and a button that records it."""
+def confirm_action(token: str, action_id: str, url: str | None = None) -> Page:
+    """Shown by GET /a/: the choice and a button that records it (then goes to `url`)."""
     body = (f"<p>You chose <strong>{escape(action_id)}</strong>. "
             "Press the button to send your answer.</p>\n"
             + _form(token, f"Confirm: {action_id}"))
-    return _page(200, "Confirm your answer", body)
+    target = origin(url) if url else None
+    return _page(200, "Confirm your answer", body,
+                 {"Content-Security-Policy": csp(target)} if target else None)
 
 
 def action_recorded(action_id: str) -> Page:

@@ -17,6 +17,7 @@ import uvicorn
 from prometheus_client import REGISTRY
 
 from mailbus.codec import Registry
+from mailbus.hooks import pages
 from mailbus.hooks.app import server_config
 from mailbus.hooks.handlers import address_hash, event_id
 from mailbus.hooks.pages import CSP
@@ -151,6 +152,13 @@ def test_signed_redirect_is_followed_and_nothing_else(hooks, links, namespace, a
                                                         registry):
     target = "https://example.com/thanks?order=42&x=%2F"
     signed = path_of(links.action_url(MID, ADA, "yes", target, now=now()))
+    # Browsers check form-action on the redirect after the button's POST: the page
+    # names the signed URL's origin, and only it.
+    page = hooks.get(signed)
+    assert page.headers["content-security-policy"] == pages.csp("https://example.com")
+    assert {k: v for k, v in page.headers.items() if k in SECURITY and
+            k != "content-security-policy"} == {k: v for k, v in SECURITY.items()
+                                                 if k != "content-security-policy"}
     r = hooks.post(signed + "?next=https://evil.test/", data={"next": "https://evil.test/"})
     assert r.status_code == 303 and r.headers["location"] == target
     assert_secure(r)

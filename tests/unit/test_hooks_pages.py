@@ -165,3 +165,24 @@ def test_records_encode_and_ids_are_deterministic() -> None:
     for record in (click, opened, suppression, response):
         _, decoded = registry.decode(registry.encode(record.topic, record.value), record.topic)
         assert decoded == record.value
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("https://example.com/thanks?x=1", "https://example.com"),
+    ("https://Shop.Example.com:8443/a", "https://shop.example.com:8443"),
+    ("http://caf\u00e9.example/x", "http://xn--caf-dma.example"),
+    ("https://user:pw@example.com/", "https://example.com"),
+    ("https://exa mple.com/", None),
+    ("https://[::1]/", None),
+])
+def test_form_target_is_the_signed_urls_origin(url: str, expected: str | None) -> None:
+    assert pages.origin(url) == expected
+
+
+def test_only_an_action_with_a_url_widens_form_action() -> None:
+    plain = pages.confirm_action("tok", "yes")
+    assert plain.headers == {}
+    page = pages.confirm_action("tok", "yes", "https://example.com/thanks")
+    assert page.headers == {"Content-Security-Policy": pages.csp("https://example.com")}
+    assert "form-action 'self' https://example.com;" in page.headers["Content-Security-Policy"]
+    assert "form-action 'self';" in pages.CSP
