@@ -15,6 +15,7 @@ from mailbus.codec import Registry
 from mailbus.ingest.settings import IngestSettings
 from mailbus.provision import provision
 from mailbus.settings import ServiceSettings
+from tests.support import dovecot
 from tests.support.kafka import drop_namespace, new_prefix
 
 ACCOUNTS = """
@@ -110,3 +111,11 @@ def make_key(admin: ServiceSettings) -> Callable[..., tuple[str, str]]:
 @pytest.fixture(scope="session")
 def registry() -> Registry:
     return Registry.load()
+
+
+@pytest.fixture(scope="module")
+def dovecot_server() -> Iterator[dovecot.Dovecot]:
+    """A private Debian Dovecot for a module's tests; each test clears the mailbox it uses."""
+    started = dovecot.start()
+    yield started
+    dovecot.stop(started)

@@ -12,12 +12,7 @@ the same compacted topic every sender reads.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import json
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,8 +28,15 @@ from mailbus.errors import UnavailableError
 from mailbus.ingest.app import Key
 from mailbus.ingest.handlers import require_scope
 from mailbus.ingest.models import no_header_breaks
-from mailbus.ingest.problems import Problem, invalid, unavailable
-from mailbus.ingest.status import DEFAULT_LIMIT, MAX_LIMIT, _namespace, _rows
+from mailbus.ingest.problems import Problem, unavailable
+from mailbus.ingest.status import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    _namespace,
+    _rows,
+    decode_cursor,
+    page_of,
+)
 
 SQL = queries.load(Path(__file__).with_name("responses.sql"))
 router = APIRouter()
@@ -48,36 +50,6 @@ InboundKind = Literal["dsn", "complaint", "auto_reply", "reply", "unsubscribe", 
 _RESPONSE_FIELDS = ("recipient", "action_id", "subject", "text", "reliable", "source")
 
 
-def _cursor(parts: dict[str, str]) -> str:
-    raw = json.dumps(parts, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _uncursor(cursor: str, keys: tuple[str, ...]) -> dict[str, str]:
-    """The fields of a cursor this API returned; 422 naming `cursor` otherwise."""
-    try:
-        doc = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(doc, dict) or set(doc) != set(keys):
-            raise ValueError("wrong fields")
-        if datetime.fromisoformat(doc["t"]).utcoffset() is None:
-            raise ValueError("naive time")
-        if "id" in doc:
-            doc["id"] = str(uuid.UUID(doc["id"]))
-        if not all(isinstance(v, str) for v in doc.values()):
-            raise ValueError("not text")
-    except (binascii.Error, ValueError, TypeError, KeyError):
-        raise invalid([{"field": "cursor", "message": "not a cursor this API returned"}]
-                      ) from None
-    return doc
-
-
-def _page(rows: list[Any], limit: int, cursor_of: Callable[[Any], dict[str, str]]
-          ) -> tuple[list[Any], str | None]:
-    """The page of a query that asked for limit + 1 rows, and the cursor after it if more."""
-    page = rows[:limit]
-    return page, _cursor(cursor_of(page[-1])) if len(rows) > limit else None
-
-
 def response_body(row: dict[str, Any]) -> dict[str, Any]:
     """One response as the API shows it."""
     detail = row["detail"] or {}
@@ -89,7 +61,7 @@ def response_body(row: dict[str, Any]) -> dict[str, Any]:
 
 async def _feed(request: Request, key: Any, *, message_id: str | None, kind: str | None,
                 since: datetime | None, limit: int, cursor: str | None) -> dict[str, Any]:
-    after = (_uncursor(cursor, ("t", "id")) if cursor
+    after = (decode_cursor(cursor, ("t", "id")) if cursor
              else dict(zip(("t", "id"), FEED_START, strict=True)))
     params = {"namespace": _namespace(request), "key_id": key.id, "kind": kind,
               "message_id": message_id, "since": since or "-infinity",
@@ -97,7 +69,7 @@ async def _feed(request: Request, key: Any, *, message_id: str | None, kind: str
     async with _rows(request) as cur:
         await cur.execute(SQL["feed_all" if key.is_admin else "feed_for_key"], params)
         rows = await cur.fetchall()
-    page, after_last = _page(rows, limit, lambda r: {"t": r["projected_at"].isoformat(),
+    page, after_last = page_of(rows, limit, lambda r: {"t": r["projected_at"].isoformat(),
                                                      "id": str(r["event_id"])})
     return {"responses": [response_body(r) for r in page], "next_cursor": after_last}
 
@@ -153,16 +125,16 @@ async def list_suppressions(
 ) -> dict[str, Any]:
     """Admin keys: who may not be mailed (and, with active=false, who was lifted), newest first."""
     require_scope(key, "admin")
-    after = (_uncursor(cursor, ("t", "h", "s")) if cursor
+    after = (decode_cursor(cursor, ("t", "h", "s")) if cursor
              else dict(zip(("t", "h", "s"), SUPPRESSIONS_START, strict=True)))
-    digest = hashlib.sha256(address.strip().lower().encode()).hexdigest() if address else None
+    digest = topics.address_hash(address) if address else None
     params = {"namespace": _namespace(request), "active": active, "address_hash": digest,
               "after_at": after["t"], "after_hash": after["h"], "after_scope": after["s"],
               "limit": limit + 1}
     async with _rows(request) as cur:
         await cur.execute(SQL["suppressions"], params)
         rows = await cur.fetchall()
-    page, after_last = _page(rows, limit, lambda r: {"t": r["updated_at"].isoformat(),
+    page, after_last = page_of(rows, limit, lambda r: {"t": r["updated_at"].isoformat(),
                                                      "h": r["address_hash"], "s": r["scope"]})
     return {"suppressions": [{
         "address": r["address"], "scope": r["scope"] or None, "reason": r["reason"],
@@ -181,7 +153,7 @@ async def list_inbound(
 ) -> dict[str, Any]:
     """Admin keys: every message the mailbox readers read, newest first (unmatched too)."""
     require_scope(key, "admin")
-    after = (_uncursor(cursor, ("t", "a", "r")) if cursor
+    after = (decode_cursor(cursor, ("t", "a", "r")) if cursor
              else dict(zip(("t", "a", "r"), INBOUND_START, strict=True)))
     params = {"namespace": _namespace(request), "kind": kind, "account": account,
               "after_at": after["t"], "after_account": after["a"], "after_ref": after["r"],
@@ -189,7 +161,7 @@ async def list_inbound(
     async with _rows(request) as cur:
         await cur.execute(SQL["inbound"], params)
         rows = await cur.fetchall()
-    page, after_last = _page(rows, limit, lambda r: {"t": r["recorded_at"].isoformat(),
+    page, after_last = page_of(rows, limit, lambda r: {"t": r["recorded_at"].isoformat(),
                                                      "a": r["account_id"],
                                                      "r": r["source_ref"]})
     return {"inbound": [{

@@ -12,7 +12,7 @@ import binascii
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import date, datetime
 from pathlib import Path
@@ -40,25 +40,43 @@ _MESSAGE_FIELDS = ("status", "pool", "subject", "recipients", "tags", "send_at",
                    "requested_at", "updated_at")
 
 
-def encode_cursor(requested_at: datetime, message_id: str) -> str:
-    """The opaque cursor after a row: base64url of JSON, unpadded."""
-    raw = json.dumps({"t": requested_at.isoformat(), "id": message_id}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+def encode_cursor(fields: dict[str, str]) -> str:
+    """The opaque cursor after a row (its sort key): base64url of JSON, unpadded."""
+    raw = json.dumps(fields, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """(requested_at, id) from a cursor; 422 naming `cursor` when it is not one of ours."""
+def decode_cursor(cursor: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """The fields of a cursor this API returned; 422 naming `cursor` otherwise.
+
+    Every cursor has text fields only, `t` an aware ISO time and `id`, when
+    present, a UUID.
+    """
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        doc = json.loads(raw)
-        moment = datetime.fromisoformat(doc["t"])
-        message_id = str(uuid.UUID(doc["id"]))
-        if moment.utcoffset() is None:
+        doc = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(doc, dict) or set(doc) != set(keys):
+            raise ValueError("wrong fields")
+        if not all(isinstance(v, str) for v in doc.values()):
+            raise ValueError("not text")
+        if datetime.fromisoformat(doc["t"]).utcoffset() is None:
             raise ValueError("naive time")
+        if "id" in doc:
+            doc["id"] = str(uuid.UUID(doc["id"]))
     except (binascii.Error, ValueError, TypeError, KeyError):
         raise invalid([{"field": "cursor", "message": "not a cursor this API returned"}]
                       ) from None
-    return moment, message_id
+    return doc
+
+
+def page_of(rows: list[Any], limit: int, cursor_of: Callable[[Any], dict[str, str]]
+            ) -> tuple[list[Any], str | None]:
+    """The page of a query that asked for limit + 1 rows, and the cursor after it.
+
+    The one row more than asked says whether another page exists; the cursor
+    is None when it does not.
+    """
+    page = rows[:limit]
+    return page, encode_cursor(cursor_of(page[-1])) if len(rows) > limit else None
 
 
 def parse_day(value: str | None) -> date:
@@ -137,18 +155,16 @@ async def list_messages(
 ) -> dict[str, Any]:
     """This key's messages (admin keys: all), newest first, a page at a time."""
     require_scope(key, "read")
-    after: tuple[Any, str] = decode_cursor(cursor) if cursor else FIRST_PAGE
-    params = {"after_at": after[0], "after_id": after[1], "status": status,
+    after = (decode_cursor(cursor, ("t", "id")) if cursor
+             else dict(zip(("t", "id"), FIRST_PAGE, strict=True)))
+    params = {"after_at": after["t"], "after_id": after["id"], "status": status,
               "since": since or "-infinity", "limit": limit + 1, "key_id": key.id}
     async with _rows(request) as cur:
         await cur.execute(SQL["list_all" if key.is_admin else "list_for_key"], params)
         rows = await cur.fetchall()
-    page = rows[:limit]
-    # One row more than asked says whether another page exists.
-    more = len(rows) > limit
-    return {"messages": [message_body(r) for r in page],
-            "next_cursor": encode_cursor(page[-1]["requested_at"], str(page[-1]["id"]))
-            if more else None}
+    page, after_last = page_of(rows, limit, lambda r: {"t": r["requested_at"].isoformat(),
+                                                       "id": str(r["id"])})
+    return {"messages": [message_body(r) for r in page], "next_cursor": after_last}
 
 
 @router.get("/v1/reports/daily", tags=["reports"])

@@ -10,7 +10,6 @@ the sender refuses the unsubscribed and the bounced recipient next time.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from mailbus.ingest.settings import IngestSettings
 from tests.integration.conftest import LiveServer
@@ -26,13 +24,6 @@ from tests.support import dovecot
 from tests.support.processes import Services
 from tests.support.projector import eventually
 from tests.support.smtp import SmtpServer, free_port
-
-
-@pytest.fixture(scope="module")
-def mailbox() -> Iterator[dovecot.Dovecot]:
-    started = dovecot.start()
-    yield started
-    dovecot.stop(started)
 
 
 def accounts_toml(smtp_port: int, box: dovecot.Dovecot) -> str:
@@ -49,14 +40,7 @@ host = "127.0.0.1"
 port = {smtp_port}
 tls = "none"
 
-[accounts.imap]
-host = "{box.host}"
-port = {box.port}
-tls = "none"
-username = "{box.user}"
-password_file = "{box.password_file}"
-poll_seconds = 1
-"""
+{box.accounts_table()}"""
 
 
 def dsn_for(original: EmailMessage, recipient: str) -> bytes:
@@ -120,7 +104,8 @@ def reply_to(original: EmailMessage, sender: str, text: str) -> bytes:
 
 
 def test_a_click_a_reply_a_bounce_and_an_unsubscribe_come_back(
-        namespace, tmp_path: Path, make_key, mailbox: dovecot.Dovecot):
+        namespace, tmp_path: Path, make_key, dovecot_server: dovecot.Dovecot):
+    mailbox = dovecot_server
     mailbox.clear()
     _, token = make_key(scopes=("send", "read"))
     _, admin = make_key(scopes=("admin",))

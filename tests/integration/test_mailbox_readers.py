@@ -100,17 +100,10 @@ async def running(reader: ImapReader | GmailReader) -> AsyncIterator[asyncio.Tas
         await asyncio.wait_for(task, 10)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[dovecot.Dovecot]:
-    started = dovecot.start()
-    yield started
-    dovecot.stop(started)
-
-
 @pytest.fixture
-def imap(server: dovecot.Dovecot) -> dovecot.Dovecot:
-    server.clear()
-    return server
+def imap(dovecot_server: dovecot.Dovecot) -> dovecot.Dovecot:
+    dovecot_server.clear()
+    return dovecot_server
 
 
 @pytest.fixture

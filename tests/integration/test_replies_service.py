@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
@@ -11,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 from mailbus.replies.settings import RepliesSettings
 from mailbus.tokens import Keyring, LinkBuilder
@@ -22,13 +20,6 @@ from tests.support.projector import eventually
 
 CORPUS = Path(__file__).parent.parent / "unit" / "corpus" / "inbound"
 READER = RepliesSettings()
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[dovecot.Dovecot]:
-    started = dovecot.start()
-    yield started
-    dovecot.stop(started)
 
 
 def accounts_toml(server: dovecot.Dovecot) -> str:
@@ -43,14 +34,7 @@ host = "127.0.0.1"
 port = 2525
 tls = "none"
 
-[accounts.imap]
-host = "{server.host}"
-port = {server.port}
-tls = "none"
-username = "{server.user}"
-password_file = "{server.password_file}"
-poll_seconds = 1
-"""
+{server.accounts_table()}"""
 
 
 def mail(**headers: str) -> bytes:
@@ -83,7 +67,8 @@ def decoded(admin_kafka, namespace: str, registry, topic: str, **kw: Any) -> lis
 
 
 def test_mailbox_to_events_once_each_and_the_mailbox_untouched(
-        server, namespace, admin_kafka, registry, tmp_path, api, make_key):
+        dovecot_server, namespace, admin_kafka, registry, tmp_path, api, make_key):
+    server = dovecot_server
     server.clear()
     keys = tmp_path / "link-keys.json"
     links = LinkBuilder(Keyring.generate_file(keys), unsubscribe_mailto="unsub@example.com")

@@ -191,6 +191,12 @@ class Dovecot:
         path = self.root / "dovecot.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def accounts_table(self, poll_seconds: float = 1) -> str:
+        """The [accounts.imap] table of an accounts file that reads this mailbox (plain IMAP)."""
+        return (f'[accounts.imap]\nhost = "{self.host}"\nport = {self.port}\ntls = "none"\n'
+                f'username = "{self.user}"\npassword_file = "{self.password_file}"\n'
+                f"poll_seconds = {poll_seconds}\n")
+
 
 def _quote(mailbox: str) -> str:
     return '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'

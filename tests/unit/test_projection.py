@@ -194,12 +194,15 @@ def test_increments_sum_per_day_and_account() -> None:
 
 def test_cursor_round_trip_and_rejects() -> None:
     moment = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
-    cursor = encode_cursor(moment, MID)
-    assert "=" not in cursor and decode_cursor(cursor) == (moment, MID)
-    for bad in ("", "!!!", "e30", encode_cursor(moment, "nope"),
-                encode_cursor(moment.replace(tzinfo=None), MID)):
+    cursor = encode_cursor({"t": moment.isoformat(), "id": MID})
+    assert "=" not in cursor
+    assert decode_cursor(cursor, ("t", "id")) == {"t": moment.isoformat(), "id": MID}
+    for bad in ("", "!!!", "e30", encode_cursor({"t": moment.isoformat(), "id": "nope"}),
+                encode_cursor({"t": moment.replace(tzinfo=None).isoformat(), "id": MID}),
+                encode_cursor({"t": moment.isoformat(), "id": 7}),  # type: ignore[dict-item]
+                encode_cursor({"t": moment.isoformat(), "id": MID, "x": "y"})):
         with pytest.raises(Problem) as info:
-            decode_cursor(bad)
+            decode_cursor(bad, ("t", "id"))
         assert info.value.status == 422 and info.value.errors[0]["field"] == "cursor"
 
 
