@@ -115,7 +115,7 @@ class ImapReader:
         """Finish the message in hand, leave IDLE or the poll wait, log out."""
         with self._lock:
             self._stop.set()
-            sock = self._idle_sock
+            sock, self._idle_sock = self._idle_sock, None  # taken: _wait sees it was shut
         if sock is not None:
             try:  # the plain socket's shutdown: wakes the poll() inside idle_check
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
@@ -273,29 +273,34 @@ class ImapReader:
             return
         client.idle()
         with self._lock:
-            if self._stop.is_set():
+            watched = not self._stop.is_set()
+            if watched:
+                self._idle_sock = client.socket()
+        if watched:
+            self.idling.set()
+            try:
+                # Also leave IDLE every poll_seconds for one UID SEARCH: mail that
+                # arrived between the last search and the IDLE command may have been
+                # announced in that search's response, where nothing watches for it.
+                renew_at = time.monotonic() + min(IDLE_RENEW_SECONDS, self.config.poll_seconds)
+                while not self._stop.is_set():
+                    left = renew_at - time.monotonic()
+                    if left <= 0:
+                        break
+                    responses = client.idle_check(timeout=min(IDLE_CHECK_SECONDS, left))
+                    if any(len(r) > 1 and r[1] in _NEW_MAIL for r in responses
+                           if isinstance(r, tuple)):
+                        break
+            finally:
+                self.idling.clear()
+                with self._lock:
+                    shut = self._idle_sock is None  # stop() took the socket and shut it
+                    self._idle_sock = None
+            if shut:
                 return
-            self._idle_sock = client.socket()
-        self.idling.set()
-        try:
-            # Also leave IDLE every poll_seconds for one UID SEARCH: mail that
-            # arrived between the last search and the IDLE command may have been
-            # announced in that search's response, where nothing watches for it.
-            renew_at = time.monotonic() + min(IDLE_RENEW_SECONDS, self.config.poll_seconds)
-            while not self._stop.is_set():
-                left = renew_at - time.monotonic()
-                if left <= 0:
-                    break
-                responses = client.idle_check(timeout=min(IDLE_CHECK_SECONDS, left))
-                if any(len(r) > 1 and r[1] in _NEW_MAIL for r in responses
-                       if isinstance(r, tuple)):
-                    break
-        finally:
-            self.idling.clear()
-            with self._lock:
-                self._idle_sock = None
-        if not self._stop.is_set():
-            client.idle_done()
+        # Always end IDLE on a live connection, also when stopping: a server in IDLE
+        # answers nothing but DONE, so a LOGOUT sent instead waits out the read timeout.
+        client.idle_done()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the caller's event loop and wait for it."""

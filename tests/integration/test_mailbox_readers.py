@@ -331,6 +331,48 @@ def test_tls_with_a_private_ca_file(imap: dovecot.Dovecot, namespace: str, tls: 
     run(scenario)
 
 
+class StopsJustAfterIdle(ImapReader):
+    """A reader whose stop() lands after IDLE went out, before it watches the socket."""
+
+    idles_sent = 0
+
+    def _connect(self) -> Any:
+        client = super()._connect()
+        send_idle = client.idle
+
+        def idle() -> Any:
+            answer = send_idle()
+            self.idles_sent += 1
+            self.stop()
+            return answer
+
+        client.idle = idle
+        return client
+
+
+@pytest.mark.parametrize("tls", ["none", "implicit"])
+def test_a_stop_just_after_idle_was_sent_ends_idle_and_logs_out(
+        imap: dovecot.Dovecot, namespace: str, tls: str) -> None:
+    # A server in IDLE answers nothing but DONE: a LOGOUT sent instead would wait out
+    # the 30 s read timeout, and running() gives the reader 10 s to finish.
+    imap.append(message("before idle"))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = StopsJustAfterIdle(
+                imap_account(imap, tls=tls, ca_file=imap.ca_file, timeout_seconds=30,
+                             port=imap.tls_port if tls == "implicit" else imap.port),
+                state=state, handler=got, max_bytes=1 << 20, backoff=QUICK)
+            async with running(reader) as task:
+                await until(task.done, timeout=20, what="the reader to finish")
+            assert reader.idles_sent == 1 and reader.failures == 0
+            assert got.subjects == ["before idle"]
+            assert imap_mark(namespace)["last_uid"] == 1
+
+    run(scenario)
+
+
 def test_tls_refuses_a_certificate_not_signed_by_the_ca(
         imap: dovecot.Dovecot, namespace: str) -> None:
     imap.append(message("never read"))
