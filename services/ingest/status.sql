@@ -20,10 +20,25 @@ WHERE namespace = %(namespace)s AND message_id = %(id)s;
 
 -- name: timeline
 -- Oldest first; events of the same instant in the order they were projected.
-SELECT kind, occurred_at, account_id, detail
+-- A DSN saying delivery is delayed is no event of any topic (the remote
+-- server is still trying): the replies service's inbound_messages row is its
+-- record, one timeline entry per delayed recipient, at the report's arrival.
+SELECT kind, occurred_at, account_id, detail, projected_at, event_id::text AS tiebreak
 FROM message_events
 WHERE namespace = %(namespace)s AND message_id = %(id)s
-ORDER BY occurred_at, projected_at, event_id;
+UNION ALL
+SELECT 'delayed', coalesce(i.received_at, i.recorded_at), i.account_id,
+       jsonb_strip_nulls(jsonb_build_object(
+           'recipient', r.value ->> 'recipient', 'status_code', r.value ->> 'status',
+           'diagnostic', r.value ->> 'diagnostic')),
+       i.recorded_at, i.source_ref || '#' || r.ordinality
+FROM inbound_messages i
+CROSS JOIN LATERAL jsonb_array_elements(
+    CASE jsonb_typeof(i.detail -> 'results') WHEN 'array' THEN i.detail -> 'results'
+    ELSE '[]' END) WITH ORDINALITY AS r(value, ordinality)
+WHERE i.namespace = %(namespace)s AND i.message_id = %(id)s AND i.kind = 'dsn'
+  AND r.value ->> 'action' = 'delayed'
+ORDER BY occurred_at, projected_at, tiebreak;
 
 -- name: list_for_key
 -- Keyset pagination on (requested_at, id), newest first: the cursor is the

@@ -102,7 +102,7 @@ class Replies:
             self.producer.produce(self.settings.kafka.topic(r.topic),
                                   self.registry.encode(r.topic, r.value), key=r.key.encode())
             for r in planned.records))
-        await self.state.record_inbound(_row(ref, inbound, planned))
+        await self.state.record_inbound(inbound_row(ref, inbound, planned))
         self.handled += 1
         _count(account.id, planned)
 
@@ -147,7 +147,8 @@ class Replies:
         self._stop.set()
 
 
-def _row(ref: MailRef, inbound: Inbound, planned: Plan) -> InboundMessage:
+def inbound_row(ref: MailRef, inbound: Inbound, planned: Plan) -> InboundMessage:
+    """The inbound_messages row for one classified, planned message."""
     return InboundMessage(
         ref=ref, kind=planned.kind, header_message_id=inbound.header_message_id,
         message_id=uuid.UUID(planned.message_id) if planned.message_id else None,

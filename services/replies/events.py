@@ -30,6 +30,7 @@ from mailbus.topics import address_hash
 EVENT_NAMESPACE = uuid.UUID("5b0c1d2e-8f4a-4e7b-9a61-3c2d1e0f9a8b")
 MAX_TEXT = 2000
 MAX_SUBJECT = 500
+MAX_DIAGNOSTIC = 1000  # per recipient in a DSN: hostile reports may list many
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ def plan(inbound: Inbound, *, account_id: str, source: str, source_ref: str, now
 def _dsn(inbound: Inbound, message_id: str | None, occurred: datetime, account_id: str,
          identity: tuple[str, str], suppress: Callable[[str, str, str | None], Record]) -> Plan:
     results = [{"recipient": r.recipient, "action": r.action, "status": r.status,
-                "bounce_class": r.bounce_class} for r in inbound.dsn]
+                "bounce_class": r.bounce_class, "diagnostic": _cap(r.diagnostic, MAX_DIAGNOSTIC)}
+               for r in inbound.dsn]
     if message_id is None:
         return Plan((), "unmatched", None, {"classified_as": "dsn", "results": results,
                                              "reason": "the DSN names no message of ours"})
@@ -153,5 +155,7 @@ def _dsn(inbound: Inbound, message_id: str | None, occurred: datetime, account_i
                 "diagnostic": _cap(r.diagnostic, MAX_TEXT)}))
             if r.bounce_class == "hard":
                 records.append(suppress(r.recipient, "hard_bounce", message_id))
-        # "delayed": the remote server is still trying; recorded, nothing to emit.
+        # "delayed": the remote server is still trying. Not an event of any topic:
+        # the row in inbound_messages is the record, and the API's message
+        # timeline shows it as a `delayed` entry.
     return Plan(tuple(records), "dsn", message_id, {"results": results})

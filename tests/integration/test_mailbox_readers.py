@@ -331,23 +331,25 @@ def test_tls_with_a_private_ca_file(imap: dovecot.Dovecot, namespace: str, tls: 
     run(scenario)
 
 
-class StopsJustAfterIdle(ImapReader):
-    """A reader whose stop() lands after IDLE went out, before it watches the socket."""
+class SeamAtIdle(ImapReader):
+    """A reader whose IDLE command goes through `at_idle(client, send_idle)`."""
 
-    idles_sent = 0
+    def __init__(self, *args: Any, at_idle: Callable[[Any, Callable[[], Any]], Any],
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.at_idle = at_idle
 
     def _connect(self) -> Any:
         client = super()._connect()
         send_idle = client.idle
-
-        def idle() -> Any:
-            answer = send_idle()
-            self.idles_sent += 1
-            self.stop()
-            return answer
-
-        client.idle = idle
+        client.idle = lambda: self.at_idle(client, send_idle)
         return client
+
+
+def seam_reader(server: dovecot.Dovecot, state: MailboxState, handler: Any,
+                at_idle: Callable[[Any, Callable[[], Any]], Any], **imap: Any) -> SeamAtIdle:
+    return SeamAtIdle(imap_account(server, **imap), state=state, handler=handler,
+                      max_bytes=1 << 20, backoff=QUICK, at_idle=at_idle)
 
 
 @pytest.mark.parametrize("tls", ["none", "implicit"])
@@ -356,21 +358,54 @@ def test_a_stop_just_after_idle_was_sent_ends_idle_and_logs_out(
     # A server in IDLE answers nothing but DONE: a LOGOUT sent instead would wait out
     # the 30 s read timeout, and running() gives the reader 10 s to finish.
     imap.append(message("before idle"))
+    idles_sent: list[Any] = []
+
+    def send_then_stop(client: Any, send_idle: Callable[[], Any]) -> Any:
+        idles_sent.append(answer := send_idle())
+        reader.stop()
+        return answer
 
     async def scenario() -> None:
         async with state_for(namespace) as state:
             got = Collector(state)
-            reader = StopsJustAfterIdle(
-                imap_account(imap, tls=tls, ca_file=imap.ca_file, timeout_seconds=30,
-                             port=imap.tls_port if tls == "implicit" else imap.port),
-                state=state, handler=got, max_bytes=1 << 20, backoff=QUICK)
+            nonlocal reader
+            reader = seam_reader(imap, state, got, send_then_stop, tls=tls,
+                                 ca_file=imap.ca_file, timeout_seconds=30,
+                                 port=imap.tls_port if tls == "implicit" else imap.port)
             async with running(reader) as task:
                 await until(task.done, timeout=20, what="the reader to finish")
-            assert reader.idles_sent == 1 and reader.failures == 0
+            assert len(idles_sent) == 1 and reader.failures == 0
             assert got.subjects == ["before idle"]
             assert imap_mark(namespace)["last_uid"] == 1
 
+    reader: SeamAtIdle | None = None
     run(scenario)
+
+
+def test_mail_announced_just_before_idle_is_found_by_the_next_search(
+        imap: dovecot.Dovecot, namespace: str) -> None:
+    # New mail announced in the response to a command just before IDLE is never
+    # announced again in IDLE; only leaving IDLE for a search finds it.
+    announced: list[Any] = []
+
+    def deliver_then_idle(client: Any, send_idle: Callable[[], Any]) -> Any:
+        if not announced:
+            imap.append(message("just before idle"))
+            announced.append(client.noop())  # the server's EXISTS goes to this NOOP
+        return send_idle()
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = seam_reader(imap, state, got, deliver_then_idle, poll_seconds=1)
+            async with running(reader):
+                await until(lambda: len(got.got) == 1, timeout=10, what="the announced mail")
+            assert got.subjects == ["just before idle"]
+            assert reader.failures == 0
+
+    run(scenario)
+    _, untagged = announced[0]
+    assert (1, b"EXISTS") in untagged, untagged
 
 
 def test_tls_refuses_a_certificate_not_signed_by_the_ca(

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
+from mailbus.db import open_pool
+from mailbus.replies.app import inbound_row
+from mailbus.replies.classify import classify
+from mailbus.replies.events import plan
+from mailbus.replies.state import InboundMessage, MailboxState, MailRef
+from mailbus.settings import ServiceSettings
 from tests.integration.test_ingest_api import auth
 from tests.integration.test_status_api import at, post, problem, project_all
-from tests.support.projector import eventually, responded, suppression
+from tests.support.projector import bounced, eventually, responded, suppression
+
+CORPUS = Path(__file__).parent.parent / "unit" / "corpus" / "inbound"
 
 
 def kinds(body: dict) -> list[str]:
@@ -61,6 +71,48 @@ def test_responses_per_message_and_feed_scoped_to_the_key(api, make_key, namespa
     timeline = api.get(f"/v1/messages/{mine['id']}", headers=auth(token)).json()["timeline"]
     assert sorted(e["detail"]["response"] for e in timeline if e["kind"] == "response") == [
         "action", "open", "reply"]
+
+
+async def record_as_replies(namespace: str, row: InboundMessage) -> None:
+    """Store an inbound message as the replies service does, with its database role."""
+    pool = open_pool(ServiceSettings(service_name="replies").postgres)
+    await pool.open()
+    try:
+        assert await MailboxState(pool, namespace).record_inbound(row)
+    finally:
+        await pool.close()
+
+
+def test_a_delayed_dsn_is_a_timeline_entry_before_the_bounce(api, make_key, namespace,
+                                                             admin_kafka, registry):
+    _, token = make_key()
+    _, other = make_key()
+    mine = post(api, token)
+    raw = (CORPUS / "delayed_447.eml").read_bytes().replace(
+        b"5a0e6d42-9f1b-4c7d-8e65-7d8b9cadbecf", mine["id"].encode())
+    inbound = classify(raw)
+    planned = plan(inbound, account_id="dev", source="imap:dev", source_ref="imap:7:1",
+                   now=datetime.now(UTC), check_token=lambda _: None,
+                   check_tag=lambda _: None)
+    assert (planned.kind, planned.message_id, planned.records) == ("dsn", mine["id"], ())
+    ref = MailRef(account_id="dev", mailbox="INBOX", source_ref="imap:7:1", size=len(raw),
+                  received_at=at(mine, 60))
+    asyncio.run(record_as_replies(namespace, inbound_row(ref, inbound, planned)))
+
+    timeline = api.get(f"/v1/messages/{mine['id']}", headers=auth(token)).json()["timeline"]
+    [delayed] = timeline  # the request itself is not projected yet
+    assert delayed["kind"] == "delayed"
+    assert (datetime.fromisoformat(delayed["at"]), delayed["account"]) == (at(mine, 60), "dev")
+    assert delayed["detail"] == {
+        "recipient": "slow@example.net", "status_code": "4.4.7",
+        "diagnostic": "connect to mx.example.net[198.51.100.9]:25: Connection timed out"}
+
+    # Among the projected events, by time: the bounce that settles it comes after it.
+    # Another key still sees nothing.
+    project_all(namespace, admin_kafka, registry, [bounced(mine["id"], at(mine, 120))])
+    timeline = api.get(f"/v1/messages/{mine['id']}", headers=auth(token)).json()["timeline"]
+    assert [e["kind"] for e in timeline] == ["requested", "delayed", "bounced"]
+    problem(api.get(f"/v1/messages/{mine['id']}", headers=auth(other)), 404)
 
 
 def test_feed_pages_without_repeats_or_gaps(api, make_key, namespace, admin_kafka, registry):
