@@ -6,9 +6,11 @@ The token format is a contract between services:
 
 - ``kid``: id of the signing key, ``[A-Za-z0-9_-]{1,32}``.
 - ``payload``: base64url without padding of compact JSON (no spaces) with the keys
-  ``m`` message id, ``r`` recipient address (lower-cased), ``a`` action
-  (``"unsubscribe"``, ``"open"`` or an action id), ``e`` expiry in Unix seconds (int) and,
-  optionally, ``u`` the redirect URL signed in with the action.
+  ``m`` message id, ``a`` action (``"unsubscribe"``, ``"open"`` or an action id),
+  ``e`` expiry in Unix seconds (int) and, optionally, ``r`` the recipient address
+  (lower-cased) and ``u`` the redirect URL signed in with the action. ``r`` is
+  absent from the links of a message sent to several recipients, which cannot
+  tell who clicked; an unsubscribe token always has it (it says whom to suppress).
 - ``sig``: base64url without padding of
   HMAC-SHA256(keys[kid], ASCII ``"v1." + kid + "." + payload``).
 
@@ -51,7 +53,7 @@ _KID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 # Field caps of the payload: RFC 5321 path limits for addresses, ample room for ids.
 _LIMITS = {"m": 128, "r": 320, "a": 64, "u": 2048}
-_REQUIRED = {"m", "r", "a", "e"}
+_REQUIRED = {"m", "a", "e"}
 
 
 class TokenError(MailbusError):
@@ -75,7 +77,7 @@ class Claims:
     """What a verified token says."""
 
     message_id: str
-    recipient: str
+    recipient: str | None  # None: one of the message's several recipients
     action: str
     expires_at: datetime
     url: str | None
@@ -179,13 +181,16 @@ def _mac(key: bytes, signed: str) -> str:
     return _b64encode(hmac.new(key, signed.encode("ascii"), hashlib.sha256).digest())
 
 
-def sign(keyring: Keyring, *, message_id: str, recipient: str, action: str,
+def sign(keyring: Keyring, *, message_id: str, recipient: str | None, action: str,
          expires_at: datetime, url: str | None = None) -> str:
-    """Sign a link token with the keyring's current key."""
+    """Sign a link token with the keyring's current key; recipient None: not one person."""
     if expires_at.tzinfo is None:
         raise TokenError("expires_at must be timezone-aware")
-    claims: dict[str, Any] = {"m": message_id, "r": recipient.strip().lower(), "a": action,
-                              "e": int(expires_at.timestamp())}
+    if recipient is None and action == UNSUBSCRIBE:
+        raise TokenError("an unsubscribe token must name its recipient")
+    claims: dict[str, Any] = {"m": message_id, "a": action, "e": int(expires_at.timestamp())}
+    if recipient is not None:
+        claims["r"] = recipient.strip().lower()
     if url is not None:
         claims["u"] = url
     for field in claims.keys() & _LIMITS.keys():
@@ -227,7 +232,7 @@ def verify(keyring: Keyring, token: str, *, now: datetime) -> Claims:
     expires_at = datetime.fromtimestamp(claims["e"], UTC)
     if now >= expires_at:
         raise TokenExpired(f"token expired at {expires_at.isoformat()}")
-    return Claims(claims["m"], claims["r"], claims["a"], expires_at, claims.get("u"), kid)
+    return Claims(claims["m"], claims.get("r"), claims["a"], expires_at, claims.get("u"), kid)
 
 
 def _check_shape(claims: Any) -> None:
@@ -238,6 +243,8 @@ def _check_shape(claims: Any) -> None:
     for field in claims.keys() & _LIMITS.keys():
         if not _fits(claims[field], _LIMITS[field]):
             raise TokenInvalid(f"field {field!r} is not a string of 1..{_LIMITS[field]}")
+    if claims["a"] == UNSUBSCRIBE and "r" not in claims:
+        raise TokenInvalid("an unsubscribe token without a recipient")
 
 
 def _fits(value: Any, limit: int) -> bool:
@@ -247,9 +254,12 @@ def _fits(value: Any, limit: int) -> bool:
 class LinkBuilder:
     """Builds the signed links a message carries, pointing at the public hooks service.
 
-    Tokens name one recipient: a message sent to several people carries the
-    links of the first To recipient, so per-recipient links need one message
-    per recipient.
+    A token names the one recipient a message went to. A message sent to
+    several people carries the same links for all of them, so its action and
+    open links name no recipient (recipient None) and it gets no unsubscribe
+    links at all: mailbus cannot tell which of them clicked, and must not
+    suppress one recipient on another's click. Per-recipient links need one
+    message per recipient.
     """
 
     def __init__(self, keyring: Keyring, base_url: str = DEFAULT_BASE_URL,
@@ -264,12 +274,12 @@ class LinkBuilder:
         self.keyring, self.base_url, self.ttl = keyring, base_url.rstrip("/"), ttl
         self.mailto, self.open_tracking = unsubscribe_mailto, open_tracking
 
-    def _token(self, message_id: str, recipient: str, action: str, url: str | None,
+    def _token(self, message_id: str, recipient: str | None, action: str, url: str | None,
                now: datetime) -> str:
         return sign(self.keyring, message_id=message_id, recipient=recipient, action=action,
                     expires_at=now + self.ttl, url=url)
 
-    def action_url(self, message_id: str, recipient: str, action_id: str,
+    def action_url(self, message_id: str, recipient: str | None, action_id: str,
                    url: str | None = None, *, now: datetime) -> str:
         """The signed link of one action button; `url` is where the click lands."""
         if action_id in RESERVED_ACTIONS:
@@ -281,7 +291,7 @@ class LinkBuilder:
         """The one-click (RFC 8058) unsubscribe link."""
         return f"{self.base_url}/u/{self._token(message_id, recipient, UNSUBSCRIBE, None, now)}"
 
-    def open_url(self, message_id: str, recipient: str, *, now: datetime) -> str:
+    def open_url(self, message_id: str, recipient: str | None, *, now: datetime) -> str:
         """The open-tracking pixel's link (recorded only where the hooks service tracks opens)."""
         return f"{self.base_url}/o/{self._token(message_id, recipient, OPEN, None, now)}"
 

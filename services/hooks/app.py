@@ -158,7 +158,7 @@ def create_app(settings: HooksSettings, keyring: Keyring, clock: Clock | None = 
         claims = claims_of(token, "unsubscribe")
         if isinstance(claims, Response):
             return claims
-        return _html(pages.confirm_unsubscribe(token, claims.recipient))
+        return _html(pages.confirm_unsubscribe(token, handlers.unsubscriber(claims)))
 
     @app.post("/u/{token}")
     async def unsubscribe(request: Request, token: str) -> Response:
@@ -167,7 +167,7 @@ def create_app(settings: HooksSettings, keyring: Keyring, clock: Clock | None = 
         if isinstance(claims, Response):
             return claims
         failed = await record(request, handlers.unsubscribe(claims, now=now()))
-        return failed or _html(pages.unsubscribed(claims.recipient))
+        return failed or _html(pages.unsubscribed(handlers.unsubscriber(claims)))
 
     @app.get("/o/{token}")
     async def open_pixel(request: Request, token: str) -> Response:

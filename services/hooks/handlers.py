@@ -61,6 +61,8 @@ def event_id(*parts: str) -> str:
 
 def check_route(claims: Claims, route: Route) -> None:
     """Refuse a token made for another route: each action id belongs to one."""
+    if route == "unsubscribe":
+        unsubscriber(claims)
     if route == "action":
         ok = claims.action not in RESERVED_ACTIONS
     else:
@@ -85,7 +87,9 @@ def response(claims: Claims, kind: Literal["action", "unsubscribe", "open"], *,
     """The email.responses event of a recorded click, unsubscribe or open."""
     action_id = claims.action if kind == "action" else None
     value = {
-        "event_id": event_id("response", kind, claims.message_id, claims.recipient,
+        # A link of a message sent to several recipients names none of them:
+        # one response per message and action, whoever among them clicked.
+        "event_id": event_id("response", kind, claims.message_id, claims.recipient or "",
                              claims.action),
         "message_id": claims.message_id,
         "occurred_at": now,
@@ -102,9 +106,16 @@ def response(claims: Claims, kind: Literal["action", "unsubscribe", "open"], *,
     return Record(topics.RESPONSES, claims.message_id.encode(), value)
 
 
+def unsubscriber(claims: Claims) -> str:
+    """The address an unsubscribe token names (verify() refuses one that names none)."""
+    if claims.recipient is None:
+        raise TokenInvalid("an unsubscribe token without a recipient")
+    return claims.recipient
+
+
 def suppression(claims: Claims, *, now: datetime) -> Record:
     """The email.suppressions record of an unsubscribe, keyed by the address hash."""
-    address = claims.recipient.strip().lower()
+    address = unsubscriber(claims).strip().lower()
     digest = address_hash(address)
     value = {
         "event_id": event_id("suppression", claims.message_id, address),

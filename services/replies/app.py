@@ -52,7 +52,7 @@ def token_check(keyring: Keyring, token: str) -> tuple[str, str] | None:
         claims = tokens.verify(keyring, token, now=datetime.now(UTC))
     except TokenError:
         return None
-    if claims.action != UNSUBSCRIBE:
+    if claims.action != UNSUBSCRIBE or claims.recipient is None:
         return None
     return claims.message_id, claims.recipient
 

@@ -9,9 +9,11 @@ Decisions:
 - Nothing from the event is trusted: every value bound for a header is refused
   (ComposeFailed) if it holds CR, LF, NUL or other control characters, and every
   address is re-validated; Bcc recipients go to the envelope only.
-- Signed links (actions, List-Unsubscribe) name the first To recipient (first Cc
-  or Bcc when there is no To), so a message that needs per-recipient links must
-  be sent once per recipient.
+- Signed links name the recipient of a message sent to one address. A message
+  with several envelope recipients carries the same links for all of them, so
+  its action and open links name nobody and it has no List-Unsubscribe: a click
+  cannot say who made it, and one recipient must never unsubscribe another.
+  Per-recipient links need one message per recipient (the batch endpoint).
 - Open tracking is opt-in (LinkBuilder.open_tracking): an html body gets a 1x1
   image linking to the hooks service; text-only mail has nothing to load it.
 """
@@ -145,7 +147,7 @@ def html_to_text(html: str) -> str:
     return text + "\n" if text else ""
 
 
-def _actions(event: dict[str, Any], links: LinkBuilder | None, recipient: str,
+def _actions(event: dict[str, Any], links: LinkBuilder | None, recipient: str | None,
              now: datetime) -> list[tuple[str, str]]:
     actions = event.get("actions") or []
     if not actions:
@@ -243,13 +245,13 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
         raise ComposeFailed("the message has no recipients")
     msgid = f"<{message_id}@{_domain(domain, sender.addr_spec)}>"
     subject, text, html = _content(event)
-    first = (to or cc or bcc)[0].addr_spec
+    only = recipients[0] if len(recipients) == 1 else None  # whom a link may name
     try:
-        actions = _actions(event, links, first, now)
-        unsubscribe = ([links.unsubscribe_url(message_id, first, now=now),
-                        links.unsubscribe_mailto(message_id, first, now=now)]
-                       if links else [])
-        pixel = (links.open_url(message_id, first, now=now)
+        actions = _actions(event, links, only, now)
+        unsubscribe = ([links.unsubscribe_url(message_id, only, now=now),
+                        links.unsubscribe_mailto(message_id, only, now=now)]
+                       if links is not None and only is not None else [])
+        pixel = (links.open_url(message_id, only, now=now)
                  if links is not None and links.open_tracking and html is not None else None)
     except TokenError as exc:
         raise ComposeFailed(f"links: {exc}") from exc

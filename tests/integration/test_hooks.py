@@ -24,6 +24,7 @@ from mailbus.hooks.pages import CSP
 from mailbus.hooks.settings import HooksSettings
 from mailbus.tokens import Keyring, LinkBuilder, sign
 from tests.support.kafka import read_all
+from tests.unit.test_tokens import forge
 
 MID = "0b6f3c1e-8a47-4f5e-9d0c-2f1a7e6b5c4d"
 ADA = "Ada@Example.org"
@@ -172,6 +173,21 @@ def test_signed_redirect_is_followed_and_nothing_else(hooks, links, namespace, a
     assert len(records(admin_kafka, namespace, "email.responses", registry)) == 3
 
 
+def test_a_link_of_a_message_to_several_recipients_records_no_recipient(
+        hooks, links, namespace, admin_kafka, registry):
+    # Whoever among them clicks, the response is about the message, once per action.
+    path = path_of(links.action_url(MID, None, "yes", now=now()))
+    assert "yes" in hooks.get(path).text
+    assert hooks.post(path).status_code == 200
+    assert hooks.post(path).status_code == 200
+    got = [e for _, e in records(admin_kafka, namespace, "email.responses", registry)]
+    assert [(e["kind"], e["action_id"], e["recipient"]) for e in got] == [
+        ("action", "yes", None)] * 2
+    assert got[0]["event_id"] == got[1]["event_id"] == event_id("response", "action", MID, "",
+                                                                "yes")
+    assert records(admin_kafka, namespace, "email.suppressions", registry) == []
+
+
 def _tampered(token: str) -> str:
     kid_and_payload, _, sig = token.rpartition(".")
     return f"{kid_and_payload}.{'A' if sig[0] != 'A' else 'B'}{sig[1:]}"
@@ -186,6 +202,9 @@ def test_refused_tokens_answer_a_page_and_record_nothing(hooks, keyring, links, 
     unknown = sign(stranger, message_id=MID, recipient=ADA, action="yes",
                    expires_at=now() + timedelta(days=1))
     unsubscribe = path_of(links.unsubscribe_url(MID, ADA, now=now())).removeprefix("/u/")
+    # Signed with the real key, but an unsubscribe must say whom it suppresses.
+    nobody = forge(keyring.keys[keyring.current], keyring.current,
+                   {"m": MID, "a": "unsubscribe", "e": int(now().timestamp()) + 3600})
     cases = {
         "/a/" + _tampered(good.removeprefix("/a/")): 400,
         "/a/" + expired: 410,
@@ -193,6 +212,7 @@ def test_refused_tokens_answer_a_page_and_record_nothing(hooks, keyring, links, 
         "/a/" + "v1.k1." + "A" * 5000 + ".x": 400,
         "/a/not-a-token": 400,
         "/a/" + unsubscribe: 400,  # a genuine token, but made for /u/
+        "/u/" + nobody: 400,
     }
     expired_before = metric("mailbus_hooks_tokens_refused_total", reason="expired")
     for path, status in cases.items():

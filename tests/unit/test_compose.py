@@ -195,9 +195,11 @@ def test_message_id_domain_override_and_validation() -> None:
 
 
 def test_list_unsubscribe_tokens_verify() -> None:
-    out = compose(event(to=[{"email": "Ada@Example.org", "name": None},
-                            {"email": "bob@example.org", "name": None}]),
+    # The same address in To and Cc is one recipient: the links may name it.
+    out = compose(event(to=[{"email": "Ada@Example.org", "name": None}],
+                        cc=[{"email": "ada@example.org", "name": "Ada"}]),
                   ACCOUNT, LINKS, now=NOW)
+    assert out.recipients == ["Ada@example.org"]  # the domain is normalised
     well_formed(out.raw)
     msg = parse(out.raw)
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
@@ -209,6 +211,32 @@ def test_list_unsubscribe_tokens_verify() -> None:
     assert mailto.startswith("mailto:unsubscribe@example.com?subject=unsubscribe-")
     token = unquote(mailto.partition("?subject=")[2]).removeprefix("unsubscribe-")
     assert verify(RING, token, now=NOW).recipient == "ada@example.org"
+
+
+@pytest.mark.parametrize("others", [
+    {"to": [{"email": "ada@example.org", "name": None},
+            {"email": "bob@example.org", "name": None}]},
+    {"cc": [{"email": "bob@example.org", "name": None}]},
+    {"bcc": [{"email": "bob@example.org", "name": None}]},
+])
+def test_a_message_to_several_recipients_names_none_in_its_links(others: dict) -> None:
+    # One copy's links reach every recipient: a click cannot say who made it, and
+    # Bob's unsubscribe button must not unsubscribe Ada.
+    tracking = LinkBuilder(RING, HOOKS, timedelta(days=30), "unsubscribe@example.com",
+                           open_tracking=True)
+    out = compose(event(html="<p>Hi</p>", actions=[{"id": "yes", "label": "Yes", "url": None}],
+                        **others), ACCOUNT, tracking, now=NOW)
+    well_formed(out.raw)
+    assert len(out.recipients) == 2
+    msg = parse(out.raw)
+    assert msg["List-Unsubscribe"] is None and msg["List-Unsubscribe-Post"] is None
+    (_, text), (_, body) = bodies(msg)
+    assert "mailto:" not in text + body and "/u/" not in text + body
+    [action] = re.findall(rf"{HOOKS}/a/([^\s\"]+)", text)
+    [pixel] = re.findall(rf'<img src="{HOOKS}/o/([^"]+)"', body)
+    for token, kind in ((action, "yes"), (pixel, "open")):
+        claims = verify(RING, token, now=NOW)
+        assert (claims.message_id, claims.action, claims.recipient) == (MID, kind, None)
 
 
 def test_actions_render_in_both_parts_and_carry_signed_tokens() -> None:

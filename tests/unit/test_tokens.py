@@ -74,6 +74,22 @@ def test_format_is_the_documented_contract(ring: Keyring) -> None:
     assert verify(ring, token, now=NOW).url == "https://example.com/ok?a=1&b=2"
 
 
+def test_a_link_of_a_message_to_several_recipients_names_none(ring: Keyring) -> None:
+    token = _token(ring, recipient=None, action="confirm")
+    payload = token.split(".")[2]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert "r" not in claims and token == forge(K1, "k1", claims)
+    assert verify(ring, token, now=NOW).recipient is None
+    assert verify(ring, _token(ring, recipient=None, action="open"), now=NOW).recipient is None
+    with pytest.raises(TokenError, match="must name its recipient"):
+        _token(ring, recipient=None, action="unsubscribe")
+    links = LinkBuilder(ring)
+    assert verify(ring, links.action_url(MID, None, "yes", now=NOW).rpartition("/")[2],
+                  now=NOW).recipient is None
+    with pytest.raises(TokenError):
+        links.unsubscribe_url(MID, None, now=NOW)  # type: ignore[arg-type]
+
+
 def test_expired_at_and_after_the_expiry(ring: Keyring) -> None:
     token = _token(ring, expires_at=NOW)
     with pytest.raises(TokenExpired):
@@ -127,6 +143,9 @@ def test_tampering_any_character_fails(ring: Keyring) -> None:
     {"m": MID, "r": "a@b.c", "a": "x" * 65, "e": 2000000000},
     {"m": MID, "r": "a@b.c", "a": "x", "e": 2000000000, "u": None},
     {"m": MID, "r": "a@b.c", "a": "x", "e": 2000000000, "admin": True},
+    {"m": MID, "r": "", "a": "x", "e": 2000000000},
+    {"m": MID, "r": None, "a": "x", "e": 2000000000},
+    {"m": MID, "a": "unsubscribe", "e": 2000000000},  # whom to suppress?
     ["m", "r", "a", "e"],
     "v1",
 ])
