@@ -91,7 +91,7 @@ class GmailReader:
                                             modify=account.gmail.processed_label is not None)
         self._state, self._handler, self._max_bytes = state, handler, max_bytes
         self._backoff = backoff
-        self._stopping: asyncio.Event | None = None
+        self._stopping = asyncio.Event()  # bound to a loop by its first wait, in run()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._label_id: str | None = None  # processed_label's, once looked up
         # For health checks and tests.
@@ -102,7 +102,7 @@ class GmailReader:
 
     async def run(self) -> None:
         """Poll the mailbox's history until stop()."""
-        self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         delay = self._backoff[0]
         try:
             while not self._stopping.is_set():
@@ -126,11 +126,12 @@ class GmailReader:
 
     def stop(self) -> None:
         """Stop after the message in hand."""
-        if self._loop is not None and self._stopping is not None:
+        if self._loop is None:  # run() has not started: it will not start reading
+            self._stopping.set()
+        else:
             self._loop.call_soon_threadsafe(self._stopping.set)
 
     async def _sleep(self, seconds: float) -> None:
-        assert self._stopping is not None
         try:
             await asyncio.wait_for(self._stopping.wait(), seconds)
         except TimeoutError:
@@ -292,7 +293,7 @@ class GmailReader:
             raise
 
     def _running(self) -> bool:
-        return self._stopping is not None and not self._stopping.is_set()
+        return not self._stopping.is_set()
 
 
 def _allowed_to_modify(credentials: Any, account_id: str) -> Any:

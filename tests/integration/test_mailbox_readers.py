@@ -519,6 +519,27 @@ def test_gmail_inbox_mail_arrives_through_history_and_a_restart_resumes(
     run(scenario)
 
 
+@pytest.mark.parametrize("kind", ["imap", "gmail"])
+def test_a_reader_stopped_before_it_ran_reads_nothing_and_returns(
+        kind: str, imap: dovecot.Dovecot, emu: GmailEmulator, gmail_account: Account,
+        namespace: str) -> None:
+    # A service told to stop while it starts: the reader tasks exist but have not run.
+    imap.append(message("never read"))
+    emu.deliver(ME, message("never read"))
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = (imap_reader(imap, state, got) if kind == "imap"
+                      else gmail_reader(emu, gmail_account, state, got))
+            reader.stop()
+            await asyncio.wait_for(reader.run(), 10)
+            assert got.attempts == [] and stored_mark(namespace, reader.account_id) is None
+
+    run(scenario)
+    assert sum(emu.requests.values()) == 0, emu.requests  # no call reached "Gmail"
+
+
 def test_an_expired_history_id_falls_back_to_a_full_sync_without_loss_or_repeats(
         emu: GmailEmulator, gmail_account: Account, namespace: str) -> None:
     async def scenario() -> None:
