@@ -15,6 +15,7 @@ from mailbus.sender.transport import (
     PermanentError,
     SendError,
     TransientError,
+    enhanced_status,
 )
 
 MAX_REROUTES = 5
@@ -85,6 +86,39 @@ def after_error(err: SendError, *, attempts: int, max_attempts: int, now: dateti
     if err.retry_after is not None:
         delay = max(delay, err.retry_after)
     return Retry(now + timedelta(seconds=delay), err.reason)
+
+
+@dataclass(frozen=True)
+class Refused:
+    """What the recipients refused at RCPT, while the server took the others, come to."""
+
+    failed: list[Fail]  # refused for good (5xx), or for now with no attempt left
+    again: list[str]  # refused for now (4xx): the next attempt is for these only
+    retry: Retry | None  # when that attempt is due
+
+
+def refused(rejected: dict[str, str], *, attempts: int, max_attempts: int, now: datetime,
+            retry_base: float, retry_cap: float) -> Refused:
+    """Sort a partial hand-over's refused recipients (recipient -> SMTP reply)."""
+    failed: list[Fail] = []
+    again: list[str] = []
+    for recipient, reply in rejected.items():
+        code = int(reply[:3]) if reply[:3].isdigit() else None
+        if code is not None and 400 <= code < 500:
+            if attempts < max_attempts:
+                again.append(recipient)
+            else:
+                failed.append(Fail(f"gave up after {attempts} attempts: {reply}", False, code,
+                                   recipient=recipient))
+        else:
+            failed.append(Fail(reply, reply[:1] == "5", code, enhanced_status(reply[4:]),
+                               recipient=recipient))
+    retry = None
+    if again:
+        delay = backoff(attempts, base=retry_base, cap=retry_cap)
+        retry = Retry(now + timedelta(seconds=delay),
+                      f"refused for now: {rejected[again[0]]}"[:500])
+    return Refused(failed, again, retry)
 
 
 def failover(directory: Directory, pool: str | None, current: str, reroutes: int,

@@ -82,7 +82,8 @@ class Outbox:
 
     async def settle(self, message_id: str, partition: int, state: str,
                      records: Sequence[Record], *, sent_at: datetime | None = None,
-                     error: str | None = None) -> None:
+                     error: str | None = None, due_at: datetime | None = None,
+                     pending: Sequence[str] | None = None) -> None:
         """Mark the row and store its events atomically; then produce them in the background.
 
         The worker does not wait for Kafka's acks: the events are safe in the
@@ -90,8 +91,9 @@ class Outbox:
         message meanwhile.
         """
         statement = {"sent": "mark_sent", "failed": "mark_failed",
-                     "rerouted": "mark_rerouted"}[state]
-        params = {"message_id": message_id, "sent_at": sent_at, "error": (error or "")[:2000]}
+                     "rerouted": "mark_rerouted", "partial": "mark_partial"}[state]
+        params = {"message_id": message_id, "sent_at": sent_at, "error": (error or "")[:2000],
+                  "due_at": due_at, "pending": list(pending) if pending is not None else None}
         ids: list[int] = []
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(SQL[statement], params)

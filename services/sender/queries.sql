@@ -29,18 +29,29 @@ FROM (
     SELECT message_id FROM send_ledger
     WHERE state = 'queued' AND namespace = %(namespace)s AND account_id = %(account_id)s
       AND due_at <= now() AND source_partition = ANY(%(partitions)s)
-      -- pool_only: an exhausted account hands on only messages that have a pool.
-      AND (NOT %(pool_only)s OR pool IS NOT NULL)
+      -- pool_only: an exhausted account hands on only messages that have a pool
+      -- and were not handed over already for some of their recipients.
+      AND (NOT %(pool_only)s OR (pool IS NOT NULL AND pending_recipients IS NULL))
     ORDER BY due_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ) due
 WHERE l.message_id = due.message_id
 RETURNING l.message_id, l.payload, l.attempts, l.ambiguous, l.reroutes, l.source_partition,
-          l.requested_at, l.pool;
+          l.requested_at, l.pool, l.pending_recipients;
 
 -- name: mark_sent
-UPDATE send_ledger SET state = 'sent', sent_at = %(sent_at)s, last_error = NULL
+-- A row sent before for some recipients keeps that first hand-over's time.
+UPDATE send_ledger SET state = 'sent', sent_at = coalesce(sent_at, %(sent_at)s),
+    last_error = NULL
+WHERE message_id = %(message_id)s AND state = 'sending';
+
+-- name: mark_partial
+-- Handed over for some recipients, refused for now for the others: back to
+-- the queue for those only (migration 0006).
+UPDATE send_ledger
+SET state = 'queued', due_at = %(due_at)s, pending_recipients = %(pending)s,
+    sent_at = coalesce(sent_at, %(sent_at)s), last_error = %(error)s
 WHERE message_id = %(message_id)s AND state = 'sending';
 
 -- name: mark_failed
@@ -60,10 +71,15 @@ UPDATE send_ledger SET state = 'rerouted', reroutes = reroutes + 1, last_error =
 WHERE message_id = %(message_id)s AND state = 'sending';
 
 -- name: sent_in_window
--- Sends in the last 24 h: the account's quota survives restarts.
+-- Sends in the last 24 h: the account's quota survives restarts. Rows still
+-- waiting for some recipients were handed over once already.
 SELECT sent_at FROM send_ledger
 WHERE namespace = %(namespace)s AND account_id = %(account_id)s AND state = 'sent'
-  AND sent_at > now() - interval '24 hours';
+  AND sent_at > now() - interval '24 hours'
+UNION ALL
+SELECT sent_at FROM send_ledger
+WHERE namespace = %(namespace)s AND account_id = %(account_id)s AND state <> 'sent'
+  AND sent_at IS NOT NULL AND sent_at > now() - interval '24 hours';
 
 -- name: outbox_add
 INSERT INTO sender_outbox (message_id, namespace, source_partition, topic, key, value, headers)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
 from pathlib import Path
 
@@ -23,24 +22,17 @@ from mailbus.sender.transport import (
     Outgoing,
     PermanentError,
     TransientError,
+    enhanced_status,
 )
 
 log = logging.getLogger(__name__)
-_ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
-
-
-def _enhanced(text: str) -> str | None:
-    match = _ENHANCED.match(text)
-    return match.group(1) if match else None
-
-
 def classify(code: int, text: str, recipient: str | None = None) -> TransientError | PermanentError:
     """An SMTP reply as the error it is: 4xx transient, 5xx permanent (RFC 5321 4.2.1)."""
     reason = f"{code} {text}".strip()
     if 400 <= code < 500:
         return TransientError(reason, code=code)
     if 500 <= code < 600:
-        return PermanentError(reason, code=code, enhanced_status=_enhanced(text),
+        return PermanentError(reason, code=code, enhanced_status=enhanced_status(text),
                               recipient=recipient)
     # Anything else (a client-side timeout shows as -1, say) is worth a retry.
     return TransientError(reason, code=code if code > 0 else None)

@@ -7,11 +7,20 @@ the account (and fails its pool messages over) without failing anything.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
 from mailbus.errors import MailbusError
+
+_ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+def enhanced_status(text: str) -> str | None:
+    """The RFC 3463 enhanced status code at the start of an SMTP reply's text, if any."""
+    match = _ENHANCED.match(text)
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -46,6 +46,9 @@ class Claimed:
     reroutes: int
     partition: int
     pool: str | None
+    # Set once the message was handed over for its other recipients: the ones
+    # still to send to (refused for now at RCPT). None: all of them.
+    pending: tuple[str, ...] | None = None
 
 
 class AccountWorker:
@@ -142,6 +145,14 @@ class AccountWorker:
             kind = "template" if isinstance(exc, TemplateFailed) else "compose"
             await ctx.fail(row, request, account.id, Fail(f"{kind}: {exc}", True))
             return
+        if row.pending is not None:
+            wanted = {r.lower() for r in row.pending}
+            outgoing = replace(outgoing, recipients=[r for r in outgoing.recipients
+                                                     if r.lower() in wanted])
+            if not outgoing.recipients:  # a request that changed under the row: nothing left
+                self.budget.give_back(now)
+                await ctx.outbox.settle(row.message_id, row.partition, "sent", [])
+                return
         blocked = [r for r in outgoing.recipients if ctx.suppressions.blocked(r, account.id)]
         if blocked:
             remaining = [r for r in outgoing.recipients if r not in blocked]
@@ -151,8 +162,7 @@ class AccountWorker:
                                Fail("suppressed: every recipient is on the suppression list",
                                     True, recipient=blocked[0]))
                 return
-            outgoing = type(outgoing)(outgoing.envelope_from, remaining, outgoing.raw,
-                                      outgoing.message_id_header)
+            outgoing = replace(outgoing, recipients=remaining)
         if row.ambiguous:
             earlier = await self.transport.find_sent(outgoing.message_id_header)
             if earlier is not None:
@@ -167,8 +177,9 @@ class AccountWorker:
             if isinstance(exc, AccountExhausted):
                 self.budget.give_back(now)
                 self.budget.park(exc.until or now + timedelta(seconds=exc.retry_after or 60))
-                target = handlers.failover(ctx.directory, row.pool, account.id, row.reroutes,
-                                           ctx.capacity())
+                # A message already handed over for some recipients stays on its account.
+                target = None if row.pending is not None else handlers.failover(
+                    ctx.directory, row.pool, account.id, row.reroutes, ctx.capacity())
                 if target is not None:
                     await ctx.reroute(row, request, Reroute(target, exc.reason))
                     return
@@ -216,7 +227,9 @@ class Context:
         """Take due rows into `sending`."""
         rows = await self.outbox.ledger.claim(account_id, partitions, limit, pool_only)
         return [Claimed(str(r["message_id"]), bytes(r["payload"]), r["attempts"],
-                        r["ambiguous"], r["reroutes"], r["source_partition"], r["pool"])
+                        r["ambiguous"], r["reroutes"], r["source_partition"], r["pool"],
+                        tuple(r["pending_recipients"]) if r["pending_recipients"] is not None
+                        else None)
                 for r in rows]
 
     async def requeue(self, row: Claimed, retry: Retry) -> None:
@@ -238,18 +251,43 @@ class Context:
                 topics.DELIVERED, handlers.delivered_event(request, account, r,
                                                            accepted.response, now)))
                         for r in accepted.recipients]
-        for recipient, reply in accepted.rejected.items():
-            fail = Fail(reply, reply[:1] == "5", int(reply[:3]) if reply[:3].isdigit() else None,
-                        recipient=recipient)
-            records.append(Record(self.topic(topics.FAILED), key, self.registry.encode(
-                topics.FAILED, handlers.failed_event(request, account.id, fail,
-                                                     attempt=row.attempts, now=now))))
-        await self.outbox.settle(row.message_id, row.partition, "sent", records, sent_at=now)
+        refused = handlers.refused(accepted.rejected, attempts=row.attempts,
+                                   max_attempts=self.max_attempts, now=now,
+                                   retry_base=self.retry_base, retry_cap=self.retry_cap)
+        records += self._failed_records(row, request, account.id, refused.failed, now)
+        if refused.retry is not None:
+            # Taken for the others, refused for now for these: the same message again,
+            # to them only, when the retry is due.
+            await self.outbox.settle(row.message_id, row.partition, "partial", records,
+                                     sent_at=now, due_at=refused.retry.due_at,
+                                     pending=refused.again, error=refused.retry.reason)
+            metrics.RETRIES.labels(account.id).inc()
+        else:
+            await self.outbox.settle(row.message_id, row.partition, "sent", records,
+                                     sent_at=now)
         metrics.SENT.labels(account.id, account.kind).inc()
+
+    def _failed_records(self, row: Claimed, request: dict[str, Any], account_id: str,
+                        fails: list[Fail], now: datetime) -> list[Record]:
+        return [Record(self.topic(topics.FAILED), row.message_id.encode(), self.registry.encode(
+            topics.FAILED, handlers.failed_event(request, account_id, fail,
+                                                 attempt=row.attempts, now=now)))
+            for fail in fails]
 
     async def fail(self, row: Claimed, request: dict[str, Any], account_id: str,
                    fail: Fail) -> None:
         """Record the failure, emit email.failed, and dead-letter when retries ran out."""
+        if row.pending is not None:
+            # Handed over for its other recipients already: only these failed, the
+            # row stays sent, and nothing is dead-lettered (a replay would mail everyone).
+            fails = [replace(fail, recipient=r, dead_letter=False) for r in row.pending]
+            await self.outbox.settle(row.message_id, row.partition, "sent",
+                                     self._failed_records(row, request, account_id, fails,
+                                                          self.clock()))
+            for fail in fails:
+                metrics.FAILED.labels(account_id, metrics.reason_class(fail.reason),
+                                      str(fail.permanent).lower()).inc()
+            return
         key = row.message_id.encode()
         records = [Record(self.topic(topics.FAILED), key, self.registry.encode(
             topics.FAILED, handlers.failed_event(request, account_id, fail,

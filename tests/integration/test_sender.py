@@ -122,6 +122,59 @@ def test_permanent_rejection_fails_with_the_code(sender_env, smtp):
     assert sent["message_id"] == mixed["message_id"]
     assert sent["recipients"] == ["ada@example.com"]
     assert by_message[mixed["message_id"]]["recipient"] == "ghost2@example.com"
+    assert by_message[mixed["message_id"]]["enhanced_status"] == "5.1.1"
+    assert by_message[mixed["message_id"]]["permanent"] is True
+
+
+def test_a_recipient_refused_for_now_gets_the_same_message_later(sender_env, smtp, admin):
+    # Greylisting: 450 at RCPT for one recipient, the first two times it is offered.
+    offered = {"n": 0}
+
+    def greylist(address: str) -> str | None:
+        if address.lower().startswith("grey"):
+            offered["n"] += 1
+            if offered["n"] <= 2:
+                return "450 4.2.0 Greylisted, try again later"
+        return None
+
+    smtp.handler.rcpt_rule = greylist
+    settings = sender_env.settings(smtp_account("dev", smtp.port))
+    event = request(to="ada@example.com", cc=[{"email": "grey@example.com", "name": None}])
+    with SenderThread(settings):
+        sender_env.produce([event])
+        sent = sender_env.events("email.sent", expect=2, timeout=30)
+        delivered = sender_env.events("email.delivered", expect=2)
+    assert [(e["recipients"], e["attempt"]) for e in sent] == [
+        (["ada@example.com"], 1), (["grey@example.com"], 3)]
+    assert sorted(e["recipient"] for e in delivered) == ["ada@example.com", "grey@example.com"]
+    assert sender_env.events("email.failed", settle=0.5) == []
+    # One message, as written, to each: the same headers, Cc included, and Message-ID.
+    first, second = smtp.handler.received
+    assert (first.rcpt_tos, second.rcpt_tos) == (["ada@example.com"], ["grey@example.com"])
+    assert first.message["Message-ID"] == second.message["Message-ID"]
+    assert first.message["To"] == second.message["To"] and second.message["Cc"] == \
+        "grey@example.com"
+    assert ledger_states([event["message_id"]], admin) == {event["message_id"]: "sent"}
+
+
+def test_a_recipient_refused_for_now_until_retries_run_out_fails_alone(
+        sender_env, smtp, admin, admin_kafka, namespace):
+    smtp.handler.rcpt_rule = lambda a: ("450 4.2.0 Greylisted" if a.lower().startswith("grey")
+                                        else None)
+    settings = sender_env.settings(smtp_account("dev", smtp.port), max_attempts=2)
+    event = request(to="ada@example.com", bcc=[{"email": "grey@example.com", "name": None}])
+    with SenderThread(settings):
+        sender_env.produce([event])
+        [failed] = sender_env.events("email.failed", expect=1, timeout=30)
+        [sent] = sender_env.events("email.sent", expect=1)
+    assert sent["recipients"] == ["ada@example.com"]
+    assert (failed["recipient"], failed["permanent"], failed["code"], failed["attempt"]) == (
+        "grey@example.com", False, 450, 2)
+    assert failed["reason"].startswith("gave up after 2 attempts: 450 4.2.0 Greylisted")
+    # Sent for the others: no replay of the whole message is offered anywhere.
+    assert read_all(admin_kafka, namespace + "email.requested.dlq", settle=0.5) == []
+    assert ledger_states([event["message_id"]], admin) == {event["message_id"]: "sent"}
+    assert [r.rcpt_tos for r in smtp.handler.received] == [["ada@example.com"]]
 
 
 def test_retries_run_out_into_the_dead_letter_topic(sender_env, smtp, admin_kafka, namespace,

@@ -104,6 +104,31 @@ def _account(id_: str, *pools: str) -> Account:
                    smtp=SmtpAccount(host="127.0.0.1"))
 
 
+def test_recipients_refused_at_rcpt_fail_for_good_or_wait_for_their_own_retry():
+    rejected = {"grey@example.com": "450 4.2.0 Greylisted, try again later",
+                "ghost@example.com": "550 5.1.1 No such user",
+                "full@example.com": "452 4.2.2 Mailbox full"}
+    out = handlers.refused(rejected, attempts=1, max_attempts=3, now=at(0),
+                           retry_base=10.0, retry_cap=60.0)
+    assert out.again == ["grey@example.com", "full@example.com"]
+    assert out.failed == [Fail("550 5.1.1 No such user", True, 550, "5.1.1",
+                               recipient="ghost@example.com")]
+    assert out.retry is not None and at(5) <= out.retry.due_at <= at(10)  # backoff(1)
+    assert out.retry.reason == "refused for now: 450 4.2.0 Greylisted, try again later"
+    # The last attempt: what was refused for now has failed, not for good.
+    last = handlers.refused(rejected, attempts=3, max_attempts=3, now=at(0),
+                            retry_base=10.0, retry_cap=60.0)
+    assert last.again == [] and last.retry is None
+    assert [(f.recipient, f.permanent, f.code) for f in last.failed] == [
+        ("grey@example.com", False, 450), ("ghost@example.com", True, 550),
+        ("full@example.com", False, 452)]
+    assert last.failed[0].reason.startswith("gave up after 3 attempts: 450 4.2.0")
+    assert not any(f.dead_letter for f in last.failed)
+    nothing = handlers.refused({}, attempts=1, max_attempts=3, now=at(0), retry_base=10.0,
+                               retry_cap=60.0)
+    assert (nothing.failed, nothing.again, nothing.retry) == ([], [], None)
+
+
 def test_failover_stays_in_the_pool_and_is_bounded():
     directory = Directory([_account("a", "p"), _account("b", "p"), _account("c", "q"),
                            _account("d", "p")])
