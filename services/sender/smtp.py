@@ -26,6 +26,8 @@ from mailbus.sender.transport import (
 )
 
 log = logging.getLogger(__name__)
+
+
 def classify(code: int, text: str, recipient: str | None = None) -> TransientError | PermanentError:
     """An SMTP reply as the error it is: 4xx transient, 5xx permanent (RFC 5321 4.2.1)."""
     reason = f"{code} {text}".strip()
