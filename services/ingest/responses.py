@@ -34,8 +34,8 @@ from mailbus.ingest.status import (
     MAX_LIMIT,
     _namespace,
     _rows,
-    decode_cursor,
     page_of,
+    position,
 )
 
 SQL = queries.load(Path(__file__).with_name("responses.sql"))
@@ -43,9 +43,9 @@ router = APIRouter()
 ResponseKind = Literal["reply", "auto_reply", "action", "unsubscribe", "complaint", "open",
                        "unknown"]
 # Pages ascend: the first starts before the oldest possible row.
-FEED_START = ("-infinity", "00000000-0000-0000-0000-000000000000")
-SUPPRESSIONS_START = ("infinity", "g", "")  # after every hex hash
-INBOUND_START = ("infinity", "\uffff", "")
+FEED_START = {"t": "-infinity", "id": "00000000-0000-0000-0000-000000000000"}
+SUPPRESSIONS_START = {"t": "infinity", "h": "g", "s": ""}  # "g": after every hex hash
+INBOUND_START = {"t": "infinity", "a": "\uffff", "r": ""}
 InboundKind = Literal["dsn", "complaint", "auto_reply", "reply", "unsubscribe", "unmatched"]
 _RESPONSE_FIELDS = ("recipient", "action_id", "subject", "text", "reliable", "source")
 
@@ -61,8 +61,7 @@ def response_body(row: dict[str, Any]) -> dict[str, Any]:
 
 async def _feed(request: Request, key: Any, *, message_id: str | None, kind: str | None,
                 since: datetime | None, limit: int, cursor: str | None) -> dict[str, Any]:
-    after = (decode_cursor(cursor, ("t", "id")) if cursor
-             else dict(zip(("t", "id"), FEED_START, strict=True)))
+    after = position(cursor, FEED_START)
     params = {"namespace": _namespace(request), "key_id": key.id, "kind": kind,
               "message_id": message_id, "since": since or "-infinity",
               "after_at": after["t"], "after_id": after["id"], "limit": limit + 1}
@@ -125,8 +124,7 @@ async def list_suppressions(
 ) -> dict[str, Any]:
     """Admin keys: who may not be mailed (and, with active=false, who was lifted), newest first."""
     require_scope(key, "admin")
-    after = (decode_cursor(cursor, ("t", "h", "s")) if cursor
-             else dict(zip(("t", "h", "s"), SUPPRESSIONS_START, strict=True)))
+    after = position(cursor, SUPPRESSIONS_START)
     digest = topics.address_hash(address) if address else None
     params = {"namespace": _namespace(request), "active": active, "address_hash": digest,
               "after_at": after["t"], "after_hash": after["h"], "after_scope": after["s"],
@@ -153,8 +151,7 @@ async def list_inbound(
 ) -> dict[str, Any]:
     """Admin keys: every message the mailbox readers read, newest first (unmatched too)."""
     require_scope(key, "admin")
-    after = (decode_cursor(cursor, ("t", "a", "r")) if cursor
-             else dict(zip(("t", "a", "r"), INBOUND_START, strict=True)))
+    after = position(cursor, INBOUND_START)
     params = {"namespace": _namespace(request), "kind": kind, "account": account,
               "after_at": after["t"], "after_account": after["a"], "after_ref": after["r"],
               "limit": limit + 1}

@@ -34,7 +34,7 @@ SQL = queries.load(Path(__file__).with_name("status.sql"))
 router = APIRouter()
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 # The first page starts after the newest possible row.
-FIRST_PAGE = ("infinity", "ffffffff-ffff-ffff-ffff-ffffffffffff")
+FIRST_PAGE = {"t": "infinity", "id": "ffffffff-ffff-ffff-ffff-ffffffffffff"}
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _MESSAGE_FIELDS = ("status", "pool", "subject", "recipients", "tags", "send_at",
                    "requested_at", "updated_at")
@@ -66,6 +66,11 @@ def decode_cursor(cursor: str, keys: tuple[str, ...]) -> dict[str, str]:
         raise invalid([{"field": "cursor", "message": "not a cursor this API returned"}]
                       ) from None
     return doc
+
+
+def position(cursor: str | None, start: dict[str, str]) -> dict[str, str]:
+    """Where a page starts: after the row a cursor names, or at a listing's `start`."""
+    return decode_cursor(cursor, tuple(start)) if cursor else dict(start)
 
 
 def page_of(rows: list[Any], limit: int, cursor_of: Callable[[Any], dict[str, str]]
@@ -155,8 +160,7 @@ async def list_messages(
 ) -> dict[str, Any]:
     """This key's messages (admin keys: all), newest first, a page at a time."""
     require_scope(key, "read")
-    after = (decode_cursor(cursor, ("t", "id")) if cursor
-             else dict(zip(("t", "id"), FIRST_PAGE, strict=True)))
+    after = position(cursor, FIRST_PAGE)
     params = {"after_at": after["t"], "after_id": after["id"], "status": status,
               "since": since or "-infinity", "limit": limit + 1, "key_id": key.id}
     async with _rows(request) as cur:
