@@ -45,3 +45,14 @@ def parse(token: str) -> tuple[str, str] | None:
 def matches(secret: str, stored_sha256: bytes) -> bool:
     """Constant-time comparison of a presented secret with the stored hash."""
     return secrets.compare_digest(hash_secret(secret), stored_sha256)
+
+
+# A key's own request rate, in the `limits` notation ('100/second', '6000 per
+# minute', '10/2 seconds'); the same form as the api_keys_rate_limit_form check.
+RATE_PATTERN = re.compile(
+    r"^[1-9][0-9]{0,8} ?(/|per) ?([1-9][0-9]{0,5} )?(second|minute|hour|day)s?$")
+
+
+def valid_rate(text: str) -> bool:
+    """True when `text` is a request rate a key or the installation may carry."""
+    return RATE_PATTERN.match(text) is not None

@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +24,7 @@ from mailbus.accounts import load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
 from mailbus.ingest import metrics, problems
+from mailbus.ingest.gate import STATE_KEY, Gate, bearer_token
 from mailbus.ingest.handlers import (
     ApiKey,
     message_id_for,
@@ -33,6 +35,8 @@ from mailbus.ingest.handlers import (
 from mailbus.ingest.limits import BodyLimit
 from mailbus.ingest.models import BatchRequest, MessageRequest, cross_field_problems
 from mailbus.ingest.problems import Problem, invalid
+from mailbus.ingest.rates import KeyRates
+from mailbus.ingest.retention import prune_forever
 from mailbus.ingest.service import Ingestor, Planned
 from mailbus.ingest.settings import IngestSettings
 from mailbus.producer import AsyncProducer
@@ -74,13 +78,17 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
         conf = {**settings.kafka.client_config(), "client.id": "mailbus-ingest",
                 "message.timeout.ms": settings.kafka.delivery_timeout_ms}
         producer = (producer_factory or AsyncProducer)(conf)
-        app.state.ingestor = Ingestor(pool, producer, registry, directory,
-                                      settings.kafka.topic(topics.REQUESTED))
+        app.state.ingestor = ingestor = Ingestor(
+            pool, producer, registry, directory, settings.kafka.topic(topics.REQUESTED),
+            settings.idempotency_retention_seconds)
+        pruner = asyncio.create_task(prune_forever(
+            ingestor, settings.idempotency_prune_seconds, settings.idempotency_prune_batch))
         log.info("ingest ready: %d account(s), topic %s", len(directory),
                  settings.kafka.topic(topics.REQUESTED))
         try:
             yield
         finally:
+            pruner.cancel()
             left = producer.close()
             if left:
                 log.error("shutdown: %d event(s) still unacknowledged", left)
@@ -96,6 +104,9 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
     app.add_exception_handler(Exception, problems.unexpected_handler)
     app.add_middleware(BodyLimit, default=settings.max_body_bytes,
                        per_path={"/v1/messages/batch": settings.max_batch_body_bytes})
+    # Outside the body cap: a request without a valid key, or over its rate,
+    # is answered before its body is read.
+    app.add_middleware(Gate, rates=KeyRates(settings.rate_limit))
     app.middleware("http")(_observe)
     # Timelines, listings and reports read the projection of this namespace.
     app.state.namespace = settings.kafka.topic_prefix
@@ -126,11 +137,17 @@ def _ingestor(request: Request) -> Ingestor:
     return request.app.state.ingestor  # type: ignore[no-any-return]
 
 
-async def _key(request: Request, authorization: Annotated[str | None, Header()] = None) -> ApiKey:
-    token = None
-    if authorization and authorization[:7].lower() == "bearer ":
-        token = authorization[7:].strip()
-    return await _ingestor(request).authenticate(token)
+# Declares the Bearer scheme in the OpenAPI document; the Gate has checked the
+# token by the time a route runs.
+_BEARER = HTTPBearer(auto_error=False, description="mbk_<key id>.<secret>")
+
+
+async def _key(request: Request,
+               _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> ApiKey:
+    key = request.scope.get("state", {}).get(STATE_KEY)
+    if isinstance(key, ApiKey):
+        return key
+    return await _ingestor(request).authenticate(bearer_token(request.scope["headers"]))
 
 
 def _idempotency(value: str | None) -> str | None:
@@ -141,7 +158,7 @@ def _idempotency(value: str | None) -> str | None:
 
 
 def _plan(ing: Ingestor, key: ApiKey, req: MessageRequest, idem: str | None,
-          index: int | None = None, prefix: str = "") -> Planned:
+          generation: str | None, index: int | None = None, prefix: str = "") -> Planned:
     errors = [{"field": prefix + f, "message": m} for f, m in cross_field_problems(req)]
     if errors:
         raise invalid(errors)
@@ -151,7 +168,7 @@ def _plan(ing: Ingestor, key: ApiKey, req: MessageRequest, idem: str | None,
         for err in exc.errors:
             err["field"] = prefix + err["field"]
         raise
-    return Planned(req, message_id_for(key.id, idem, index), account_id, pool)
+    return Planned(req, message_id_for(key.id, idem, index, generation), account_id, pool)
 
 
 Key = Annotated[ApiKey, Depends(_key)]
@@ -166,17 +183,18 @@ def _routes(app: FastAPI) -> None:
         require_scope(key, "send")
         idem = _idempotency(idempotency_key)
         ing = _ingestor(request)
+        digest = request_digest(req.model_dump(mode="json", by_alias=True))
+        generation = await ing.claim(key, idem, digest) if idem else None
         try:
-            planned = _plan(ing, key, req, idem)
+            planned = _plan(ing, key, req, idem, generation)
         except Problem:
             metrics.REJECTED.labels("validation").inc()
             raise
-        digest = request_digest(req.model_dump(mode="json", by_alias=True))
 
         def respond(ids: list[str]) -> tuple[int, dict[str, Any]]:
             return 202, {"id": ids[0], "status": "queued"}
 
-        status, body = await ing.accept(key, [planned], idem, digest, respond)
+        status, body = await ing.accept(key, [planned], idem, digest, respond, generation)
         return JSONResponse(body, status_code=status,
                             headers={"Location": f"/v1/messages/{body.get('id')}"})
 
@@ -187,13 +205,15 @@ def _routes(app: FastAPI) -> None:
         require_scope(key, "send")
         idem = _idempotency(idempotency_key)
         ing = _ingestor(request)
+        digest = request_digest(batch.messages)
+        generation = await ing.claim(key, idem, digest) if idem else None
         results: list[dict[str, Any]] = []
         planned: list[Planned] = []
         for i, item in enumerate(batch.messages):
             prefix = f"messages[{i}]."
             try:
                 req = MessageRequest.model_validate(item)
-                planned.append(_plan(ing, key, req, idem, i, prefix))
+                planned.append(_plan(ing, key, req, idem, generation, i, prefix))
                 results.append({"index": i, "id": planned[-1].message_id, "status": "queued"})
             except ValidationError as exc:
                 errors = problems.from_pydantic(exc.errors(), prefix)
@@ -210,8 +230,7 @@ def _routes(app: FastAPI) -> None:
         def respond(ids: list[str]) -> tuple[int, dict[str, Any]]:
             return 202, summary
 
-        status, body = await ing.accept(key, planned, idem, request_digest(batch.messages),
-                                        respond)
+        status, body = await ing.accept(key, planned, idem, digest, respond, generation)
         return JSONResponse(body, status_code=status)
 
     @app.get("/healthz", include_in_schema=False)

@@ -32,6 +32,7 @@ class ApiKey:
     scopes: frozenset[str]
     accounts: frozenset[str] | None  # None: every account
     default_pool: str | None
+    rate_limit: str | None = None  # None: the installation's rate
 
     @property
     def is_admin(self) -> bool:
@@ -62,11 +63,15 @@ def route(req: MessageRequest, key: ApiKey, directory: Directory) -> tuple[str, 
     return target, None
 
 
-def message_id_for(key_id: str, idempotency_key: str | None, index: int | None = None) -> str:
-    """A fresh random id, or one derived from the Idempotency-Key (and batch position)."""
+def message_id_for(key_id: str, idempotency_key: str | None, index: int | None = None,
+                   generation: str | None = None) -> str:
+    """A fresh random id, or one derived from the Idempotency-Key (its generation, the
+    batch position): the same use of a key yields the same ids, a use after expiry new ones."""
     if idempotency_key is None:
         return str(uuid.uuid4())
     name = f"{key_id}\0{idempotency_key}" + ("" if index is None else f"\0{index}")
+    if generation is not None:
+        name += f"\0{generation}"
     return str(uuid.uuid5(IDEMPOTENT_NAMESPACE, name))
 
 

@@ -83,6 +83,19 @@ def unavailable(detail: str, retry_after: int = 5) -> Problem:
                    headers={"Retry-After": str(retry_after)})
 
 
+def rate_limited(retry_after: int) -> Problem:
+    """429 with Retry-After: the key made more requests than its rate allows."""
+    return Problem(429, "rate-limited", "Too many requests",
+                   f"this API key's request rate is used up; retry in {retry_after} s",
+                   headers={"Retry-After": str(retry_after)})
+
+
+def unauthorized() -> Problem:
+    """401 with the Bearer challenge: no key, or not a valid one."""
+    return Problem(401, "unauthorized", "Unauthorized", "a valid API key is required",
+                   headers={"WWW-Authenticate": 'Bearer realm="mailbus"'})
+
+
 async def problem_handler(request: Request, exc: Exception) -> JSONResponse:
     """Render a raised Problem."""
     assert isinstance(exc, Problem)

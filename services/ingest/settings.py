@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from mailbus.ingest.rates import parse_rate
 from mailbus.settings import ServiceSettings
 
 
@@ -16,3 +17,19 @@ class IngestSettings(ServiceSettings):
     # Bodies larger than these are refused before parsing (413).
     max_body_bytes: int = 1024 * 1024
     max_batch_body_bytes: int = 16 * 1024 * 1024
+    # Requests per API key, a moving window in the `limits` notation; a key's
+    # own `rate_limit` overrides it. Counted per process (see rates.py).
+    rate_limit: str = "100/second"
+    # How long an Idempotency-Key is remembered (Stripe keeps them 24 h):
+    # within it a retry replays the answer, after it the key is new again.
+    idempotency_retention_seconds: int = Field(default=86_400, ge=1, le=90 * 86_400)
+    # How often this process deletes expired records, and how many per
+    # statement (short statements: a backlog never holds many row locks).
+    idempotency_prune_seconds: float = Field(default=300.0, gt=0, le=86_400)
+    idempotency_prune_batch: int = Field(default=1000, ge=1, le=100_000)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        parse_rate(value)
+        return value

@@ -1,0 +1,33 @@
+"""Idempotency-Key records expire: each ingest process prunes them in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import psycopg
+
+from mailbus.ingest.problems import Problem
+from mailbus.ingest.service import Ingestor
+
+log = logging.getLogger(__name__)
+
+
+async def prune_forever(ingestor: Ingestor, every_seconds: float, batch: int) -> None:
+    """Delete expired records batch by batch until none is left, then wait; forever.
+
+    A database outage only delays the next round: requests treat an expired
+    record as gone whether or not it was deleted yet.
+    """
+    while True:
+        try:
+            total = 0
+            while (deleted := await ingestor.prune(batch)) > 0:
+                total += deleted
+                if deleted < batch:
+                    break
+            if total:
+                log.info("pruned %d expired idempotency record(s)", total)
+        except (Problem, psycopg.Error) as exc:
+            log.warning("idempotency pruning skipped this round: %s", exc)
+        await asyncio.sleep(every_seconds)
