@@ -4,6 +4,11 @@ The consumer runs in a worker thread (confluent-kafka blocks); the ledger
 writes run on the event loop. A record that does not decode, or names an
 account this sender does not know, goes to the dead-letter topic with the
 reason, and consumption moves on: a bad record never stalls a partition.
+
+A PostgreSQL or Kafka error does not end admission: the batch that was not
+admitted is sought back (its offsets are not committed, so nothing is lost),
+the error is logged, and the round is retried with backoff. Until a round
+succeeds again `healthy` is false, and the sender is not ready.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from contextlib import suppress
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from mailbus.accounts import Directory
 from mailbus.codec import Registry
@@ -21,9 +27,13 @@ from mailbus.errors import DecodeError
 from mailbus.producer import AsyncProducer
 from mailbus.sender import handlers, metrics
 from mailbus.sender.outbox import Ledger
+from mailbus.sender.quota import backoff
 
 log = logging.getLogger(__name__)
 BATCH = 500
+# Retry delays after a failed round: 0.5 s doubling to 30 s (jittered), well
+# inside max.poll.interval.ms (5 min), so the group keeps the partitions.
+RETRY_BASE, RETRY_CAP = 0.5, 30.0
 
 
 class Admission:
@@ -45,9 +55,13 @@ class Admission:
         self._registry, self._directory = registry, directory
         self._ledger, self._producer = ledger, producer
         self._on_change, self._on_assign = on_change, on_assign
-        self.owned: set[int] = set()
+        # Replaced, never changed in place: the consumer's thread writes them
+        # while the event loop reads them.
+        self.owned: frozenset[int] = frozenset()
+        self._unsettled: frozenset[int] = frozenset()  # assigned, take-over still to run
+        self.healthy = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping = False
+        self._stopping = asyncio.Event()
 
     def partitions(self) -> list[int]:
         """Partitions of email.requested this instance owns now."""
@@ -55,44 +69,104 @@ class Admission:
 
     # Rebalance callbacks run on the consumer's thread, inside consume(); the
     # event loop is free meanwhile (it awaits that thread), so they hand their
-    # database work to it and wait.
+    # database work to it and wait. A partition whose take-over failed is
+    # assigned but not owned (no worker claims its rows) until a later round
+    # takes it over.
     def _assigned(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         new = [p.partition for p in parts]
         assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(self._on_assign(new), self._loop).result(60)
-        self.owned |= set(new)
+        self._unsettled |= set(new)
+        try:
+            asyncio.run_coroutine_threadsafe(self._on_assign(new), self._loop).result(60)
+        except Exception as exc:  # noqa: BLE001 - retried by the next round
+            log.error("partitions %s: take-over failed, retrying: %s", new, exc)
+            return
+        self._settled(new)
+
+    def _settled(self, parts: list[int]) -> None:
+        self._unsettled -= set(parts)
+        self.owned |= set(parts)
         log.info("assigned partitions %s", sorted(self.owned))
+        assert self._loop is not None
         self._loop.call_soon_threadsafe(self._on_change)
 
     def _revoked(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        self.owned -= {p.partition for p in parts}
-        log.info("revoked partitions %s", [p.partition for p in parts])
+        gone = {p.partition for p in parts}
+        self.owned -= gone
+        self._unsettled -= gone
+        log.info("revoked partitions %s", sorted(gone))
 
     async def run(self) -> None:
-        """Consume, admit, commit, until stopped."""
+        """Consume, admit, commit, until stopped; a failed round is retried, never fatal."""
         self._loop = asyncio.get_running_loop()
         self._consumer.subscribe([self._topic], on_assign=self._assigned,
                                  on_revoke=self._revoked, on_lost=self._revoked)
-        while not self._stopping:
-            messages = await asyncio.to_thread(self._consumer.consume, BATCH, 0.5)
-            if not messages:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                await self._round()
+            except Exception as exc:  # noqa: BLE001 - logged, retried with backoff
+                failures += 1
+                self.healthy = False
+                metrics.ADMISSION_ERRORS.inc()
+                delay = backoff(failures, base=RETRY_BASE, cap=RETRY_CAP)
+                log.error("admission failed (%s: %s); retrying in %.1f s",
+                          type(exc).__name__, exc, delay)
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
                 continue
-            await self._admit(messages)
+            if failures:
+                log.info("admission resumed after %d failed round(s)", failures)
+            failures, self.healthy = 0, True
+
+    async def _round(self) -> None:
+        unsettled = sorted(self._unsettled)
+        if unsettled:
+            await self._on_assign(unsettled)
+            self._settled(unsettled)
+        messages = await asyncio.to_thread(self._consumer.consume, BATCH, 0.5)
+        records = [m for m in messages if m.error() is None]
+        errors = [e for m in messages if (e := m.error()) is not None
+                  and e.code() != KafkaError._PARTITION_EOF]
+        if records:
+            try:
+                await self._admit(records)
+            except Exception:
+                # Not admitted: consume them again next round. Their offsets
+                # were never committed, so a crash now loses nothing either.
+                await asyncio.to_thread(self._rewind, records)
+                raise
             # Commits the positions consume() advanced to: exactly what the
             # ledger now holds. A crash before this line redelivers them, and
             # the ledger's primary key makes the second admission a no-op.
-            await asyncio.to_thread(self._consumer.commit, asynchronous=False)
+            await asyncio.to_thread(self._commit)
             self._on_change()
+        if errors:
+            raise KafkaException(errors[0])
+
+    def _rewind(self, records: list[Message]) -> None:
+        first: dict[int, int] = {}
+        for msg in records:
+            part, offset = msg.partition() or 0, msg.offset() or 0
+            first[part] = min(offset, first.get(part, offset))
+        for part, offset in first.items():
+            try:
+                self._consumer.seek(TopicPartition(self._topic, part, offset))
+            except KafkaException as exc:
+                # No longer ours: its next owner starts at the committed offset.
+                log.info("partition %d not rewound (%s)", part, exc)
+
+    def _commit(self) -> None:
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:  # nothing new to commit
+                raise
 
     async def _admit(self, messages: list[Message]) -> None:
         now = handlers.utcnow()
         rows, dead = [], []
         for msg in messages:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume: %s", err)
-                continue
             value = msg.value() or b""  # a tombstone is as undecodable as garbage
             try:
                 _, event = self._registry.decode(value, "mailbus.EmailRequested")
@@ -119,8 +193,8 @@ class Admission:
                                      else "unknown_account").inc()
 
     def stop(self) -> None:
-        """Ask the loop to end after the current batch."""
-        self._stopping = True
+        """Ask the loop to end after the current batch (call on the event loop)."""
+        self._stopping.set()
 
     def close(self) -> None:
         """Leave the group (the partitions move to another instance at once)."""

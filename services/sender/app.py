@@ -8,8 +8,7 @@ import signal
 import uuid
 from contextlib import suppress
 from datetime import timedelta
-
-from prometheus_client import start_http_server
+from typing import Any
 
 from mailbus import topics
 from mailbus.accounts import Account, Directory, load_accounts
@@ -27,13 +26,14 @@ from mailbus.sender.outbox import Outbox
 from mailbus.sender.quota import Budget, Exhausted
 from mailbus.sender.settings import SenderSettings
 from mailbus.sender.smtp import SmtpTransport
-from mailbus.sender.suppressions import SuppressionReader, Suppressions
+from mailbus.sender.suppressions import SuppressionFeed, SuppressionReader, Suppressions
 from mailbus.sender.transport import Transport
 from mailbus.sender.worker import AccountWorker, Context
 from mailbus.tokens import LinkBuilder, load_keyring
 
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 10.0
+WATCH_SECONDS = 0.5
 
 
 def transport_for(account: Account, settings: SenderSettings) -> Transport:
@@ -84,6 +84,8 @@ class Sender:
                     raise ConfigError(f"account {account.id}: {exc}") from exc
         self.suppressions = Suppressions()
         self.workers: dict[str, AccountWorker] = {}
+        self._worker_tasks: dict[str, asyncio.Task[None]] = {}
+        self._admission_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
@@ -105,22 +107,24 @@ class Sender:
         """Start every part, run until stop(), then shut down in order."""
         s = self.settings
         kafka = s.kafka.client_config()
+        probes = (metrics.serve(s.metrics_host, s.metrics_port, self.readiness)
+                  if s.metrics_port else None)
         self.pool = open_pool(s.postgres)
         await self.pool.open(wait=True, timeout=30)
         self.producer = AsyncProducer(kafka, **{"client.id": "mailbus-sender"})
         self.outbox = Outbox(self.pool, self.producer, s.kafka.topic_prefix)
-        self.reader = SuppressionReader(kafka, self.topic(topics.SUPPRESSIONS), self.registry,
-                                        self.suppressions)
-        self.reader.start()
-        await asyncio.to_thread(self.suppressions.loaded.wait, 30)
+        self.feed = SuppressionFeed(lambda: SuppressionReader(
+            kafka, self.topic(topics.SUPPRESSIONS), self.registry, self.suppressions))
         self.admission = Admission(
             config=kafka, group_id=s.kafka.topic_prefix + s.group_id,
             topic=self.topic(topics.REQUESTED), dlq_topic=self.topic(topics.REQUESTED_DLQ),
             registry=self.registry, directory=self.directory, ledger=self.outbox.ledger,
             producer=self.producer, on_change=self._wake_all, on_assign=self._take_over)
+        # Workers see no partition, so claim nothing, while the suppression
+        # list is not loaded or not followed: who may be mailed is unknown.
         ctx = Context(pool=self.pool, outbox=self.outbox, registry=self.registry,
                       directory=self.directory, suppressions=self.suppressions,
-                      links=self.links, owned=self.admission.partitions,
+                      links=self.links, owned=self._sendable,
                       capacity=self._capacity, topic=self.topic,
                       max_attempts=s.max_attempts, retry_base=s.retry_base_seconds,
                       retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds)
@@ -131,31 +135,101 @@ class Sender:
             self.workers[account.id] = AccountWorker(ctx, account, transport_for(account, s),
                                                      budget, dkim_for(account))
             metrics.QUOTA_LIMIT.labels(account.id).set(account.daily_quota)
-        self._tasks = [asyncio.create_task(w.run()) for w in self.workers.values()]
+        self._worker_tasks = {a: asyncio.create_task(w.run()) for a, w in self.workers.items()}
         self.lag = LagReporter(kafka, s.kafka.topic_prefix + s.group_id,
                                [self.topic(topics.REQUESTED)])
-        self._tasks += [asyncio.create_task(self._sweep()), asyncio.create_task(self._gauges())]
-        admission = asyncio.create_task(self.admission.run())
-        log.info("sender running: %d account(s), %d suppression(s) loaded",
-                 len(self.workers), len(self.suppressions))
+        self._admission_task = asyncio.create_task(self.admission.run())
+        self._tasks = [asyncio.create_task(t) for t in (
+            self.feed.run(), self._sweep(), self._gauges(), self._prune(), self._watch())]
+        log.info("sender started: %d account(s); sending waits for the suppression list",
+                 len(self.workers))
         await self._stop.wait()
+        self.feed.stop()
         self.admission.stop()
         with suppress(Exception):
-            await asyncio.wait_for(admission, 10)
+            await asyncio.wait_for(self._admission_task, 10)
         for worker in self.workers.values():
             await worker.drain(timeout=20)
-        for task in self._tasks:
+        for task in [*self._tasks, *self._worker_tasks.values()]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._worker_tasks.values(),
+                             return_exceptions=True)
         await self.outbox.drain()
         for worker in self.workers.values():
             await worker.transport.close()
         self.admission.close()
         await asyncio.to_thread(self.lag.close)
-        self.reader.close()
+        await asyncio.to_thread(self.feed.close)
         self.producer.close()
         await self.pool.close()
+        if probes is not None:
+            probes.shutdown()
         log.info("sender stopped")
+
+    def _sendable(self) -> list[int]:
+        """The partitions workers may claim from: none while suppressions are not ready."""
+        return self.admission.partitions() if self.feed.ready() else []
+
+    def readiness(self) -> dict[str, Any]:
+        """What /readyz answers (called from the probe server's thread)."""
+        feed, admission = getattr(self, "feed", None), getattr(self, "admission", None)
+        task = self._admission_task
+        return metrics.readiness(
+            suppressions=feed is not None and feed.ready(),
+            admission=admission is not None and admission.healthy
+            and task is not None and not task.done(),
+            workers=[bool(self._worker_tasks)]
+            + [not t.done() for t in self._worker_tasks.values()])
+
+    async def _watch(self) -> None:
+        """Restart a part that ended on its own; publish and log readiness changes."""
+        was: dict[str, Any] | None = None
+        while True:
+            for account_id, task in list(self._worker_tasks.items()):
+                if task.done():
+                    log.error("account %s: worker ended (%s); restarting", account_id,
+                              task.exception() if not task.cancelled() else "cancelled")
+                    self._worker_tasks[account_id] = asyncio.create_task(
+                        self.workers[account_id].run())
+            if (self._admission_task is not None and self._admission_task.done()
+                    and not self._stop.is_set()):
+                task = self._admission_task
+                log.error("admission ended (%s); restarting",
+                          task.exception() if not task.cancelled() else "cancelled")
+                self._admission_task = asyncio.create_task(self.admission.run())
+            now = self.readiness()
+            metrics.READY.set(now["status"] == "ok")
+            for part in ("suppressions", "admission", "workers"):
+                metrics.COMPONENT_UP.labels(part).set(now[part])
+            if now != was:
+                if now["status"] == "ok":
+                    log.info("sender ready: %d suppression(s) loaded", len(self.suppressions))
+                else:
+                    log.warning("sender not ready: %s",
+                                ", ".join(k for k, v in now.items() if v is False))
+                was = now
+            await asyncio.sleep(WATCH_SECONDS)
+
+    async def _prune(self) -> None:
+        """Retention: delete settled rows and clear payloads past their time, in batches."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.ledger_prune_seconds)
+            try:
+                while True:
+                    rows, payloads = await self.outbox.ledger.prune(
+                        keep_seconds=s.ledger_retention_hours * 3600,
+                        payload_seconds=s.ledger_payload_retention_hours * 3600,
+                        batch=s.ledger_prune_batch)
+                    metrics.LEDGER_PRUNED.labels("rows").inc(rows)
+                    metrics.LEDGER_PRUNED.labels("payloads").inc(payloads)
+                    if rows or payloads:
+                        log.info("ledger: pruned %d row(s), cleared %d payload(s)",
+                                 rows, payloads)
+                    if max(rows, payloads) < s.ledger_prune_batch:
+                        break
+            except Exception:
+                log.exception("ledger prune failed; retried next round")
 
     def stop(self) -> None:
         """Begin an orderly shutdown."""
@@ -198,9 +272,7 @@ class Sender:
 
 
 def main(settings: SenderSettings) -> None:
-    """`mailbus sender`: serve metrics, run until SIGTERM or SIGINT."""
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    """`mailbus sender`: serve metrics and probes, run until SIGTERM or SIGINT."""
 
     async def serve() -> None:
         sender = Sender(settings)

@@ -66,6 +66,23 @@ class Ledger:
         await self._rows("mark_retry", {"message_id": message_id, "due_at": due_at,
                                         "error": error[:2000], "refund": refund})
 
+    async def prune(self, *, keep_seconds: float, payload_seconds: float,
+                    batch: int) -> tuple[int, int]:
+        """Retention, one batch each: (settled rows deleted, payloads cleared).
+
+        The caller repeats while a batch comes back full; each batch is its
+        own short transaction, so a large backlog never holds long locks.
+        """
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(SQL["prune_settled"], {
+                "namespace": self.namespace, "keep_seconds": keep_seconds, "batch": batch})
+            deleted = cur.rowcount
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(SQL["clear_payloads"], {
+                "namespace": self.namespace, "keep_seconds": payload_seconds, "batch": batch})
+            cleared = cur.rowcount
+        return deleted, cleared
+
     async def sent_in_window(self, account_id: str) -> list[datetime]:
         """Send times of the last 24 h."""
         return [r["sent_at"] for r in await self._rows("sent_in_window",

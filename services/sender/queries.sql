@@ -10,7 +10,7 @@ VALUES (%(message_id)s, %(namespace)s, %(account_id)s, %(pool)s, %(partition)s, 
 ON CONFLICT (message_id) DO UPDATE
 SET account_id = EXCLUDED.account_id, pool = EXCLUDED.pool,
     source_partition = EXCLUDED.source_partition, payload = EXCLUDED.payload,
-    due_at = EXCLUDED.due_at, state = 'queued'
+    due_at = EXCLUDED.due_at, state = 'queued', settled_at = NULL
 WHERE send_ledger.state = 'rerouted' AND send_ledger.account_id <> EXCLUDED.account_id;
 
 -- name: recover_sending
@@ -42,8 +42,10 @@ RETURNING l.message_id, l.payload, l.attempts, l.ambiguous, l.reroutes, l.source
 
 -- name: mark_sent
 -- A row sent before for some recipients keeps that first hand-over's time.
+-- settled_at (here and in mark_failed, mark_rerouted) starts the row's
+-- retention clock: see prune_settled.
 UPDATE send_ledger SET state = 'sent', sent_at = coalesce(sent_at, %(sent_at)s),
-    last_error = NULL
+    last_error = NULL, settled_at = now()
 WHERE message_id = %(message_id)s AND state = 'sending';
 
 -- name: mark_partial
@@ -55,7 +57,7 @@ SET state = 'queued', due_at = %(due_at)s, pending_recipients = %(pending)s,
 WHERE message_id = %(message_id)s AND state = 'sending';
 
 -- name: mark_failed
-UPDATE send_ledger SET state = 'failed', last_error = %(error)s
+UPDATE send_ledger SET state = 'failed', last_error = %(error)s, settled_at = now()
 WHERE message_id = %(message_id)s AND state = 'sending';
 
 -- name: mark_retry
@@ -67,7 +69,8 @@ SET state = 'queued', due_at = %(due_at)s, last_error = %(error)s,
 WHERE message_id = %(message_id)s AND state = 'sending';
 
 -- name: mark_rerouted
-UPDATE send_ledger SET state = 'rerouted', reroutes = reroutes + 1, last_error = %(error)s
+UPDATE send_ledger SET state = 'rerouted', reroutes = reroutes + 1, last_error = %(error)s,
+    settled_at = now()
 WHERE message_id = %(message_id)s AND state = 'sending';
 
 -- name: sent_in_window
@@ -96,3 +99,32 @@ ORDER BY id LIMIT 500;
 -- name: outbox_done
 DELETE FROM sender_outbox WHERE id = ANY(%(ids)s);
 
+-- name: prune_settled
+-- Retention (migration 0010): one batch of rows settled longer ago than
+-- %(keep_seconds)s. Queued, sending and partly sent rows are never settled.
+-- The sent_at guard keeps every send the rolling 24 h quota counts
+-- (sent_in_window) whatever the setting says. SKIP LOCKED: two instances
+-- pruning at once, or a worker or admission touching a row, never wait.
+DELETE FROM send_ledger
+WHERE message_id IN (
+    SELECT message_id FROM send_ledger
+    WHERE namespace = %(namespace)s AND state IN ('sent', 'failed', 'rerouted')
+      AND settled_at < now() - make_interval(secs => %(keep_seconds)s)
+      AND (sent_at IS NULL OR sent_at <= now() - interval '24 hours')
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: clear_payloads
+-- One batch of settled rows whose request bytes (addresses, bodies) are no
+-- longer needed: nothing reads a settled row's payload again (a rerouted row
+-- that comes back gets the new record's bytes at admission).
+UPDATE send_ledger SET payload = NULL
+WHERE message_id IN (
+    SELECT message_id FROM send_ledger
+    WHERE namespace = %(namespace)s AND state IN ('sent', 'failed', 'rerouted')
+      AND payload IS NOT NULL
+      AND settled_at < now() - make_interval(secs => %(keep_seconds)s)
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+);

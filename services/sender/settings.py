@@ -30,6 +30,18 @@ class SenderSettings(ServiceSettings):
     # Add a 1x1 open-tracking image to html mail (the hooks service records
     # the loads as unreliable opens when its own open_tracking is on).
     open_tracking: bool = False
+    # Retention of settled ledger rows (sent, failed, rerouted), from settlement.
+    # At least 24 h: the rolling quota is rebuilt from the last day's sends.
+    # The default outlives email.requested's 7-day retention, so a replay of
+    # the topic (an offset reset) still finds every row and sends nothing twice.
+    ledger_retention_hours: float = Field(default=192.0, ge=24)
+    # A settled row's request bytes (addresses, bodies) are cleared after this:
+    # nothing reads them again, and the same bytes stay on email.requested
+    # (7 days) and, for failures, email.requested.dlq (30 days).
+    ledger_payload_retention_hours: float = Field(default=24.0, ge=0)
+    # How often the sender prunes, and how many rows one statement touches.
+    ledger_prune_seconds: float = Field(default=300.0, gt=0)
+    ledger_prune_batch: int = Field(default=1000, ge=1, le=100_000)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9101, ge=0, le=65535)
     # Gmail API endpoints: Google's unless overridden (the tests' emulator).
