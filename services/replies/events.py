@@ -12,6 +12,12 @@ readers are at-least-once) produces the same events, which every consumer
 deduplicates. Hard bounces, complaints and unsubscribes suppress the
 recipient for every account: an address that does not exist, or whose owner
 asked not to be mailed, is not to be mailed by any of them.
+
+Anyone can mail a report to our mailboxes, so a DSN or a complaint counts
+only when it names a message of ours and a recipient that message really
+had. The service looks that up (`sent.py`, through `replies_sent_to()`)
+and hands the answer in as `Sent`; `judge()` decides. A report that fails
+is kept as unmatched mail with its reason, and produces nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mailbus import topics
+from mailbus.errors import MailbusError
 from mailbus.replies.classify import Inbound
 from mailbus.topics import address_hash
 
@@ -31,6 +38,19 @@ EVENT_NAMESPACE = uuid.UUID("5b0c1d2e-8f4a-4e7b-9a61-3c2d1e0f9a8b")
 MAX_TEXT = 2000
 MAX_SUBJECT = 500
 MAX_DIAGNOSTIC = 1000  # per recipient in a DSN: hostile reports may list many
+# Reports that can suppress an address or settle a message.
+REPORTS = frozenset({"dsn", "complaint"})
+# How long after a hand-over a report on it may wait for the projection of its
+# email.sent (normally well under a second) before it is judged without it.
+# The reader reads such a report again later; past this, a projector that is
+# still behind costs the report, not the mailbox.
+PROJECTION_GRACE = timedelta(minutes=15)
+NOT_OURS = "forged or unknown report: message not ours"
+NOT_A_RECIPIENT = "recipient not a recipient of that message"
+
+
+class ReportTooEarly(MailbusError):
+    """A report on a message being handed over whose email.sent is not projected yet."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,68 @@ TokenCheck = Callable[[str], tuple[str, str] | None]
 TagCheck = Callable[[str], str | None]
 
 
+@dataclass(frozen=True)
+class Sent:
+    """What the database knows of the message a report names (`replies_sent_to()`)."""
+
+    message_id: str
+    recipients: frozenset[str]  # of the addresses asked about, those it was sent to
+    projected: bool = True  # an email.sent of it is recorded
+    handed_over_at: datetime | None = None  # per the sender's ledger, if it knows
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Which recipients a report may speak for, or why it speaks for none."""
+
+    message_id: str | None
+    accepted: frozenset[str] = frozenset()
+    refused: tuple[str, ...] = ()  # named but not recipients of the message
+    reason: str | None = None  # set when nothing is accepted
+
+
+def reference(inbound: Inbound, check_tag: TagCheck) -> str | None:
+    """The message of ours the mail names: our Message-ID, else a genuine reply tag."""
+    if inbound.message_id is not None:
+        return inbound.message_id
+    return next((found for found in map(check_tag, inbound.reply_tags) if found), None)
+
+
+def canonical(address: str) -> str:
+    """An address as the suppression list keys it (and as reports are matched)."""
+    return address.strip().lower()
+
+
+def named(inbound: Inbound) -> tuple[str, ...]:
+    """The addresses a report speaks for, canonical, without repeats."""
+    found = ([r.recipient for r in inbound.dsn] if inbound.kind == "dsn"
+             else [inbound.complaint_recipient])
+    return tuple(dict.fromkeys(canonical(a) for a in found if a))
+
+
+def judge(inbound: Inbound, message_id: str | None, sent: Sent | None,
+          now: datetime) -> Verdict:
+    """Which of a report's recipients were recipients of the message of ours it names.
+
+    Raises ReportTooEarly for a report on a message handed over moments ago
+    whose email.sent is not projected yet: the reader hands it over again.
+    """
+    what = "the DSN" if inbound.kind == "dsn" else "the complaint"
+    if message_id is None:
+        return Verdict(None, reason=f"{what} names no message of ours")
+    if sent is None or sent.message_id != message_id or not sent.projected:
+        handed = sent.handed_over_at if sent is not None else None
+        if handed is not None and now - handed < PROJECTION_GRACE:
+            raise ReportTooEarly(f"message {message_id} handed over at {handed.isoformat()}")
+        return Verdict(None, reason=NOT_OURS)
+    addresses = named(inbound)
+    accepted = frozenset(a for a in addresses if a in sent.recipients)
+    refused = tuple(a for a in addresses if a not in accepted)
+    if not accepted:
+        reason = NOT_A_RECIPIENT if refused else f"{what} names no recipient"
+        return Verdict(message_id, refused=refused, reason=reason)
+    return Verdict(message_id, accepted, refused)
+
 
 def _event_id(*parts: str) -> str:
     return str(uuid.uuid5(EVENT_NAMESPACE, "\x1f".join(parts)))
@@ -71,20 +153,19 @@ def _cap(text: str | None, limit: int) -> str | None:
 
 
 def plan(inbound: Inbound, *, account_id: str, source: str, source_ref: str, now: datetime,
-         check_token: TokenCheck, check_tag: TagCheck) -> Plan:
-    """The records and the inbound_messages row for one classified message."""
+         check_token: TokenCheck, check_tag: TagCheck, sent: Sent | None = None) -> Plan:
+    """The records and the inbound_messages row for one classified message.
+
+    `sent` is the lookup of the message a DSN or complaint names; without it
+    such a report produces nothing.
+    """
     # The identity of this piece of mail: its own Message-ID when it has one
     # (the same mail fetched under a new UIDVALIDITY keeps it), else its place.
     identity = (account_id, inbound.header_message_id or source_ref)
     occurred = inbound.date if inbound.date is not None else now
     if occurred.tzinfo is None:
         occurred = occurred.replace(tzinfo=UTC)
-    message_id = inbound.message_id
-    if message_id is None:
-        for tag in inbound.reply_tags:
-            if (found := check_tag(tag)) is not None:
-                message_id = found
-                break
+    message_id = reference(inbound, check_tag)
 
     def response(kind: str, recipient: str | None, mid: str, **extra: Any) -> Record:
         return Record(topics.RESPONSES, mid, {
@@ -103,16 +184,17 @@ def plan(inbound: Inbound, *, account_id: str, source: str, source_ref: str, now
             "address_hash": digest, "reason": reason, "scope": None, "active": True})
 
     kind = inbound.kind
-    if kind == "dsn":
-        return _dsn(inbound, message_id, occurred, account_id, identity, suppress)
-    if kind == "complaint":
-        records = []
-        who = inbound.complaint_recipient
-        if message_id is not None:
-            records.append(response("complaint", who, message_id))
-        if who:
-            records.append(suppress(who, "complaint", message_id))
-        return Plan(tuple(records), kind, message_id, {"recipient": who})
+    if kind in REPORTS:
+        verdict = judge(inbound, message_id, sent, now)
+        if verdict.reason is not None or verdict.message_id is None:
+            return _refused(inbound, message_id, verdict)
+        if kind == "dsn":
+            return _dsn(inbound, verdict, verdict.message_id, occurred, account_id, identity,
+                        suppress)
+        [who] = verdict.accepted  # a complaint names one recipient
+        mid = verdict.message_id
+        return Plan((response("complaint", who, mid), suppress(who, "complaint", mid)),
+                    kind, mid, {"recipient": who})
     if kind == "unsubscribe" and inbound.unsubscribe_token:
         claims = check_token(inbound.unsubscribe_token)
         if claims is None:
@@ -129,33 +211,57 @@ def plan(inbound: Inbound, *, account_id: str, source: str, source_ref: str, now
     return Plan((), "unmatched", None, {"classified_as": kind, "reason": reason})
 
 
-def _dsn(inbound: Inbound, message_id: str | None, occurred: datetime, account_id: str,
-         identity: tuple[str, str], suppress: Callable[[str, str, str | None], Record]) -> Plan:
-    results = [{"recipient": r.recipient, "action": r.action, "status": r.status,
-                "bounce_class": r.bounce_class, "diagnostic": _cap(r.diagnostic, MAX_DIAGNOSTIC)}
-               for r in inbound.dsn]
-    if message_id is None:
-        return Plan((), "unmatched", None, {"classified_as": "dsn", "results": results,
-                                             "reason": "the DSN names no message of ours"})
+def _results(inbound: Inbound) -> list[dict[str, Any]]:
+    return [{"recipient": r.recipient, "action": r.action, "status": r.status,
+             "bounce_class": r.bounce_class, "diagnostic": _cap(r.diagnostic, MAX_DIAGNOSTIC)}
+            for r in inbound.dsn]
+
+
+def _refused(inbound: Inbound, named_id: str | None, verdict: Verdict) -> Plan:
+    """A report that speaks for nobody: kept as unmatched mail, threaded to no message."""
+    detail: dict[str, Any] = {"classified_as": inbound.kind, "reason": verdict.reason}
+    if inbound.kind == "dsn":
+        detail["results"] = _results(inbound)
+    else:
+        detail["recipient"] = inbound.complaint_recipient
+    if named_id is not None:
+        detail["named_message_id"] = named_id
+    if verdict.refused:
+        detail["refused"] = list(verdict.refused)
+    return Plan((), "unmatched", None, detail)
+
+
+def _dsn(inbound: Inbound, verdict: Verdict, message_id: str, occurred: datetime,
+         account_id: str, identity: tuple[str, str],
+         suppress: Callable[[str, str, str | None], Record]) -> Plan:
+    # Only the recipients the message had are its results (the timeline shows
+    # their delays); the others are kept apart.
+    results = [r for r in _results(inbound)
+               if r["recipient"] and canonical(r["recipient"]) in verdict.accepted]
     records: list[Record] = []
     for r in inbound.dsn:
-        if not r.recipient:
+        who = canonical(r.recipient or "")
+        if who not in verdict.accepted:
             continue
         base = {"message_id": message_id, "occurred_at": occurred, "account_id": account_id,
-                "recipient": r.recipient.lower()}
+                "recipient": who}
         if r.action in ("delivered", "relayed", "expanded"):
             records.append(Record(topics.DELIVERED, message_id, base | {
-                "event_id": _event_id("delivered", r.recipient.lower(), *identity),
+                "event_id": _event_id("delivered", who, *identity),
                 "evidence": "dsn",
                 "detail": _cap(f"{r.action}; {r.status or ''}".strip("; "), MAX_TEXT)}))
         elif r.action == "failed":
             records.append(Record(topics.BOUNCED, message_id, base | {
-                "event_id": _event_id("bounced", r.recipient.lower(), *identity),
+                "event_id": _event_id("bounced", who, *identity),
                 "bounce_class": r.bounce_class, "status_code": r.status,
                 "diagnostic": _cap(r.diagnostic, MAX_TEXT)}))
             if r.bounce_class == "hard":
-                records.append(suppress(r.recipient, "hard_bounce", message_id))
+                records.append(suppress(who, "hard_bounce", message_id))
         # "delayed": the remote server is still trying. Not an event of any topic:
         # the row in inbound_messages is the record, and the API's message
         # timeline shows it as a `delayed` entry.
-    return Plan(tuple(records), "dsn", message_id, {"results": results})
+    detail: dict[str, Any] = {"results": results}
+    if verdict.refused:
+        detail["refused"] = list(verdict.refused)
+        detail["reason"] = NOT_A_RECIPIENT
+    return Plan(tuple(records), "dsn", message_id, detail)

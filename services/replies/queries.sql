@@ -65,3 +65,10 @@ WHERE namespace = %(namespace)s AND account_id = %(account_id)s
 SELECT DISTINCT header_message_id FROM inbound_messages
 WHERE namespace = %(namespace)s AND account_id = %(account_id)s
   AND header_message_id = ANY(%(ids)s);
+
+-- name: sent_to
+-- Which of the addresses a report names the message it names was sent to
+-- (replies_sent_to(), mailbus/migrations/0007_report_recipients.sql): the
+-- replies role may not read the projection or the ledger themselves.
+SELECT projected, recipients, handed_over_at
+FROM replies_sent_to(%(namespace)s, %(message_id)s, %(addresses)s);
