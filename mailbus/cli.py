@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mailbus import apikeys, db
+from mailbus import apikeys, db, replay_cli
 from mailbus.errors import MailbusError
 from mailbus.settings import PostgresSettings, ServiceSettings
 
@@ -330,6 +330,10 @@ def keys_list() -> None:
         table.add_row(r[0], r[1], ",".join(r[2]), ",".join(r[3]) if r[3] else "all",
                       r[4] or "", f"{r[5]:%Y-%m-%d %H:%M}", revoked)
     console.print(table)
+
+
+app.command("record")(replay_cli.record)
+app.command("replay")(replay_cli.replay_command)
 
 
 def main() -> None:
