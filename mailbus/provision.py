@@ -2,7 +2,8 @@
 
 Run with the cluster's admin principal. Every step is idempotent: topics
 that exist are left alone, passwords come from files written on first run,
-and ACL creation of an existing binding is a no-op in Kafka.
+ACL creation of an existing binding is a no-op in Kafka, and a service
+principal's bindings beyond its grant are removed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from confluent_kafka.admin import (
 
 from mailbus.db import ensure_secret_file
 from mailbus.errors import ProvisioningError
-from mailbus.topics import GRANTS, TOPICS, Grant
+from mailbus.topics import GRANTS, NAME_ROOTS, TOPICS, Grant
 
 log = logging.getLogger(__name__)
 TIMEOUT = 30.0
@@ -102,26 +103,59 @@ def bindings(service: str, grant: Grant, prefix: str = "") -> list[AclBinding]:
 
 
 def ensure_acls(admin: AdminClient, prefix: str = "") -> int:
-    """Create every service's ACLs and wait until the authorizer applies them."""
+    """Make every service's ACLs in the namespace exactly its grant; wait until applied.
+
+    Bindings a service principal holds on the namespace's resources beyond
+    its grant (a grant trimmed since the last run) are deleted, so a
+    narrower grant takes effect on an existing install too.
+    """
     wanted = [b for service, grant in GRANTS.items() for b in bindings(service, grant, prefix)]
     for future in admin.create_acls(wanted, request_timeout=TIMEOUT).values():
         future.result()
-    # CreateAcls returns once the controller committed the records; brokers
-    # apply the metadata log a moment later, and a client that starts in
-    # between is refused. Wait until the broker's authorizer lists them all.
+    wanted_keys = set(map(_acl_key, wanted))
+    stale = [b for b in _all_acls(admin)
+             if _acl_key(b) not in wanted_keys and _managed(b, prefix)]
+    if stale:
+        filters = [AclBindingFilter(b.restype, b.name, b.resource_pattern_type, b.principal,
+                                    b.host, b.operation, b.permission_type) for b in stale]
+        for future in admin.delete_acls(filters, request_timeout=TIMEOUT).values():
+            future.result()
+        log.info("kafka: %d ACL binding(s) beyond the grants removed", len(stale))
+    # CreateAcls and DeleteAcls return once the controller committed the
+    # records; brokers apply the metadata log a moment later, and a client
+    # that starts in between is refused (or still allowed). Wait until the
+    # broker's authorizer lists exactly what the grants say.
+    deadline = time.monotonic() + TIMEOUT
+    gone = set(map(_acl_key, stale))
+    while True:
+        listed = set(map(_acl_key, _all_acls(admin)))
+        missing, lingering = wanted_keys - listed, gone & listed
+        if not missing and not lingering:
+            return len(wanted)
+        if time.monotonic() > deadline:
+            raise ProvisioningError(f"{len(missing)} ACL binding(s) not applied and"
+                                    f" {len(lingering)} not removed in {TIMEOUT} s")
+        time.sleep(0.1)
+
+
+def _all_acls(admin: AdminClient) -> list[AclBinding]:
     # None matches any name, principal and host; the stubs do not say so.
     every = AclBindingFilter(ResourceType.ANY, None,  # type: ignore[arg-type]
                              ResourcePatternType.ANY, None, None,  # type: ignore[arg-type]
                              AclOperation.ANY, AclPermissionType.ANY)
-    deadline = time.monotonic() + TIMEOUT
-    missing = set(map(_acl_key, wanted))
-    while missing:
-        missing -= set(map(_acl_key, admin.describe_acls(every).result(TIMEOUT)))
-        if missing and time.monotonic() > deadline:
-            raise ProvisioningError(f"{len(missing)} ACL binding(s) not applied in {TIMEOUT} s")
-        if missing:
-            time.sleep(0.1)
-    return len(wanted)
+    return list(admin.describe_acls(every).result(TIMEOUT))
+
+
+def _managed(b: AclBinding, prefix: str) -> bool:
+    """True for a binding of a service principal on one of this namespace's resources.
+
+    Other principals' ACLs (an operator's monitoring user) are left alone, and
+    so are other namespaces' (with no prefix, "t1a2b.email.sent" is not ours:
+    what follows the prefix must start like every pipeline name).
+    """
+    principals = {f"User:{service}" for service in GRANTS}
+    return (b.principal in principals and b.name.startswith(prefix)
+            and b.name[len(prefix):].startswith(NAME_ROOTS))
 
 
 def _acl_key(b: AclBinding) -> tuple[Any, ...]:

@@ -16,7 +16,6 @@ CONFIRMED = "email.confirmed"
 SUPPRESSIONS = "email.suppressions"
 
 
-
 def address_hash(address: str) -> str:
     """The key of email.suppressions: hex SHA-256 of the trimmed, lower-cased address.
 
@@ -75,30 +74,54 @@ class Grant:
     owned_prefixes: tuple[str, ...] = ()
 
 
-# Least privilege per service. Ingest may only append (requests, and manual
-# suppressions); nothing it holds lets it read what others wrote.
+# Least privilege per service: each entry is what the service's code reads,
+# writes and joins, and nothing more (tests/integration/test_least_privilege.py
+# tries every other topic and group with the service's own credentials).
+#
+# WRITE on email.suppressions cannot be narrowed to "suppress only": the topic
+# is compacted by address hash, so any record a writer puts under a key (an
+# `active: false`, a tombstone, even garbage) replaces the suppression there
+# once the log is compacted. Hooks and replies only ever write `active: true`
+# records; that they cannot lift is a property of their code, not of the
+# broker (docs/design.md, Security).
 GRANTS: dict[str, Grant] = {
-    # Admin keys may also suppress an address or lift a suppression by hand.
+    # Requests, and an admin key's manual suppressions and lifts; it reads
+    # nothing back (status and lists come from PostgreSQL).
     "ingest": Grant(write=(REQUESTED, SUPPRESSIONS)),
-    # The sender also writes email.requested: an exhausted account's pool
-    # messages move to another member as a new request keyed by that account.
+    # Admits requests (group mailbus-sender) and follows the suppression list
+    # by assign() (no group). It also writes email.requested: an exhausted
+    # account's pool messages move to another member as a new request keyed
+    # by that account. email.delivered for accounts whose server is the final
+    # hop.
     "sender": Grant(
-        read=(REQUESTED, SUPPRESSIONS, BOUNCED),
+        read=(REQUESTED, SUPPRESSIONS),
         write=(REQUESTED, SENT, FAILED, DELIVERED, REQUESTED_DLQ),
         groups=("mailbus-sender",),
     ),
+    # The Faust join: sent, delivered, failed and bounced in, verdicts out;
+    # its app id is the group, its changelog topics carry the app id.
     "confirm": Grant(
-        # The projector (same principal) reads confirmed back into PostgreSQL.
-        read=(REQUESTED, SENT, FAILED, DELIVERED, BOUNCED, RESPONSES, SUPPRESSIONS, CONFIRMED),
+        read=(SENT, FAILED, DELIVERED, BOUNCED),
         write=(CONFIRMED,),
-        groups=("mailbus-confirm", "mailbus-projector"),
+        groups=("mailbus-confirm",),
         owned_prefixes=("mailbus-confirm-",),
     ),
-    "replies": Grant(
-        write=(DELIVERED, BOUNCED, RESPONSES, SUPPRESSIONS),
-        groups=("mailbus-replies",),
+    # Every event into PostgreSQL; it writes nothing to Kafka.
+    "projector": Grant(
+        read=(REQUESTED, SENT, FAILED, DELIVERED, BOUNCED, RESPONSES, CONFIRMED, SUPPRESSIONS),
+        groups=("mailbus-projector",),
     ),
+    # The mailbox reader only produces: replies and complaints, DSNs (a
+    # delivery DSN is email.delivered, a failure email.bounced) and the
+    # suppressions they cause.
+    "replies": Grant(write=(DELIVERED, BOUNCED, RESPONSES, SUPPRESSIONS)),
+    # Link clicks and one-click unsubscribes.
     "hooks": Grant(write=(RESPONSES, SUPPRESSIONS)),
 }
 
 SERVICES: tuple[str, ...] = tuple(GRANTS)
+
+# Every topic name starts with "email.", every group and owned prefix with
+# "mailbus-": provisioning tells a namespace's resources from another
+# namespace's (test prefixes such as "t1a2b.") by what follows the prefix.
+NAME_ROOTS: tuple[str, ...] = ("email.", "mailbus-")

@@ -57,9 +57,9 @@ PROJECTED = (topics.REQUESTED, topics.SENT, topics.FAILED, topics.DELIVERED, top
 
 
 class ProjectorSettings(ServiceSettings):
-    """The projector's settings: runs as confirm (Kafka principal, mailbus_confirm role)."""
+    """The projector's settings: its own Kafka principal and mailbus_projector role."""
 
-    service_name: str = "confirm"
+    service_name: str = "projector"
     group_id: str = "mailbus-projector"
     batch_size: int = Field(default=500, ge=1, le=10_000)
     poll_seconds: float = Field(default=0.5, gt=0)

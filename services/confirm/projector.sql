@@ -1,4 +1,4 @@
--- Statements of the projector. Each runs as mailbus_confirm, all of one
+-- Statements of the projector. Each runs as mailbus_projector, all of one
 -- batch in one transaction, in this order.
 
 -- name: ensure_status
