@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 from typing import Any
 
 import pytest
@@ -260,3 +262,50 @@ def test_responses_carry_no_secrets_and_safe_headers(api, make_key):
     assert r.headers["cache-control"] == "no-store"
     assert "server" not in r.headers
 
+
+
+def raw_exchange(port: int, head: bytes, body_start: bytes) -> bytes:
+    """Send a request's head and the first bytes of its body, then read the answer's head.
+
+    The body declared in the head is far longer than what is sent: a server
+    that read (or waited for) the body before answering never answers, and
+    the socket timeout fails the test.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall(head + body_start)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("path,declared", [
+    ("/v1/messages", 1024 * 1024), ("/v1/messages/batch", 16 * 1024 * 1024),
+    ("/v1/suppressions", 1024 * 1024)])
+@pytest.mark.parametrize("authorization", [
+    None, "Bearer mbk_nope", "Bearer mbk_aaaaaaaaaa." + "x" * 43, "forged"])
+def test_key_is_checked_before_the_body_is_read(live_ingest, make_key, path, declared,
+                                               authorization):
+    if authorization == "forged":  # a real key id with a wrong secret
+        _, token = make_key(scopes=("send", "read", "admin"))
+        authorization = "Bearer " + token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {declared}\r\n"
+            + (f"Authorization: {authorization}\r\n" if authorization else "") + "\r\n").encode()
+    answer = raw_exchange(live_ingest.port, head, b'{"messages": [')
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 401 Unauthorized", answer[:200]
+    assert b"content-type: application/problem+json" in rest.lower()
+    assert b"www-authenticate: bearer" in rest.lower()
+
+
+def test_a_valid_key_still_gets_its_body_read(live_ingest, make_key):
+    _, token = make_key()
+    body = json.dumps(MESSAGE).encode()
+    head = (f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\nAuthorization: Bearer {token}\r\n\r\n").encode()
+    answer = raw_exchange(live_ingest.port, head, body)
+    assert answer.startswith(b"HTTP/1.1 202 "), answer[:200]
