@@ -128,3 +128,18 @@ def replay_command(
                              progress=lambda _r, _w: progress.advance(task, 1))
     _counts("would write" if dry_run else "written", outcome.written,
             {"already there": outcome.skipped})
+
+
+def rewind(
+    consumer: Annotated[str, typer.Argument(help="The consumer to rewind: projector.")],
+) -> None:
+    """Rebuild a consumer's state from the topics: the projector's tables, for this namespace."""
+    from mailbus.rewind import rewind_projector
+
+    if consumer != "projector":
+        raise typer.BadParameter("only the projector can be rewound")
+    settings = ServiceSettings(service_name="admin")
+    deleted = rewind_projector(settings.kafka.client_config(), settings.postgres.conninfo(),
+                               settings.kafka.topic_prefix)
+    console.print("deleted " + ", ".join(f"{n} from {t}" for t, n in deleted.items())
+                  + "; the projector rebuilds them from the topics when it next runs")
