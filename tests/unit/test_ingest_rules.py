@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from mailbus import apikeys
 from mailbus.accounts import Account, Directory, SmtpAccount, pick_account
 from mailbus.codec import Registry
+from mailbus.ingest.gate import bearer_token
 from mailbus.ingest.handlers import (
     ApiKey,
     message_id_for,
@@ -21,6 +22,7 @@ from mailbus.ingest.handlers import (
 )
 from mailbus.ingest.models import MessageRequest, cross_field_problems
 from mailbus.ingest.problems import Problem, field_path
+from mailbus.ingest.rates import parse_rate, retry_after
 
 BASE = {"to": ["ada@example.com"], "subject": "Hi", "text": "Hello"}
 
@@ -102,6 +104,24 @@ def test_message_ids():
     assert message_id_for("k", "abc") == message_id_for("k", "abc")
     assert message_id_for("k", "abc") != message_id_for("other", "abc")
     assert message_id_for("k", "abc", 0) != message_id_for("k", "abc", 1)
+    # One use of a key (its generation) keeps its ids; a use after expiry gets new ones.
+    assert message_id_for("k", "abc", 0, "g1") == message_id_for("k", "abc", 0, "g1")
+    assert message_id_for("k", "abc", 0, "g1") != message_id_for("k", "abc", 0, "g2")
+
+
+def test_rates_and_retry_after():
+    assert parse_rate("100/second").amount == 100
+    assert parse_rate("6000 per minute").get_expiry() == 60
+    assert parse_rate("3/2 seconds").get_expiry() == 2
+    for bad in ("fast", "0/second", "1/fortnight", "1/second; DROP", " 1/second"):
+        with pytest.raises(ValueError):
+            parse_rate(bad)
+    assert retry_after(reset_at=100.2, now=100.0) == 1
+    assert retry_after(reset_at=159.01, now=100.0) == 60
+    assert retry_after(reset_at=99.0, now=100.0) == 1  # never 0: "now" would be a busy loop
+    assert bearer_token([(b"authorization", b"bearer  mbk_x.y ")]) == "mbk_x.y"
+    assert bearer_token([(b"authorization", b"Basic abc")]) is None
+    assert bearer_token([]) is None
 
 
 def test_request_digest_ignores_key_order():
