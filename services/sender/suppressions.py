@@ -132,17 +132,19 @@ class SuppressionReader:
                 consumer.close()
 
     def _assign(self, consumer: Consumer) -> dict[int, int]:
-        """Assign from the beginning; returns the end of each non-empty partition now."""
+        """Assign from the beginning; returns the end of each partition now.
+
+        Every partition, empty ones too, counts as read only once a fetch
+        reached its end: a reader that may not fetch never reports loaded.
+        """
         meta = consumer.list_topics(self._topic, timeout=METADATA_TIMEOUT).topics.get(self._topic)
         if meta is None or meta.error is not None or not meta.partitions:
             raise ReaderFailed(f"topic {self._topic}: "
                                f"{meta.error if meta is not None else 'no metadata'}")
         ends = {}
         for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(self._topic, p),
-                                                       timeout=METADATA_TIMEOUT)
-            if high > low:
-                ends[p] = high
+            _, ends[p] = consumer.get_watermark_offsets(TopicPartition(self._topic, p),
+                                                        timeout=METADATA_TIMEOUT)
         consumer.assign([TopicPartition(self._topic, p, OFFSET_BEGINNING)
                          for p in meta.partitions])
         return ends
