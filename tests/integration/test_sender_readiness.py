@@ -132,7 +132,7 @@ def ledger(message_ids: list[str], admin: ServiceSettings) -> dict[str, str]:
 def test_a_suppression_on_the_topic_before_start_holds_for_the_very_first_send(env, smtp):
     # 5,000 suppressions, the one that matters among the last: loading takes a moment.
     others = [f"someone{i}@example.org" for i in range(5000)]
-    env.suppress(others[:4000] + [SUPPRESSED] + others[4000:])
+    env.suppress([*others[:4000], SUPPRESSED, *others[4000:]])
     # The requests wait on the topic already: the sender could send at once.
     blocked = request(to=SUPPRESSED)
     allowed = request(to="welcome@example.com")
