@@ -335,6 +335,7 @@ def keys_list() -> None:
 app.command("record")(replay_cli.record)
 app.command("replay")(replay_cli.replay_command)
 app.command("rewind")(replay_cli.rewind)
+app.command("replay-report")(replay_cli.replay_report)
 
 
 def main() -> None:

@@ -143,3 +143,31 @@ def rewind(
                                settings.kafka.topic_prefix)
     console.print("deleted " + ", ".join(f"{n} from {t}" for t, n in deleted.items())
                   + "; the projector rebuilds them from the topics when it next runs")
+
+
+def replay_report(
+    namespace: Annotated[str, typer.Option(help="The namespace a replay was run in.")],
+    against: Annotated[str | None, typer.Option(
+        help="The namespace of the original (default: this installation's).")] = None,
+    show: Annotated[int, typer.Option(help="How many differing messages to list.")] = 20,
+) -> None:
+    """Compare the outcome of every replayed message with the original's; exit 1 on a change."""
+    from mailbus.replay_report import report
+
+    settings = ServiceSettings(service_name="admin")
+    original = settings.kafka.topic_prefix if against is None else f"{against}."
+    found = report(settings.postgres.conninfo(), original, f"{namespace}.")
+    table = Table("account", "status", "original", "replay")
+    for account, status in sorted(set(found.original) | set(found.replayed),
+                                  key=lambda k: (k[0] or "", k[1])):
+        table.add_row(account or "", status, str(found.original[(account, status)]),
+                      str(found.replayed[(account, status)]))
+    console.print(table)
+    for message_id, before, after in found.differing[:show]:
+        console.print(f"{message_id}: {before[1] if before else 'not in the original'} -> "
+                      f"{after[1]}")
+    if not found.same:
+        console.print(f"[red]{len(found.differing)} message(s) ended differently[/red]")
+        raise typer.Exit(1)
+    console.print(f"[green]all {sum(found.replayed.values())} replayed message(s) ended as "
+                  "the original[/green]")

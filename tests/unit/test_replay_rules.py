@@ -70,3 +70,20 @@ def test_a_file_that_is_not_a_recording_is_refused(tmp_path) -> None:
     path.write_bytes(b"not avro at all")
     with pytest.raises(RecordingError):
         recording.read(path)
+
+
+def test_the_report_compares_each_replayed_message_with_its_original() -> None:
+    from mailbus.replay_report import compare
+
+    original = {"m1": ("dev", "confirmed"), "m2": ("dev", "failed"), "m3": ("b", "confirmed"),
+                "m9": ("dev", "confirmed")}  # not replayed: not compared
+    same = compare(original, {"m1": ("dev", "confirmed"), "m2": ("dev", "failed")})
+    assert same.same and same.original == same.replayed
+    assert same.replayed[("dev", "confirmed")] == 1
+
+    changed = compare(original, {"m1": ("dev", "confirmed"), "m3": ("b", "sent"),
+                                 "m4": ("dev", "confirmed")})
+    assert not changed.same
+    assert changed.differing == [("m3", ("b", "confirmed"), ("b", "sent")),
+                                 ("m4", None, ("dev", "confirmed"))]
+    assert changed.original[("b", "confirmed")] == 1 and changed.replayed[("b", "sent")] == 1
