@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import httpx
+import psycopg
 
+from mailbus.ingest.handlers import message_id_for
+from tests.integration.conftest import LiveServer
 from tests.integration.test_ingest_api import MESSAGE, auth, requested
 
 
@@ -80,3 +84,35 @@ def test_batch_idempotency(api, make_key, ingest_settings, admin_kafka):
     assert first.status_code == again.status_code == 202
     assert first.json() == again.json()
     assert len(requested(ingest_settings, admin_kafka)) == 2
+
+
+def test_a_retry_after_a_503_carries_the_ids_of_the_failed_attempt(
+        ingest_settings, make_key, admin, admin_kafka, registry):
+    """The failed attempt may have reached Kafka unanswered: its retry must name the same ids."""
+    key_id, token = make_key()
+    headers = {**auth(token), "Idempotency-Key": "after-503"}
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    down = ingest_settings.model_copy(update={"kafka": ingest_settings.kafka.model_copy(
+        update={"bootstrap_servers": f"127.0.0.1:{port}", "delivery_timeout_ms": 1000})})
+    with LiveServer(down) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post("/v1/messages", json=MESSAGE, headers=headers)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
+    with psycopg.connect(admin.postgres.conninfo()) as conn:
+        [(generation, status)] = conn.execute(
+            "SELECT generation, status_code FROM idempotency_keys WHERE key_id = %s",
+            (key_id,)).fetchall()
+        assert conn.execute("SELECT count(*) FROM messages WHERE key_id = %s",
+                            (key_id,)).fetchone() == (0,)  # no message left behind
+    assert status == 0  # claimed, never answered
+    with LiveServer(ingest_settings) as server, httpx.Client(base_url=server.url,
+                                                             timeout=30) as client:
+        # Another body is fine too: nothing was answered for the first one.
+        r = client.post("/v1/messages", json={**MESSAGE, "subject": "retried"}, headers=headers)
+        assert r.status_code == 202
+    assert r.json()["id"] == message_id_for(key_id, "after-503", None, str(generation))
+    [event] = [registry.decode(m.value())[1]
+               for m in requested(ingest_settings, admin_kafka, expect=1)]
+    assert event["message_id"] == r.json()["id"] and event["subject"] == "retried"
