@@ -135,7 +135,7 @@ def test_a_retention_below_a_day_still_keeps_what_the_quota_counts(namespace):
     with owner() as conn:
         ids = insert(conn, namespace)
     # Past the settings' check (an operator's SQL, a bug): the statement's own guard.
-    rounds, quota = asyncio.run(prune_all(namespace, keep=0, payload=0, batch=100))
+    _, quota = asyncio.run(prune_all(namespace, keep=0, payload=0, batch=100))
     with owner() as conn:
         left = payloads(conn, ids)
     assert set(left) == set(ROWS) - PRUNED - {"week_sent", "day_failed"}
