@@ -20,7 +20,7 @@ from pathlib import Path
 # tests/containers/test_compose_file.py holds this table to the settings classes.
 SERVICES: dict[str, tuple[str | None, int, str | None]] = {
     "ingest": ("MAILBUS_PORT", 8080, "/healthz"),
-    "sender": ("MAILBUS_METRICS_PORT", 9101, "/metrics"),
+    "sender": ("MAILBUS_METRICS_PORT", 9101, "/readyz"),  # 503 until it may send
     "confirm": ("MAILBUS_METRICS_PORT", 9102, "/metrics"),
     "projector": ("MAILBUS_METRICS_PORT", 9103, "/metrics"),
     "hooks": ("MAILBUS_METRICS_PORT", 9104, "/metrics"),
