@@ -8,13 +8,22 @@ table and of its changelog), times in microseconds since the Unix epoch:
     sent_at, requested_at               from the sent event
     delivered_at, evidence              from the first delivered event
     failed_at      a permanent whole-message failure, if any
-    bounced        recipients that bounced, sorted
+    bounced        recipients that bounced, sorted; at most MAX_BOUNCED of them
     verdict        the last verdict emitted: None, "unconfirmed" or "confirmed"
     touched_at     when the state last changed (processing time)
 
 Every function returns a new state instead of changing its argument, and a
 state only changes when an event adds something: duplicates and replays
 leave it as it was and emit nothing.
+
+A state is bounded whatever arrives for its message: one sent, one
+delivered and one failure are kept (the first of each), and at most
+MAX_BOUNCED bounced recipients of at most MAX_ADDRESS characters. Anyone
+able to write to a per-message topic could otherwise grow one message's
+state, and every changelog write of it, without end (thousands of bounces
+naming distinct recipients). Past the cap a bounce changes nothing here: no
+state write, no verdict; the bounce itself is still on email.bounced, where
+the projector and the sender read it.
 """
 
 from __future__ import annotations
@@ -31,6 +40,10 @@ FAILED = "mailbus.EmailFailed"
 BOUNCED = "mailbus.EmailBounced"
 CONFIRMED = "confirmed"
 UNCONFIRMED = "unconfirmed"
+# A message has at most 100 recipients (To, Cc and Bcc, as the API takes them),
+# so a genuine message never has more bounces than this.
+MAX_BOUNCED = 100
+MAX_ADDRESS = 320  # RFC 5321: 64 + 1 + 255; a longer "recipient" is no address
 # uuid5 namespace of verdict event ids (a fixed random UUID; never change it).
 _VERDICT_NAMESPACE = uuid.UUID("6f1d3c52-8a57-4d0e-9a7e-3f0a2c4b9e15")
 
@@ -77,7 +90,7 @@ def apply(state: State | None, kind: str, event: dict[str, Any], partition: int,
     elif (kind == FAILED and event["permanent"] and event.get("recipient") is None
           and new["failed_at"] is None):
         new["failed_at"] = micros(event["occurred_at"])
-    elif kind == BOUNCED and event["recipient"] not in new["bounced"]:
+    elif kind == BOUNCED and _room_for(new["bounced"], event["recipient"]):
         new["bounced"] = sorted([*new["bounced"], event["recipient"]])
     else:
         return Step(None)
@@ -87,6 +100,12 @@ def apply(state: State | None, kind: str, event: dict[str, Any], partition: int,
         new["verdict"] = CONFIRMED
         return Step(new, confirmed_record(event["message_id"], new, now_us))
     return Step(new)
+
+
+def _room_for(bounced: list[str], recipient: str) -> bool:
+    """Whether a bounced recipient is new and the state has room to remember it."""
+    return (len(bounced) < MAX_BOUNCED and len(recipient) <= MAX_ADDRESS
+            and recipient not in bounced)
 
 
 def overdue(state: State, message_id: str, now_us: int, within_seconds: int) -> Step:

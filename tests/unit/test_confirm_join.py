@@ -181,3 +181,37 @@ def test_micros_is_exact():
     assert join.micros(datetime(1970, 1, 1, 0, 0, 1, 7, tzinfo=UTC)) == 1_000_007
     assert join.micros(at(0.000001)) == T0_US + 1
     assert join.micros(None) is None and join.micros(42) == 42
+
+
+def test_a_flood_for_one_message_cannot_grow_its_state():
+    flood = [(BOUNCED, bounced(f"r{i}@flood.example")) for i in range(5000)]
+    flood += [(DELIVERED, delivered(3, evidence="dsn") | {"recipient": f"d{i}@flood.example"})
+              for i in range(2000)]
+    flood += [(SENT, sent(i)) for i in range(1, 500)]
+    flood += [(FAILED, failed(recipient=None) | {"occurred_at": at(i)}) for i in range(500)]
+    state, out = run([(SENT, sent()), *flood])
+    assert state is not None
+    assert len(state["bounced"]) == join.MAX_BOUNCED
+    assert state["bounced"] == sorted(f"r{i}@flood.example" for i in range(join.MAX_BOUNCED))
+    assert state["sent_at"] == us(0) and state["delivered_at"] == us(3)
+    assert len(json.dumps(state)) < join.MAX_BOUNCED * (join.MAX_ADDRESS + 4) + 1000
+    assert [v["outcome"] for v in out] == ["confirmed"]  # the flood did not stop the verdict
+    # Past the cap nothing is written: no state change, hence no changelog write.
+    assert join.apply(state, BOUNCED, bounced("new@flood.example"), 3, us(20)) == Step(None)
+
+
+def test_a_recipient_longer_than_an_address_is_not_kept():
+    state, _ = run([(SENT, sent())])
+    step = join.apply(state, BOUNCED, bounced("x" * 10_000 + "@example.org"), 3, us(11))
+    assert step == Step(None)
+    fits = "x" * (join.MAX_ADDRESS - len("@example.org")) + "@example.org"
+    kept = join.apply(state, BOUNCED, bounced(fits), 3, us(11)).state
+    assert kept is not None and kept["bounced"] == [fits]
+
+
+def test_a_state_restored_over_the_cap_does_not_grow_further():
+    # A changelog written before the cap may hold more; it is read as it is, and kept.
+    big = join.new_state(3) | {"bounced": sorted(f"r{i:04}@x" for i in range(300))}
+    assert join.apply(big, BOUNCED, bounced("new@x"), 3, us(1)) == Step(None)
+    step = join.apply(big, SENT, sent(), 3, us(1))
+    assert step.state is not None and len(step.state["bounced"]) == 300
