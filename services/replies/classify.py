@@ -7,6 +7,14 @@ never an exception, with `reason` saying what could not be read.
 Headers are read from the parser's raw values and decoded here, because the
 default policy's header objects raise on some malformed headers and replace
 8-bit text that is nearly always UTF-8 (RFC 6532).
+
+Every step is linear in the size of the message: no pattern here may
+backtrack over more than a bounded stretch (no leading whitespace pattern
+under re.M that also eats the newlines of the lines that follow; bounded
+repetitions),
+and what the standard library parses quadratically (structured header
+values, address lists) is cut to a bounded length first. The reader still
+runs this in a worker it can abandon (`sandbox.py`), for whatever is missed.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from datetime import UTC, datetime
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
-from typing import Literal
+from typing import Any, Literal
 
 from mailbus.replies.text import (
     cap,
@@ -43,6 +51,11 @@ MAX_PARTS = 200
 # 1,000 nested: RecursionError), so such bodies are not parsed at all.
 MAX_BOUNDARIES = 64
 MAX_DELIMITER_LINES = 2000
+# The parser makes a message object of every blank-line separated block of a
+# delivery-status part (a second per 50,000); real reports have a few.
+MAX_REPORT_BLOCKS = 1000
+MAX_BOUNCE_LINES = 2000
+MAX_FIELDS = 100  # values kept of one header name; Received chains stay far below
 MAX_PART_BYTES = 2 * 1024 * 1024
 MAX_SCAN = 1_000_000  # characters of body text looked at; replies are far shorter
 # HTML costs about 100 ms a megabyte to convert; what someone wrote comes first.
@@ -50,6 +63,13 @@ MAX_HTML_SCAN = 200_000
 MAX_SUBJECT = 998
 MAX_DIAGNOSTIC = 1000
 MAX_RECIPIENTS = 100
+# The stdlib's structured header parser (Content-Type parameters, RFC 2231
+# sections, encoded words) and getaddresses() are quadratic or recursive on
+# hostile values: 200 KB of Content-Type parameters take 30 s, nested "(" raise
+# RecursionError. Real values are far shorter than these caps.
+MAX_STRUCTURED_HEADER = 1000
+MAX_ADDRESS_TEXT = 8 * 1024
+MAX_SUBJECT_SCAN = 4 * 1024
 # 5.x.x statuses that say nothing against the address: mailbox full, message
 # too big, delivery time expired.
 SOFT_PERMANENT = frozenset({"5.2.2", "5.2.3", "5.3.4", "5.4.7"})
@@ -58,10 +78,19 @@ _STATUS = re.compile(r"(?<![\w.])([245]\.\d{1,3}\.\d{1,3})(?![\w.])")
 _SMTP_CODE = re.compile(r"(?<!\d)([245])\d\d(?:[ -]|$)")
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _REF = re.compile(rf"<({_UUID})@([^<>\s@]+)>")
-_QUOTED_OURS = re.compile(rf"^\s*X-Mailbus-Message-Id:\s*({_UUID})\s*$", re.I | re.M)
-_QUOTED_MSGID = re.compile(rf"^\s*Message-ID:\s*(<{_UUID}@[^<>\s@]+>)", re.I | re.M)
+# [ \t], not \s: under re.M a leading \s* runs over every blank line that follows,
+# at every line start, which is quadratic on a body of blank lines.
+_QUOTED_OURS = re.compile(rf"^[ \t]*X-Mailbus-Message-Id:[ \t]*({_UUID})[ \t\r]*$",
+                          re.I | re.M)
+_QUOTED_MSGID = re.compile(rf"^[ \t]*Message-ID:[ \t]*(<{_UUID}@[^<>\s@]{{1,255}}>)",
+                           re.I | re.M)
 _UNSUBSCRIBE = re.compile(r"unsubscribe-(v1\.[A-Za-z0-9_-]{1,32}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+)")
-_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# Starts only where a local part can start (the look-behind), so a long run of
+# local-part characters without "@" is scanned once, not once per position.
+_LOCAL = r"A-Za-z0-9.!#$%&'*+/=?^_`{|}~-"
+_ADDRESS = re.compile(
+    rf"(?<![{_LOCAL}])[{_LOCAL}]{{1,64}}@[A-Za-z0-9-]{{1,63}}(?:\.[A-Za-z0-9-]{{1,63}}){{1,16}}")
+_DELIVERY_STATUS = re.compile(rb"delivery-status", re.I)
 _DAEMON = re.compile(r"^(?:mailer-daemon|mail-daemon|postmaster|mailerdaemon)@", re.I)
 _BOUNCE_SUBJECT = re.compile(
     r"undeliver|returned mail|delivery status notification|delivery (?:failure|has failed)"
@@ -70,16 +99,32 @@ _BOUNCE_SUBJECT = re.compile(
 _DELAY_SUBJECT = re.compile(r"\bdelay|\bwarning\b|still trying|verzögert|retardé", re.I)
 # Where the quoted original starts in a plain-text bounce.
 _QUOTED_HEADER = re.compile(
-    r"^\s*(?:Return-Path|Received|Message-ID|From|Date|Subject|To|Content-Type|MIME-Version"
-    r"|X-Mailbus-Message-Id)\s*:", re.I)
+    r"^[ \t]*(?:Return-Path|Received|Message-ID|From|Date|Subject|To|Content-Type|MIME-Version"
+    r"|X-Mailbus-Message-Id)[ \t]*:", re.I)
 _AUTO_SUBJECT = re.compile(
-    r"^\s*(?:automatic reply|auto[- ]?reply|auto[- ]?response|out of (?:the )?office"
+    r"^[ \t]*(?:automatic reply|auto[- ]?reply|auto[- ]?response|out of (?:the )?office"
     r"|abwesenheitsnotiz|automatische antwort|réponse automatique|respuesta automática"
     r"|risposta automatica|automatisch antwoord|autosvar|absence du bureau)\b", re.I)
 _AUTO_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder", "x-mail-autoreply",
                  "x-ms-exchange-inbox-rules-loop")
 _TAG_HEADERS = ("to", "cc", "delivered-to", "x-original-to", "envelope-to", "x-envelope-to")
 _NOT_COMPLAINTS = frozenset({"not-spam", "auth-failure"})
+
+
+class _BoundedPolicy(email.policy.EmailPolicy):
+    """The default policy, with header values cut before its structured parser sees them.
+
+    The parser itself asks for Content-Type (boundaries) while it reads, so the
+    cut has to sit in the policy, where every such lookup passes.
+    """
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        if isinstance(value, str) and len(value) > MAX_STRUCTURED_HEADER:
+            value = value[:MAX_STRUCTURED_HEADER]
+        return super().header_fetch_parse(name, value)
+
+
+POLICY = _BoundedPolicy()
 
 
 @dataclass(frozen=True)
@@ -136,7 +181,7 @@ def classify(raw: bytes, *, max_text: int = 10_000,
 
 
 def _classify(raw: bytes, max_text: int, ours: frozenset[str]) -> Inbound:
-    parser = BytesParser(policy=email.policy.default)
+    parser = BytesParser(policy=POLICY)
     too_complex = _too_complex(raw)
     msg = parser.parsebytes(raw, headersonly=too_complex is not None)
     head = _fields(msg)
@@ -146,7 +191,9 @@ def _classify(raw: bytes, max_text: int, ours: frozenset[str]) -> Inbound:
     else:
         parts.problems.append(too_complex)
     subject_full = _first(head, "subject") or ""
-    text = cap(strip_reply(sanitise(_body_text(parts))), max_text)
+    subject_scan = subject_full[:MAX_SUBJECT_SCAN]
+    body = _body_text(parts)
+    text = cap(strip_reply(sanitise(body), limit=max_text), max_text)
     base = Inbound(
         kind="unmatched",
         header_message_id=_angle(_first(head, "message-id")),
@@ -157,11 +204,11 @@ def _classify(raw: bytes, max_text: int, ours: frozenset[str]) -> Inbound:
         reply_tags=_reply_tags(head),
         reason="; ".join(dict.fromkeys(parts.problems)) or None,
     )
-    return _decide(base, head, parts, subject_full, ours)
+    return _decide(base, head, parts, subject_scan, ours, body)
 
 
 def _decide(base: Inbound, head: Headers, parts: _Parts, subject: str,
-            ours: frozenset[str]) -> Inbound:
+            ours: frozenset[str], body: str) -> Inbound:
     original_id = next((found for found in (_id_in_headers(h, ours) for h in parts.originals)
                         if found), None)
     if parts.status_blocks:
@@ -173,8 +220,9 @@ def _decide(base: Inbound, head: Headers, parts: _Parts, subject: str,
     if parts.feedback:
         return _complaint(base, parts, original_id)
     if _looks_like_bounce(head, base.sender, subject):
-        bounce = _plain_bounce(head, parts, subject)
-        found = original_id or _quoted_id("\n".join(parts.plain + parts.attached_text), ours)
+        bounce = _plain_bounce(head, body, subject)
+        quoted = "\n".join(parts.plain + parts.attached_text)[:MAX_SCAN]
+        found = original_id or _quoted_id(quoted, ours)
         return replace(base, kind="dsn", dsn=bounce, message_id=found or _thread_id(head, ours))
     token = _unsubscribe_token(subject)
     if token:
@@ -200,6 +248,9 @@ def _too_complex(raw: bytes) -> str | None:
     delimiters = raw.count(b"\n--")
     if delimiters > MAX_DELIMITER_LINES:
         return f"body not read: {delimiters} delimiter lines"
+    blank = raw.count(b"\n\n") + raw.count(b"\n\r\n") + raw.count(b"\r\r")
+    if blank > MAX_REPORT_BLOCKS and _DELIVERY_STATUS.search(raw):
+        return f"body not read: a delivery report with {blank} blank lines"
     return None
 
 
@@ -207,8 +258,9 @@ def _fields(msg: Message) -> Headers:
     """Header values by lower-case name, decoded, in order."""
     out: Headers = {}
     for name, value in msg.raw_items():
-        if isinstance(value, str):
-            out.setdefault(name.strip().lower(), []).append(decode_raw_header(value))
+        values = out.setdefault(name.strip().lower(), [])
+        if isinstance(value, str) and len(values) < MAX_FIELDS:
+            values.append(decode_raw_header(value))
     return out
 
 
@@ -252,7 +304,7 @@ def _read_part(part: Message, parts: _Parts) -> list[Message]:
         if isinstance(payload, list) and payload and isinstance(payload[0], Message):
             parts.originals.append(_fields(payload[0]))
     elif ctype in ("text/rfc822-headers", "message/rfc822-headers"):
-        parts.originals.append(_fields(BytesParser(policy=email.policy.default)
+        parts.originals.append(_fields(BytesParser(policy=POLICY)
                                        .parsebytes(_payload_bytes(part), headersonly=True)))
     elif part.is_multipart():
         return [child for child in payload if isinstance(child, Message)]
@@ -303,6 +355,8 @@ def _text_blocks(text: str) -> list[Headers]:
                 block.setdefault(name.strip().lower(), []).append(decode_raw_header(value))
         if block:
             blocks.append(block)
+            if len(blocks) >= MAX_REPORT_BLOCKS:
+                break
     return blocks
 
 
@@ -324,10 +378,11 @@ def _angle(value: str | None) -> str | None:
 
 
 def _addresses(values: list[str]) -> list[str]:
+    text = ", ".join(values)[:MAX_ADDRESS_TEXT]
     try:
-        pairs = getaddresses(values)
-    except (ValueError, IndexError, TypeError):
-        pairs = [("", found) for found in _ADDRESS.findall(" ".join(values))]
+        pairs = getaddresses([text])
+    except (ValueError, IndexError, TypeError, RecursionError):
+        pairs = [("", found) for found in _ADDRESS.findall(text)]
     return [address.strip().lower() for _, address in pairs
             if "@" in address and len(address) <= 320]
 
@@ -455,10 +510,12 @@ def _looks_like_bounce(head: Headers, sender: str | None, subject: str) -> bool:
     return (null_path or daemon) and bool(_BOUNCE_SUBJECT.search(subject))
 
 
-def _plain_bounce(head: Headers, parts: _Parts, subject: str) -> tuple[DsnResult, ...]:
+def _plain_bounce(head: Headers, body: str, subject: str) -> tuple[DsnResult, ...]:
     """Best effort for bounces without a delivery-status part: recipients, status, class."""
     explanation: list[str] = []
-    for line in _body_text(parts).splitlines():
+    # The explanation comes first and is short; a body of a million blank lines
+    # is not read line by line to its end.
+    for line in body.splitlines()[:MAX_BOUNCE_LINES]:
         if _QUOTED_HEADER.match(line):
             break
         explanation.append(line)
