@@ -1,0 +1,465 @@
+"""Least privilege for every principal, proven on the real broker and the real PostgreSQL.
+
+Each service's own credentials (var/secrets) try every topic of a fresh
+namespace (produce, fetch, describe), every consumer group (join) and topic
+creation, and every table (select, insert, update of each column, delete).
+What its grant in mailbus/topics.py (or the PostgreSQL table below) allows
+must work, and everything else must be refused by the server itself. A few
+expectations are written out by hand, so that a table grown too broad
+cannot make the matrix pass on its own.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg import sql
+
+from mailbus import topics
+from mailbus.provision import provision
+from mailbus.settings import ServiceSettings
+from mailbus.topics import GRANTS, TOPICS
+from tests.support.kafka import drop_namespace, new_prefix
+
+PRINCIPALS = ("ingest", "sender", "confirm", "projector", "hooks", "replies")
+TOPIC_NAMES = tuple(spec.name for spec in TOPICS)
+# Every group some grant names, one under confirm's owned prefix (a Faust
+# internal group), one that a grant named before (replies joined none) and
+# one nobody owns.
+GROUPS = (*sorted({g for grant in GRANTS.values() for g in grant.groups}),
+          "mailbus-confirm-probe", "mailbus-replies", "mailbus-nobody")
+OK = "ok"
+TOPIC_REFUSED = KafkaError.TOPIC_AUTHORIZATION_FAILED
+GROUP_REFUSED = KafkaError.GROUP_AUTHORIZATION_FAILED
+# Long enough for an allowed group join on a loaded machine; a refusal
+# arrives in well under a second.
+PROBE_SECONDS = 15.0
+
+Outcome = str | int  # OK, or the Kafka error code that refused it
+
+
+def test_every_service_has_a_principal() -> None:
+    # Written out: a service dropped from GRANTS would otherwise leave the
+    # matrix below without it, and pass.
+    assert set(GRANTS) == set(PRINCIPALS)
+
+
+def _owned(grant: topics.Grant, name: str) -> bool:
+    return name.startswith(grant.owned_prefixes) if grant.owned_prefixes else False
+
+
+def expected(principal: str, op: str, name: str) -> Outcome:
+    """What the principal's Grant says the broker must answer."""
+    grant = GRANTS[principal]
+    owned = _owned(grant, name)
+    if op == "join":
+        return OK if name in grant.groups or owned else GROUP_REFUSED
+    allowed = {"produce": name in grant.write, "fetch": name in grant.read,
+               "describe": name in grant.read or name in grant.write}[op]
+    return OK if allowed or owned else TOPIC_REFUSED
+
+
+# (principal, operation, topic or group, allowed), from reading each service's code.
+BY_HAND: list[tuple[str, str, str, bool]] = [
+    # The public hooks service reads nothing and writes only responses and suppressions.
+    ("hooks", "fetch", topics.REQUESTED, False),
+    ("hooks", "describe", topics.REQUESTED, False),
+    ("hooks", "fetch", topics.SUPPRESSIONS, False),
+    ("hooks", "produce", topics.REQUESTED, False),
+    ("hooks", "produce", topics.SENT, False),
+    ("hooks", "produce", topics.DELIVERED, False),
+    ("hooks", "join", "mailbus-sender", False),
+    ("hooks", "produce", topics.RESPONSES, True),
+    ("hooks", "produce", topics.SUPPRESSIONS, True),
+    # Ingest appends and reads nothing back.
+    ("ingest", "fetch", topics.REQUESTED, False),
+    ("ingest", "fetch", topics.SUPPRESSIONS, False),
+    ("ingest", "produce", topics.SENT, False),
+    ("ingest", "produce", topics.REQUESTED, True),
+    ("ingest", "produce", topics.SUPPRESSIONS, True),
+    # The mailbox reader produces DSN outcomes, responses and suppressions only.
+    ("replies", "produce", topics.SENT, False),
+    ("replies", "produce", topics.REQUESTED, False),
+    ("replies", "produce", topics.CONFIRMED, False),
+    ("replies", "fetch", topics.RESPONSES, False),
+    ("replies", "join", "mailbus-replies", False),
+    ("replies", "produce", topics.BOUNCED, True),
+    ("replies", "produce", topics.DELIVERED, True),
+    # The sender never reads bounces or responses, never lifts or suppresses.
+    ("sender", "fetch", topics.BOUNCED, False),
+    ("sender", "fetch", topics.RESPONSES, False),
+    ("sender", "produce", topics.SUPPRESSIONS, False),
+    ("sender", "produce", topics.CONFIRMED, False),
+    ("sender", "produce", topics.RESPONSES, False),
+    ("sender", "fetch", topics.REQUESTED, True),
+    ("sender", "fetch", topics.SUPPRESSIONS, True),
+    ("sender", "produce", topics.REQUESTED, True),
+    ("sender", "join", "mailbus-sender", True),
+    # The Faust join sees no request (recipients, bodies) and no reply text.
+    ("confirm", "fetch", topics.REQUESTED, False),
+    ("confirm", "fetch", topics.RESPONSES, False),
+    ("confirm", "fetch", topics.SUPPRESSIONS, False),
+    ("confirm", "join", "mailbus-projector", False),
+    ("confirm", "fetch", topics.SENT, True),
+    ("confirm", "produce", topics.CONFIRMED, True),
+    ("confirm", "join", "mailbus-confirm", True),
+    ("confirm", "join", "mailbus-confirm-probe", True),
+    # The projector reads everything and writes nothing.
+    ("projector", "produce", topics.CONFIRMED, False),
+    ("projector", "produce", topics.REQUESTED, False),
+    ("projector", "join", "mailbus-confirm", False),
+    ("projector", "join", "mailbus-confirm-probe", False),
+    ("projector", "fetch", topics.REQUESTED, True),
+    ("projector", "fetch", topics.CONFIRMED, True),
+    ("projector", "join", "mailbus-projector", True),
+]
+
+
+def _config(principal: str, prefix: str) -> dict[str, Any]:
+    settings = ServiceSettings(service_name=principal)
+    return settings.kafka.model_copy(update={"topic_prefix": prefix}).client_config()
+
+
+def _produce_all(conf: dict[str, Any], prefix: str) -> dict[str, Outcome]:
+    """Produce one record to every topic; the broker's verdict per topic."""
+    producer = Producer({**conf, "message.timeout.ms": int(PROBE_SECONDS * 1000)})
+    out: dict[str, Outcome] = {}
+
+    def report(name: str) -> Callable[[KafkaError | None, Any], None]:
+        return lambda err, _msg: out.__setitem__(name, OK if err is None else err.code())
+
+    for name in TOPIC_NAMES:
+        # A key: the compacted suppressions topic refuses records without one.
+        producer.produce(prefix + name, b"probe", key=b"probe", on_delivery=report(name))
+    producer.flush(PROBE_SECONDS + 5)
+    return out
+
+
+def _fetch(conf: dict[str, Any], topic: str) -> Outcome:
+    """Fetch partition 0 from the start by assign(): READ on the topic, no group involved."""
+    consumer = Consumer({**conf, "group.id": f"probe-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False})
+    try:
+        # A topic the principal may not even describe has no leader to fetch
+        # from: librdkafka stops at the refused metadata and reports nothing
+        # for an assigned partition. READ implies DESCRIBE in Kafka, so this
+        # refusal is the broker refusing the read.
+        meta = consumer.list_topics(topic, timeout=PROBE_SECONDS).topics[topic]
+        if meta.error is not None:
+            return meta.error.code()
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        deadline = time.monotonic() + PROBE_SECONDS
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is None:
+                return OK  # the record the fixture wrote
+            # librdkafka looks up the probe group's coordinator anyway; that
+            # refusal is about the throwaway group, not the topic.
+            if err.code() == GROUP_REFUSED and msg.topic() is None:
+                continue
+            return err.code()
+        return "timeout"
+    finally:
+        consumer.close()
+
+
+def _describe_all(conf: dict[str, Any], prefix: str) -> dict[str, Outcome]:
+    consumer = Consumer({**conf, "group.id": f"probe-{uuid.uuid4().hex}"})
+    try:
+        out: dict[str, Outcome] = {}
+        for name in TOPIC_NAMES:
+            meta = consumer.list_topics(prefix + name, timeout=PROBE_SECONDS).topics[prefix + name]
+            out[name] = OK if meta.error is None else meta.error.code()
+        return out
+    finally:
+        consumer.close()
+
+
+def _join(conf: dict[str, Any], group: str, topic: str) -> Outcome:
+    """Subscribe as a member of the group: OK once the group assigned partitions."""
+    assigned: list[bool] = []
+    consumer = Consumer({**conf, "group.id": group, "enable.auto.commit": False,
+                         "auto.offset.reset": "earliest"})
+    try:
+        consumer.subscribe([topic], on_assign=lambda _c, _parts: assigned.append(True))
+        deadline = time.monotonic() + PROBE_SECONDS
+        while time.monotonic() < deadline and not assigned:
+            msg = consumer.poll(0.2)
+            err = msg.error() if msg is not None else None
+            if err is not None:
+                return err.code()
+        return OK if assigned else "timeout"
+    finally:
+        consumer.close()
+
+
+def _subscribable(principal: str) -> str:
+    # A topic the principal may describe, so that subscribing is about the group only.
+    grant = GRANTS[principal]
+    return (grant.read or grant.write)[0]
+
+
+@pytest.fixture(scope="module")
+def observed(admin_kafka: dict[str, Any], admin: ServiceSettings
+             ) -> Iterator[tuple[str, dict[tuple[str, str, str], Outcome]]]:
+    """Every probe of every principal in one fresh namespace, run side by side."""
+    prefix = new_prefix()
+    provision(admin_kafka, admin.var_dir / "secrets", prefix, users=False)
+    try:
+        seed = Producer(admin_kafka)
+        for name in TOPIC_NAMES:
+            seed.produce(prefix + name, b"seed", key=b"seed", partition=0)
+        assert seed.flush(30) == 0
+        confs = {p: _config(p, prefix) for p in PRINCIPALS}
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            produced = {p: pool.submit(_produce_all, confs[p], prefix) for p in PRINCIPALS}
+            described = {p: pool.submit(_describe_all, confs[p], prefix) for p in PRINCIPALS}
+            fetched = {(p, t): pool.submit(_fetch, confs[p], prefix + t)
+                       for p in PRINCIPALS for t in TOPIC_NAMES}
+            joined = {(p, g): pool.submit(_join, confs[p], prefix + g,
+                                          prefix + _subscribable(p))
+                      for p in PRINCIPALS for g in GROUPS}
+            out: dict[tuple[str, str, str], Outcome] = {}
+            for p in PRINCIPALS:
+                out |= {(p, "produce", t): r for t, r in produced[p].result().items()}
+                out |= {(p, "describe", t): r for t, r in described[p].result().items()}
+            out |= {(p, "fetch", t): f.result() for (p, t), f in fetched.items()}
+            out |= {(p, "join", g): f.result() for (p, g), f in joined.items()}
+        yield prefix, out
+    finally:
+        drop_namespace(admin_kafka, prefix)
+
+
+def test_the_broker_allows_exactly_what_each_grant_says(observed) -> None:
+    _, seen = observed
+    assert len(seen) == len(PRINCIPALS) * (3 * len(TOPIC_NAMES) + len(GROUPS))
+    wrong = {key: (seen[key], expected(*key)) for key in seen if seen[key] != expected(*key)}
+    assert not wrong, "(principal, op, name): (seen, expected) " + repr(wrong)
+    # Not a matrix of refusals only, nor of permissions only.
+    assert sum(v == OK for v in seen.values()) >= 40
+    assert sum(v != OK for v in seen.values()) >= 100
+
+
+@pytest.mark.parametrize(("principal", "op", "name", "allowed"), BY_HAND,
+                         ids=[f"{p}-{op}-{n}" for p, op, n, _ in BY_HAND])
+def test_expectations_written_by_hand(observed, principal: str, op: str, name: str,
+                                      allowed: bool) -> None:
+    _, seen = observed
+    refused = GROUP_REFUSED if op == "join" else TOPIC_REFUSED
+    assert seen[(principal, op, name)] == (OK if allowed else refused)
+
+
+def test_only_confirm_creates_topics_and_only_under_its_prefix(observed) -> None:
+    prefix, _ = observed
+    for principal in PRINCIPALS:
+        admin = AdminClient(_config(principal, prefix))
+        for name, may in ((f"mailbus-confirm-probe-{principal}-changelog",
+                           principal == "confirm"),
+                          (f"email.probe-{principal}", False)):
+            future = admin.create_topics([NewTopic(prefix + name, 1, 1)],
+                                         request_timeout=PROBE_SECONDS)[prefix + name]
+            if may:
+                future.result()
+            else:
+                with pytest.raises(KafkaException) as refused:
+                    future.result()
+                assert refused.value.args[0].code() == TOPIC_REFUSED, (principal, name)
+
+
+def test_each_writer_may_use_the_idempotent_producer(observed) -> None:
+    # What the services run (KIP-679: WRITE on a topic is enough for it).
+    prefix, _ = observed
+    for principal in PRINCIPALS:
+        grant = GRANTS[principal]
+        if not grant.write:
+            continue
+        producer = Producer({**_config(principal, prefix), "enable.idempotence": True,
+                             "message.timeout.ms": int(PROBE_SECONDS * 1000)})
+        errors: list[KafkaError | None] = []
+
+        def report(err: KafkaError | None, _msg: Any, seen: list[Any] = errors) -> None:
+            seen.append(err)
+
+        for name in grant.write:
+            producer.produce(prefix + name, b"probe", key=b"probe", on_delivery=report)
+        producer.flush(PROBE_SECONDS + 5)
+        assert errors == [None] * len(grant.write), principal
+
+
+# PostgreSQL: what each service role may do, table by table. A table not
+# named for a role must refuse it everything.
+
+
+@dataclass(frozen=True)
+class Rights:
+    select: bool = True
+    insert: bool = False
+    update: tuple[str, ...] | bool = False  # True: every column
+    delete: bool = False
+
+
+PROJECTOR_ROLE: dict[str, Rights] = {
+    "message_events": Rights(insert=True),
+    "message_status": Rights(insert=True,
+                             update=("account_id", "kinds", "status", "updated_at")),
+    "daily_counts": Rights(insert=True, update=("requested", "sent", "delivered", "confirmed",
+                                                "failed", "bounced", "unconfirmed")),
+    "messages": Rights(update=("status", "updated_at")),
+    "suppressions": Rights(insert=True, update=("address", "reason", "active", "message_id",
+                                                "event_id", "occurred_at", "updated_at")),
+}
+TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
+    "ingest": {
+        "api_keys": Rights(),
+        "messages": Rights(insert=True),
+        # DELETE: expired Idempotency-Key records are pruned (0008).
+        "idempotency_keys": Rights(insert=True, update=True, delete=True),
+        "message_events": Rights(), "message_status": Rights(), "daily_counts": Rights(),
+        "suppressions": Rights(), "inbound_messages": Rights(),
+    },
+    "sender": {
+        # DELETE: settled rows are pruned (0010).
+        "send_ledger": Rights(insert=True, update=True, delete=True),
+        "sender_outbox": Rights(insert=True, delete=True),
+    },
+    # The Faust join keeps its state in Kafka; it has no business in the database.
+    "confirm": {},
+    "projector": PROJECTOR_ROLE,
+    "replies": {
+        "mailbox_state": Rights(insert=True, update=True),
+        "inbound_messages": Rights(insert=True),
+    },
+    # The public hooks service answers from signed links alone.
+    "hooks": {},
+}
+NOTHING = Rights(select=False)
+# Functions of the public schema a role may execute.
+FUNCTIONS = {"replies": ["replies_sent_to"]}
+
+
+def _owner_conn(admin: ServiceSettings) -> psycopg.Connection[Any]:
+    owner = admin.postgres.model_copy(update={
+        "user": "mailbus_owner", "password": None,
+        "password_file": admin.var_dir / "secrets" / "postgres-mailbus_owner.password"})
+    return psycopg.connect(owner.conninfo(), autocommit=True)
+
+
+@pytest.fixture(scope="module")
+def tables(admin: ServiceSettings) -> dict[str, list[str]]:
+    """Every table of the public schema and its columns, as the owner sees them."""
+    with _owner_conn(admin) as conn:
+        rows = conn.execute(
+            "SELECT c.relname, a.attname FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+            " WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm')"
+            " ORDER BY c.relname, a.attnum").fetchall()
+    out: dict[str, list[str]] = {}
+    for table, column in rows:
+        out.setdefault(table, []).append(column)
+    return out
+
+
+def _attempts(table: str, columns: list[str]) -> list[tuple[str, str | None, sql.Composed]]:
+    """(operation, column, statement) for one table; none of them changes a row."""
+    t = sql.Identifier(table)
+    out: list[tuple[str, str | None, sql.Composed]] = [
+        ("select", None, sql.SQL("SELECT 1 FROM {} LIMIT 0").format(t)),
+        ("insert", None, sql.SQL("INSERT INTO {} ({}) SELECT NULL WHERE false").format(
+            t, sql.Identifier(columns[0]))),
+        ("delete", None, sql.SQL("DELETE FROM {} WHERE false").format(t))]
+    out += [("update", c, sql.SQL("UPDATE {} SET {} = NULL WHERE false").format(
+        t, sql.Identifier(c))) for c in columns]
+    return out
+
+
+def _may(rights: Rights, op: str, column: str | None) -> bool:
+    if op == "update":
+        return rights.update is True or (isinstance(rights.update, tuple)
+                                         and column in rights.update)
+    return bool(getattr(rights, op))
+
+
+@pytest.mark.parametrize("service", PRINCIPALS)
+def test_each_role_may_touch_only_its_tables(service: str, tables: dict[str, list[str]]
+                                             ) -> None:
+    assert set(TABLE_RIGHTS) == set(PRINCIPALS)
+    # The expectations name real tables and columns, or they would test nothing.
+    for table, rights in TABLE_RIGHTS[service].items():
+        assert table in tables, table
+        if isinstance(rights.update, tuple):
+            assert set(rights.update) <= set(tables[table]), table
+    role = ServiceSettings(service_name=service).postgres
+    wrong = []
+    with psycopg.connect(role.conninfo()) as conn:
+        for table, columns in tables.items():
+            rights = TABLE_RIGHTS[service].get(table, NOTHING)
+            for op, column, statement in _attempts(table, columns):
+                try:
+                    with conn.transaction(force_rollback=True):
+                        conn.execute(statement)
+                    allowed = True
+                except psycopg.errors.InsufficientPrivilege:
+                    allowed = False
+                if allowed != _may(rights, op, column):
+                    wrong.append((table, op, column, "allowed" if allowed else "refused"))
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("service", PRINCIPALS)
+def test_no_role_may_truncate_create_or_draw_foreign_sequences(service: str) -> None:
+    role = ServiceSettings(service_name=service).postgres
+    with psycopg.connect(role.conninfo(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(sql.SQL("CREATE TABLE {} (id int)").format(
+                sql.Identifier(f"probe_{uuid.uuid4().hex[:8]}")))
+        # MATERIALIZED: the privilege functions must see only the filtered
+        # rows (has_sequence_privilege refuses a table's oid).
+        truncatable = conn.execute(
+            "WITH t AS MATERIALIZED (SELECT c.oid, c.relname FROM pg_class c JOIN pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r')"
+            " SELECT array_agg(relname) FROM t"
+            " WHERE has_table_privilege(oid, 'TRUNCATE, REFERENCES, TRIGGER')").fetchone()
+        assert truncatable == (None,)
+        sequences = conn.execute(
+            "WITH s AS MATERIALIZED (SELECT c.oid, c.relname FROM pg_class c JOIN pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'S')"
+            " SELECT coalesce(array_agg(relname ORDER BY relname), '{}') FROM s"
+            " WHERE has_sequence_privilege(oid, 'USAGE, UPDATE')").fetchone()
+        # The outbox's ids are drawn by the sender's inserts alone.
+        assert sequences == ((["sender_outbox_id_seq"] if service == "sender" else []),)
+        functions = conn.execute(
+            "SELECT coalesce(array_agg(p.proname ORDER BY p.proname), '{}') FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'"
+            " AND has_function_privilege(p.oid, 'EXECUTE')").fetchone()
+        # The one function of the schema answers the replies role alone (0007).
+        assert functions == ((FUNCTIONS.get(service, [])),)
+
+
+def test_hooks_reads_no_key_and_replies_cannot_touch_the_ledger() -> None:
+    # Written out, whatever TABLE_RIGHTS says: the public service must not
+    # see API keys, the mailbox reader must not move a message in the ledger.
+    hooks = ServiceSettings(service_name="hooks").postgres
+    replies = ServiceSettings(service_name="replies").postgres
+    with psycopg.connect(hooks.conninfo(), autocommit=True) as conn:
+        for statement in ("SELECT * FROM api_keys", "SELECT * FROM messages",
+                          "SELECT * FROM suppressions"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[arg-type]
+    with psycopg.connect(replies.conninfo(), autocommit=True) as conn:
+        for statement in ("UPDATE send_ledger SET state = 'sent'", "SELECT * FROM send_ledger",
+                          "DELETE FROM sender_outbox", "SELECT * FROM api_keys"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[arg-type]
