@@ -16,7 +16,9 @@ from mailbus.tokens import Keyring, LinkBuilder
 from tests.support import dovecot
 from tests.support.kafka import read_all
 from tests.support.processes import Services
-from tests.support.projector import eventually
+from tests.support.projector import eventually, produce, projector_running, sent
+from tests.support.projector import rows as projected
+from tests.support.projector import settings_for as projector_settings
 
 CORPUS = Path(__file__).parent.parent / "unit" / "corpus" / "inbound"
 READER = RepliesSettings()
@@ -82,6 +84,12 @@ def test_mailbox_to_events_once_each_and_the_mailbox_untouched(
     assert expired is not None
     bounce = (CORPUS / "postfix_hard_511.eml").read_bytes().replace(
         b"1c6a2f0e-5b7d-4e39-8a21-3f4d5e6a7b8c", bounced.encode())
+    # A bounce counts only for a recipient the message was sent to (see test_forged_reports).
+    with projector_running(projector_settings(namespace, metrics_port=0)):
+        produce(admin_kafka, namespace, registry,
+                [sent(bounced, datetime.now(UTC), recipients=["nobody@example.net"])])
+        eventually(lambda: _assert(bool(projected("SELECT 1 FROM message_events WHERE namespace"
+                                             " = %s AND kind = 'sent'", namespace))))
     for raw in (reply_to(replied, "Yes, count me in!"), bounce,
                 mail(From="carol@example.org", To="unsub@example.com", Subject=subject,
                      Message_ID="<u1@example.org>"),

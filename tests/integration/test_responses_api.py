@@ -10,7 +10,7 @@ from pathlib import Path
 from mailbus.db import open_pool
 from mailbus.replies.app import inbound_row
 from mailbus.replies.classify import classify
-from mailbus.replies.events import plan
+from mailbus.replies.events import Sent, plan
 from mailbus.replies.state import InboundMessage, MailboxState, MailRef
 from mailbus.settings import ServiceSettings
 from tests.integration.test_ingest_api import auth
@@ -93,7 +93,7 @@ def test_a_delayed_dsn_is_a_timeline_entry_before_the_bounce(api, make_key, name
     inbound = classify(raw)
     planned = plan(inbound, account_id="dev", source="imap:dev", source_ref="imap:7:1",
                    now=datetime.now(UTC), check_token=lambda _: None,
-                   check_tag=lambda _: None)
+                   check_tag=lambda _: None, sent=Sent(mine["id"], frozenset({"slow@example.net"})))
     assert (planned.kind, planned.message_id, planned.records) == ("dsn", mine["id"], ())
     ref = MailRef(account_id="dev", mailbox="INBOX", source_ref="imap:7:1", size=len(raw),
                   received_at=at(mine, 60))
