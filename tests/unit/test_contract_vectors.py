@@ -1,0 +1,144 @@
+"""The test vectors of schemas/README.md, read out of the page and checked against the code."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastavro.schema import to_parsing_canonical_form
+
+from mailbus.codec import TOPIC_SCHEMAS, Registry
+from mailbus.topics import ACCOUNT_PARTITIONS
+
+README = Path(__file__).resolve().parents[2] / "schemas" / "README.md"
+_VECTOR = re.compile(r"<!-- vector: (\S+) -->\n```\w*\n(.*?)\n```", re.DOTALL)
+
+
+@cache
+def readme_vectors() -> dict[str, Any]:
+    """Every `<!-- vector: name -->` block of the README: JSON as parsed, `key: value` lines
+    as a dict, anything else as text."""
+    out: dict[str, Any] = {}
+    for name, body in _VECTOR.findall(README.read_text(encoding="utf-8")):
+        if body.lstrip().startswith(("{", "[")):
+            out[name] = json.loads(body)
+        elif all(re.fullmatch(r"[a-z0-9_-]+: .+", line) for line in body.splitlines()):
+            out[name] = dict(line.split(": ", 1) for line in body.splitlines())
+        else:
+            out[name] = body
+    return out
+
+
+# CRC-64-AVRO exactly as the README's pseudo-code gives it.
+EMPTY = 0xC15D213AA4D7A795
+TABLE = []
+for _i in range(256):
+    _fp = _i
+    for _ in range(8):
+        _fp = (_fp >> 1) ^ (EMPTY if _fp & 1 else 0)
+    TABLE.append(_fp)
+
+
+def crc64avro(data: bytes) -> int:
+    fp = EMPTY
+    for b in data:
+        fp = (fp >> 8) ^ TABLE[(fp ^ b) & 0xFF]
+    return fp
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (org.apache.kafka.common.utils.Utils.murmur2), unsigned."""
+    m, mask = 0x5BD1E995, 0xFFFFFFFF
+    h = (0x9747B28C ^ len(data)) & mask
+    whole = len(data) - len(data) % 4
+    for i in range(0, whole, 4):
+        k = int.from_bytes(data[i:i + 4], "little") * m & mask
+        k = (k ^ k >> 24) * m & mask
+        h = (h * m & mask) ^ k
+    tail = data[whole:]
+    if tail:
+        h = (h ^ int.from_bytes(tail, "little")) * m & mask
+    h = (h ^ h >> 13) * m & mask
+    return h ^ h >> 15
+
+
+def test_every_vector_is_there() -> None:
+    assert set(readme_vectors()) == {
+        "partition", "crc64-null", "canonical-form-email.requested-v1",
+        "fingerprint-email.requested-v1", "record-fields", "record-bytes"}
+
+
+def test_crc64avro_of_null() -> None:
+    vector = readme_vectors()["crc64-null"]
+    assert crc64avro(vector["input"].encode()) == int(vector["fingerprint"], 16)
+
+
+def test_canonical_form_is_the_schema_files() -> None:
+    schema = json.loads((README.parent / "email.requested" / "v1.avsc").read_text())
+    assert readme_vectors()["canonical-form-email.requested-v1"] == json.loads(
+        to_parsing_canonical_form(schema))
+    # The block is the exact byte string, not only the same JSON.
+    text = re.search(r"<!-- vector: canonical-form-email.requested-v1 -->\n```json\n(.*)\n",
+                     README.read_text(encoding="utf-8"))
+    assert text is not None and text[1] == to_parsing_canonical_form(schema)
+
+
+def test_fingerprint_of_the_canonical_form(registry: Registry) -> None:
+    vector = readme_vectors()["fingerprint-email.requested-v1"]
+    schema = json.loads((README.parent / "email.requested" / "v1.avsc").read_text())
+    fingerprint = crc64avro(to_parsing_canonical_form(schema).encode())
+    assert fingerprint == int(vector["fingerprint"], 16)
+    header = bytes.fromhex(vector["header"])
+    assert header == b"\xc3\x01" + fingerprint.to_bytes(8, "little")
+    assert header[2:] == registry.fingerprint("email.requested", 1)
+
+
+@pytest.mark.parametrize("topic", sorted(TOPIC_SCHEMAS))
+def test_fingerprint_table_by_the_readme_algorithm(topic: str, registry: Registry) -> None:
+    row = re.search(rf"^\| {re.escape(topic)} \| \S+ \| 1 \| `([0-9a-f]{{16}})` \|$",
+                    README.read_text(encoding="utf-8"), re.MULTILINE)
+    assert row is not None, f"{topic} is missing from the fingerprint table"
+    schema = json.loads((README.parent / topic / "v1.avsc").read_text())
+    little_endian = crc64avro(to_parsing_canonical_form(schema).encode()).to_bytes(8, "little")
+    assert little_endian.hex() == row[1] == registry.fingerprint(topic, 1).hex()
+
+
+def _with_defaults(fields: dict[str, Any]) -> dict[str, Any]:
+    schema = json.loads((README.parent / "email.requested" / "v1.avsc").read_text())
+    defaults = {f["name"]: f["default"] for f in schema["fields"] if "default" in f}
+    return {**defaults, **fields}
+
+
+def test_record_bytes(registry: Registry) -> None:
+    fields, hex_text = readme_vectors()["record-fields"], readme_vectors()["record-bytes"]
+    expected = bytes.fromhex("".join(hex_text.split()))
+    assert registry.encode("email.requested", _with_defaults(fields)) == expected
+    name, decoded = registry.decode(expected)
+    assert name == "mailbus.EmailRequested"
+    assert {k: decoded[k] for k in ("event_id", "message_id", "account_id", "to", "subject",
+                                    "text")} == {k: fields[k] for k in (
+        "event_id", "message_id", "account_id", "to", "subject", "text")}
+    assert int(decoded["requested_at"].timestamp() * 1_000_000) == fields["requested_at"]
+    assert re.search(rf"encode to these {len(expected)} bytes", README.read_text())
+
+
+def test_murmur2_matches_kafka() -> None:
+    # Values printed by org.apache.kafka.common.utils.Utils.murmur2 (kafka-clients 4.1.1),
+    # covering every tail length.
+    assert murmur2(b"dev") == 0xF9953DE6
+    assert murmur2(b"a") == 0xA2D0B27C
+    assert murmur2(b"kafka") == 0xD067CF64
+    assert murmur2(b"team-a") == 0xA9030BFC
+    assert murmur2(b"acct-billing-eu") == 0x4F67A248
+
+
+def test_partition_of_dev() -> None:
+    vector = readme_vectors()["partition"]
+    hashed = murmur2(vector["key"].encode())
+    assert hashed == int(vector["murmur2"], 16)
+    assert int(vector["partitions"]) == ACCOUNT_PARTITIONS
+    assert (hashed & 0x7FFFFFFF) % ACCOUNT_PARTITIONS == int(vector["partition"])
