@@ -31,6 +31,15 @@ MAX_SCHEDULE_AHEAD = timedelta(days=7)  # email.requested keeps a week
 
 # Any of these in a value that becomes a header would let input write headers.
 _HEADER_BREAKERS = re.compile(r"[\r\n\0]")
+# Header-bound fields also refuse every other control character and Unicode line
+# separator (TAB alone is allowed: it is folded into a space)...
+_HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# ...and RFC 2047 encoded words: JSON carries Unicode, so a client never needs one,
+# and mail libraries decode them when the header is written, turning "=?utf-8?q?
+# hi=0D=0ABcc:...?=" into a second header line. Any "=?" later followed by "?=" is
+# refused, which covers every form a lenient decoder accepts (any case, charset*lang,
+# glued to other text, split across words).
+_ENCODED_WORD = re.compile(r"=\?.*\?=", re.DOTALL)
 _NAME_ADDR = re.compile(r"^\s*(?P<name>[^<>]*?)\s*<(?P<addr>[^<>]+)>\s*$")
 
 Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
@@ -42,6 +51,17 @@ def no_header_breaks(value: str) -> str:
     """Refuse CR, LF and NUL in anything that becomes a header."""
     if _HEADER_BREAKERS.search(value):
         raise ValueError("must not contain CR, LF or NUL")
+    return value
+
+
+def header_value(value: str) -> str:
+    """Refuse what could end or encode a header line: controls, U+2028/9, encoded words."""
+    if _HEADER_CONTROLS.search(value):
+        raise ValueError("must not contain line breaks or control characters"
+                         " (CR, LF, NUL, U+0085, U+2028, U+2029...)")
+    if _ENCODED_WORD.search(value):
+        raise ValueError("must not contain an RFC 2047 encoded word (=?...?=): send the text"
+                         " itself, JSON carries Unicode")
     return value
 
 
@@ -57,13 +77,13 @@ class Address(BaseModel):
     def _name(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        value = no_header_breaks(value).strip().strip('"').strip()
+        value = header_value(value).strip().strip('"').strip()
         return value or None
 
     @field_validator("email")
     @classmethod
     def _email(cls, value: str) -> str:
-        no_header_breaks(value)
+        header_value(value)
         try:
             # Syntax only (RFC 5322, IDN): no DNS lookups on the request path.
             result = validate_email(value, check_deliverability=False)
@@ -76,7 +96,7 @@ class Address(BaseModel):
     def _from_string(cls, data: Any) -> Any:
         # "Grace Hopper <grace@example.com>" or a bare address.
         if isinstance(data, str):
-            no_header_breaks(data)
+            header_value(data)
             match = _NAME_ADDR.match(data)
             if match:
                 return {"email": match["addr"].strip(), "name": match["name"] or None}
@@ -96,7 +116,7 @@ class Template(BaseModel):
     @field_validator("subject")
     @classmethod
     def _subject(cls, value: str | None) -> str | None:
-        return None if value is None else no_header_breaks(value)
+        return None if value is None else header_value(value)
 
     @field_validator("variables")
     @classmethod
@@ -157,7 +177,7 @@ class MessageRequest(BaseModel):
     @field_validator("subject")
     @classmethod
     def _subject(cls, value: str | None) -> str | None:
-        return None if value is None else no_header_breaks(value)
+        return None if value is None else header_value(value)
 
     @field_validator("send_at")
     @classmethod

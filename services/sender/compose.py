@@ -7,8 +7,10 @@ Decisions:
   with a text/plain part first (RFC 2046: least faithful first), derived from the
   html when the event has no text, because html-only mail scores as spam.
 - Nothing from the event is trusted: every value bound for a header is refused
-  (ComposeFailed) if it holds CR, LF, NUL or other control characters, and every
-  address is re-validated; Bcc recipients go to the envelope only.
+  (ComposeFailed) if it holds CR, LF, NUL, other control characters or an RFC 2047
+  encoded word, every address is re-validated, and the finished bytes are parsed
+  back and must carry exactly the headers built (headers.py); Bcc recipients go
+  to the envelope only.
 - Signed links name the recipient of a message sent to one address. A message
   with several envelope recipients carries the same links for all of them, so
   its action and open links name nobody and it has no List-Unsubscribe: a click
@@ -21,6 +23,7 @@ Decisions:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.headerregistry import Address
@@ -30,12 +33,11 @@ from html import escape
 from html.parser import HTMLParser
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
-
 from mailbus.accounts import Account
-from mailbus.errors import MailbusError
 from mailbus.replytag import make_tag, tagged_address
+from mailbus.sender import headers
 from mailbus.sender.dkim import DkimSigner
+from mailbus.sender.headers import ComposeFailed, Intended, header_text
 from mailbus.sender.templates import render
 from mailbus.sender.transport import Outgoing
 from mailbus.tokens import Keyring, LinkBuilder, TokenError
@@ -47,6 +49,7 @@ POLICY = policy.SMTP.clone(refold_source="none")
 MAX_NAME = 256
 MAX_SUBJECT = 998
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+__all__ = ["ComposeFailed", "Content", "compose", "content", "header_text", "html_to_text"]
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DOMAIN = re.compile(r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                      r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -57,33 +60,9 @@ _BUTTON = ("display:inline-block;margin:0 8px 8px 0;padding:12px 20px;border-rad
            "font-weight:bold;line-height:1.2;text-decoration:none")
 
 
-class ComposeFailed(MailbusError):
-    """The event cannot become a safe, well-formed message; retrying will not help."""
-
-
-def header_text(value: str, field: str, limit: int) -> str:
-    """Refuse control characters (CR, LF, NUL...) in a header value; fold whitespace runs."""
-    if _CONTROL.search(value):
-        raise ComposeFailed(f"{field}: contains a line break or control character")
-    value = " ".join(value.split())  # also Unicode separators such as U+2028
-    if len(value) > limit:
-        raise ComposeFailed(f"{field}: longer than {limit} characters")
-    return value
-
-
 def mailbox(email: str, name: str | None, field: str) -> Address:
     """Re-validate one address (ASCII form, IDN domains as punycode) with its display name."""
-    if not isinstance(email, str) or _CONTROL.search(email):
-        raise ComposeFailed(f"{field}: address contains a line break or control character")
-    try:
-        # Syntax only. .test domains pass for the local stack; local parts that
-        # need SMTPUTF8 are refused, as neither transport offers it.
-        valid = validate_email(email, check_deliverability=False, allow_smtputf8=False,
-                               test_environment=True)
-    except EmailNotValidError as exc:
-        raise ComposeFailed(f"{field}: {email!r} is not a valid address: {exc}") from exc
-    display = header_text(name, f"{field} name", MAX_NAME) if name else ""
-    return Address(display_name=display, addr_spec=valid.ascii_email)
+    return headers.mailbox(email, name, field, MAX_NAME)
 
 
 def _mailboxes(entries: list[dict[str, Any]] | None, field: str) -> list[Address]:
@@ -140,8 +119,12 @@ class _TextOfHtml(HTMLParser):
 def html_to_text(html: str) -> str:
     """A plain-text rendering of an HTML body: text, line breaks at blocks, link targets."""
     parser = _TextOfHtml()
-    parser.feed(html)
-    parser.close()
+    try:
+        parser.feed(html)
+        parser.close()
+    except Exception as exc:  # HTMLParser raises AssertionError on e.g. "<![foo[ x ]]>"
+        raise ComposeFailed(f"html: the HTML parser gave up on it "
+                            f"({type(exc).__name__}: {str(exc)[:100]})") from exc
     lines = [" ".join(line.split()) for line in "".join(parser.out).splitlines()]
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
     return text + "\n" if text else ""
@@ -204,15 +187,36 @@ def _domain(domain: str | None, from_address: str) -> str:
     return domain.lower()
 
 
-def _content(event: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
+@dataclass(frozen=True)
+class Content:
+    """What a message says: its subject (and which field it came from) and bodies."""
+
+    subject: str | None
+    subject_field: str  # "subject" or "template subject", for failure reasons
+    text: str | None  # derived from html when the event gives html alone
+    html: str | None
+
+
+def needs_sandbox(event: dict[str, Any]) -> bool:
+    """Whether content() runs hostile work: a template, or text derived from html."""
+    return bool(event.get("template")) or (event.get("html") is not None
+                                           and event.get("text") is None)
+
+
+def content(event: dict[str, Any]) -> Content:
+    """Render the template and fill in from the event; derive a text part from html alone."""
     subject, text, html = event.get("subject"), event.get("text"), event.get("html")
+    field = "subject"
     template = event.get("template")
     if template:
         rendered = render(template, template.get("variables_json") or "{}")
-        subject = rendered.subject if rendered.subject is not None else subject
+        if rendered.subject is not None:
+            subject, field = rendered.subject, "template subject"
         text = rendered.text if rendered.text is not None else text
         html = rendered.html if rendered.html is not None else html
-    return subject, text, html
+    if html is not None and text is None:
+        text = html_to_text(html)
+    return Content(subject, field, text, html)
 
 
 def tagged_reply_address(account: Account, keyring: Keyring, message_id: str) -> str:
@@ -223,10 +227,27 @@ def tagged_reply_address(account: Account, keyring: Keyring, message_id: str) ->
         raise ComposeFailed(f"reply tag: {exc}") from exc
 
 
+def _pairs(addresses: list[Address]) -> list[tuple[str, str]]:
+    return [(a.display_name, a.addr_spec) for a in addresses]
+
+
+def _headers(msg: EmailMessage, intended: Intended, name: str, value: Any,
+             mailboxes: list[Address] | None = None) -> None:
+    # Each header is written and remembered together, so the parse-back check knows
+    # exactly what the message was built with.
+    msg[name] = value
+    if mailboxes is not None:
+        intended.mailboxes[name] = _pairs(mailboxes)
+
+
 def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, *,
-            now: datetime, domain: str | None = None,
-            dkim: DkimSigner | None = None) -> Outgoing:
-    """Build, and DKIM-sign if asked, the message of an email.requested event."""
+            now: datetime, domain: str | None = None, dkim: DkimSigner | None = None,
+            body: Content | None = None) -> Outgoing:
+    """Build, check and DKIM-sign if asked, the message of an email.requested event.
+
+    `body` is content(event) when the caller computed it elsewhere (the sender does,
+    in its sandbox process); without it, content(event) runs here.
+    """
     message_id = event.get("message_id")
     if not isinstance(message_id, str) or not _MESSAGE_ID.fullmatch(message_id):
         raise ComposeFailed("message_id must be a UUID-like token")
@@ -244,7 +265,9 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
     if not recipients:
         raise ComposeFailed("the message has no recipients")
     msgid = f"<{message_id}@{_domain(domain, sender.addr_spec)}>"
-    subject, text, html = _content(event)
+    body = body or content(event)
+    subject = header_text(body.subject, body.subject_field, MAX_SUBJECT) if body.subject else None
+    text, html = body.text, body.html
     only = recipients[0] if len(recipients) == 1 else None  # whom a link may name
     try:
         actions = _actions(event, links, only, now)
@@ -256,16 +279,16 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
     except TokenError as exc:
         raise ComposeFailed(f"links: {exc}") from exc
 
-    msg = EmailMessage(policy=POLICY)
-    msg["From"] = sender
+    msg, intended = EmailMessage(policy=POLICY), Intended(subject=subject)
+    _headers(msg, intended, "From", sender, [sender])
     if to:
-        msg["To"] = to
+        _headers(msg, intended, "To", to, to)
     if cc:
-        msg["Cc"] = cc
+        _headers(msg, intended, "Cc", cc, cc)
     if reply_to:
-        msg["Reply-To"] = reply_to
+        _headers(msg, intended, "Reply-To", reply_to, [reply_to])
     if subject:
-        msg["Subject"] = header_text(subject, "subject", MAX_SUBJECT)
+        msg["Subject"] = subject
     msg["Date"] = format_datetime(now.astimezone(UTC))
     msg["Message-ID"] = msgid
     if unsubscribe:
@@ -274,8 +297,6 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
         msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"  # RFC 8058
     msg["X-Mailbus-Message-Id"] = message_id
 
-    if html is not None and text is None:
-        text = html_to_text(html)
     text = text or ""
     if actions:
         lines = "\n".join(f"{label}: {url}" for label, url in actions)
@@ -292,8 +313,11 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
         _set_body(html_part, html, "html")
         msg.attach(html_part)  # type: ignore[arg-type]  # stubs want EmailMessage; MIMEPart is right
 
+    intended.names = list(msg.keys())
     raw = msg.as_bytes(policy=POLICY)
     if dkim is not None:
         raw = dkim.sign(raw)
+        intended.names.insert(0, "DKIM-Signature")
+    headers.check(raw, intended)  # the last word: nothing leaves that was not built
     return Outgoing(envelope_from=sender.addr_spec, recipients=recipients, raw=raw,
                     message_id_header=msgid)

@@ -1,0 +1,140 @@
+"""Header values the sender may write, and the check that what leaves is what was built. Pure.
+
+Two layers, because Python's email package does not protect us by itself: when a
+str is assigned to a header, headerregistry *parses* it, decoding RFC 2047
+encoded words (even ones glued to other text, with whitespace inside, or in a
+quoted display name), and then folds the decoded text. An encoded word whose
+decoded text holds CR LF therefore leaves as two header lines.
+
+- Values: line breaks and control characters are refused, Unicode whitespace
+  (U+0085, U+2028, U+2029, NBSP...) folds into one space, and anything that
+  looks like an encoded word is refused: mailbus never means one (the API
+  refuses them, JSON carries Unicode), so only a producer bypassing the API
+  sends one, and failing that message is safer than guessing.
+- Parse-back: the composed bytes are split into header lines again, by our own
+  byte rules and by Python's parser, and must name exactly the headers the
+  message was built with, and decode to exactly the intended Subject, From,
+  To, Cc and Reply-To. Whatever a future library quirk does, a message whose
+  headers differ from the intended ones does not leave.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from email import policy
+from email.headerregistry import Address
+from email.parser import BytesHeaderParser
+
+from email_validator import EmailNotValidError, validate_email
+
+from mailbus.errors import MailbusError
+
+# C0 controls (TAB excepted: it is whitespace and folds), DEL, and C1 controls
+# except NEL (U+0085), which str.split() folds like U+2028 and U+2029.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x84\x86-\x9f]")
+# Any "=?" later followed by "?=": a superset of what Python's parser decodes,
+# which accepts charsets with *lang, any case, whitespace inside, no delimiter.
+ENCODED_WORD = re.compile(r"=\?.*\?=", re.DOTALL)
+_FIELD_NAME = re.compile(rb"[!-9;-~]+")  # RFC 5322 ftext
+# What a header failing the check is called in email.failed: the request's field.
+_FIELDS = {"from": "from", "to": "to", "cc": "cc", "reply-to": "reply_to",
+           "subject": "subject"}
+_PARSER = BytesHeaderParser(policy=policy.default)
+
+
+class ComposeFailed(MailbusError):
+    """The event cannot become a safe, well-formed message; retrying will not help."""
+
+
+def header_text(value: str, field: str, limit: int) -> str:
+    """A header value as one line: refuse controls and encoded words, fold whitespace runs."""
+    if _CONTROL.search(value):
+        raise ComposeFailed(f"{field}: contains a line break or control character")
+    if ENCODED_WORD.search(value):
+        raise ComposeFailed(f"{field}: contains an RFC 2047 encoded word (=?...?=)")
+    value = " ".join(value.split())  # also Unicode separators such as U+2028
+    if len(value) > limit:
+        raise ComposeFailed(f"{field}: longer than {limit} characters")
+    return value
+
+
+def mailbox(email: str, name: str | None, field: str, name_limit: int) -> Address:
+    """Re-validate one address (ASCII form, IDN domains as punycode) with its display name."""
+    if not isinstance(email, str) or _CONTROL.search(email):
+        raise ComposeFailed(f"{field}: address contains a line break or control character")
+    if ENCODED_WORD.search(email):
+        raise ComposeFailed(f"{field}: address contains an RFC 2047 encoded word (=?...?=)")
+    try:
+        # Syntax only. .test domains pass for the local stack; local parts that
+        # need SMTPUTF8 are refused, as neither transport offers it.
+        valid = validate_email(email, check_deliverability=False, allow_smtputf8=False,
+                               test_environment=True)
+    except EmailNotValidError as exc:
+        raise ComposeFailed(f"{field}: {email!r} is not a valid address: {exc}") from exc
+    display = header_text(name, f"{field} name", name_limit) if name else ""
+    return Address(display_name=display, addr_spec=valid.ascii_email)
+
+
+@dataclass
+class Intended:
+    """The header set a message was built with, and the decoded values that matter."""
+
+    names: list[str] = field(default_factory=list)  # every header, in order, as written
+    subject: str | None = None
+    mailboxes: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # "To" -> pairs
+
+
+def _lines(head: bytes) -> list[tuple[str, int]]:
+    """(name, line number) of each header field in a header block, by RFC 5322 alone."""
+    if not head.isascii() or b"\0" in head:
+        raise ComposeFailed("headers: 8-bit data or NUL in the header block")
+    found: list[tuple[str, int]] = []
+    for number, line in enumerate(head.split(b"\r\n")):
+        if b"\r" in line or b"\n" in line:
+            raise ComposeFailed("headers: a bare CR or LF in the header block")
+        if len(line) > 998:
+            raise ComposeFailed("headers: a header line longer than 998 octets")
+        if line[:1] in (b" ", b"\t"):
+            if not found:
+                raise ComposeFailed("headers: the message starts with a continuation line")
+            continue
+        name, colon, _ = line.partition(b":")
+        if not colon or not _FIELD_NAME.fullmatch(name):
+            raise ComposeFailed("headers: a line that is no header field")
+        found.append((name.decode("ascii"), number))
+    return found
+
+
+def _culprit(written: list[str], intended: list[str]) -> str:
+    """The request field whose header spilled: the one just before the first difference."""
+    for i, (got, want) in enumerate(zip(written, intended, strict=False)):
+        if got.lower() != want.lower():
+            return _FIELDS.get(written[i - 1].lower(), "headers") if i else "headers"
+    shorter = min(len(written), len(intended))
+    return _FIELDS.get(written[shorter - 1].lower(), "headers") if shorter else "headers"
+
+
+def check(raw: bytes, intended: Intended) -> None:
+    """Raise ComposeFailed unless `raw` reads back with exactly the intended headers."""
+    head, sep, _ = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise ComposeFailed("headers: no blank line after the header block")
+    written = [name for name, _ in _lines(head)]
+    if [n.lower() for n in written] != [n.lower() for n in intended.names]:
+        extra = sorted({n for n in written if n.lower() not in
+                        {m.lower() for m in intended.names}})
+        raise ComposeFailed(f"{_culprit(written, intended.names)}: the message would leave "
+                            f"with headers it was not built with {extra or written}")
+    parsed = _PARSER.parsebytes(head + b"\r\n\r\n")
+    if [n.lower() for n in parsed.keys()] != [n.lower() for n in written]:
+        raise ComposeFailed(f"{_culprit(parsed.keys(), written)}: the header block parses "
+                            "into other headers than were written")
+    if intended.subject is not None and str(parsed["Subject"]) != intended.subject:
+        raise ComposeFailed("subject: does not decode back to the intended text")
+    for name, pairs in intended.mailboxes.items():
+        header = parsed[name]
+        decoded = [(a.display_name, a.addr_spec) for a in getattr(header, "addresses", ())]
+        if decoded != pairs:
+            raise ComposeFailed(f"{_FIELDS[name.lower()]}: does not decode back to the "
+                                "intended addresses")
