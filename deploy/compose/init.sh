@@ -5,6 +5,13 @@
 set -eu
 SECRETS=/var/lib/mailbus/secrets
 
+# Before each container got a volume of its own, init wrote into the bootstrap
+# volume: keep signing with the link keys found there, so that links already
+# mailed still verify.
+if [ ! -f "$SECRETS/link-keys.json" ] && [ -f /run/mailbus/bootstrap/link-keys.json ]; then
+    cp /run/mailbus/bootstrap/link-keys.json "$SECRETS/link-keys.json"
+    chmod 600 "$SECRETS/link-keys.json"
+fi
 mailbus setup db
 mailbus setup kafka
 # The keyring that signs the links in emails (sender) and verifies them (hooks, replies).

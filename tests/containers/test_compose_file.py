@@ -184,8 +184,136 @@ def test_start_up_order_is_by_health(services: dict[str, dict[str, Any]]) -> Non
                 assert "healthcheck" in target and not target["healthcheck"].get("disable"), (
                     name, dependency)
             if condition == "service_completed_successfully":
-                assert dependency in {"secrets", "init"}, (name, dependency)
+                assert dependency in {"secrets", "init", "handout"}, (name, dependency)
     for name in mailbus_services(services):
-        assert services[name]["depends_on"]["init"]["condition"] == (
+        assert services[name]["depends_on"]["handout"]["condition"] == (
             "service_completed_successfully")
     assert set(services["init"]["depends_on"]) == {"kafka", "postgres"}
+    assert set(services["handout"]["depends_on"]) == {"init"}
+
+
+# Which container may see which secret. Each file is named the way the code
+# names it: kafka-<principal>.password and postgres-<role>.password
+# (mailbus/settings.py), link-keys.json (the services' link_keys_file).
+SECRETS_MOUNT = "/var/lib/mailbus/secrets"
+# The services that open a database connection; confirm (Faust) keeps its
+# state in Kafka and hooks answers from signed links alone.
+USES_POSTGRES = {"ingest", "sender", "projector", "replies"}
+# Files no running service may hold: the database owner and superuser, the
+# operator's role, the broker's admin and controller, the development API key.
+NEVER_HANDED_OUT = re.compile(
+    r"owner|superuser|mailbus_admin|kafka-admin|controller|api-key|grafana", re.I)
+
+
+def handout(services: dict[str, dict[str, Any]]) -> dict[str, tuple[int, set[str]]]:
+    """The handout step's list: container -> (uid the files belong to, file names)."""
+    command = services["handout"]["command"]
+    assert command[:2] == ["python", "/etc/mailbus/compose/handout.py"]
+    out = {}
+    for arg in command[2:]:
+        name, uid, files = arg.split(":")
+        out[name] = (int(uid), set(files.split(",")))
+    return out
+
+
+def volume_mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Named volumes a service mounts: volume -> (container path, read-only)."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = str(volume).split(":")
+        if not source.startswith(("/", ".", "~")):
+            out[source] = (target, mode == ["ro"])
+    return out
+
+
+def test_each_service_gets_exactly_the_secrets_its_settings_read(
+        services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    given = handout(services)
+    assert set(given) == set(mailbus_services(services)) | {"grafana"}
+    # The image sets where state (and so the secrets folder) lives.
+    var_dir = re.search(r"MAILBUS_VAR_DIR=(\S+)", (REPO / "Dockerfile").read_text())
+    assert var_dir is not None
+    for name, service in mailbus_services(services).items():
+        env = {"MAILBUS_VAR_DIR": var_dir.group(1), **environment(service)}
+        s = settings_from(SETTINGS[name], env, monkeypatch)
+        wanted = {s.kafka.password_file}
+        if name in USES_POSTGRES:
+            wanted.add(s.postgres.password_file)
+        if hasattr(s, "link_keys_file"):
+            wanted.add(s.link_keys_file)
+        # Each is read where the service's own volume is mounted.
+        assert {p.parent for p in wanted if p is not None} == {Path(SECRETS_MOUNT)}, name
+        uid, files = given[name]
+        assert (uid, files) == (10001, {p.name for p in wanted if p is not None}), name
+        assert not {f for f in files if NEVER_HANDED_OUT.search(f)}, name
+    assert given["grafana"] == (472, {"grafana-admin.password"})
+
+
+def test_the_public_hooks_service_holds_no_database_or_admin_secret(
+        services: dict[str, dict[str, Any]]) -> None:
+    # Written out, whatever the rules above derive: hooks faces the internet.
+    _, files = handout(services)["hooks"]
+    assert files == {"kafka-hooks.password", "link-keys.json"}
+    assert volume_mounts(services["hooks"]) == {
+        "secrets-hooks": (SECRETS_MOUNT, True)}
+    assert not any("credentials" in str(v) for v in services["hooks"]["volumes"])
+
+
+def test_each_container_mounts_only_its_own_credentials(
+        services: dict[str, dict[str, Any]]) -> None:
+    own = {f"secrets-{name}" for name in handout(services)}
+    # Who may mount the shared volumes (and how): the bootstrap volume is for
+    # the bootstrap step, the broker, the database and the two steps after;
+    # what init provisions only init writes and handout reads.
+    shared = {
+        "secrets": {"secrets": False, "kafka": True, "postgres": True, "init": True,
+                    "handout": True},
+        "provisioned": {"init": False, "handout": True},
+    }
+    for name, service in services.items():
+        for volume, (target, read_only) in volume_mounts(service).items():
+            if volume in shared:
+                assert shared[volume].get(name) == read_only, (name, volume)
+            elif volume in own:
+                if name == "handout":
+                    assert target == f"/run/mailbus/handout/{volume.removeprefix('secrets-')}"
+                else:
+                    # Only its own container, read-only.
+                    assert volume == f"secrets-{name}" and read_only, (name, volume)
+            else:
+                assert volume.endswith("-data"), (name, volume)  # state, not secrets
+    for name in mailbus_services(services):
+        assert volume_mounts(services[name]) == {f"secrets-{name}": (SECRETS_MOUNT, True)}
+    # Gmail tokens: only the sender (sends) and the mailbox reader (reads) use them.
+    gmail = {name for name, service in services.items()
+             if any(str(v).startswith("~/.credentialsEmail") for v in service.get("volumes", []))}
+    assert gmail == {"sender", "replies"}
+    assert set(volume_mounts(services["handout"])) == own | {"secrets", "provisioned"}
+
+
+def test_handout_leaves_exactly_the_listed_files(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(REPO / "deploy" / "compose"))
+    try:
+        import handout as step
+    finally:
+        sys.path.remove(str(REPO / "deploy" / "compose"))
+    provisioned, bootstrap, out = (tmp_path / d for d in ("provisioned", "bootstrap", "out"))
+    for folder in (provisioned, bootstrap, out / "hooks"):
+        folder.mkdir(parents=True)
+    (provisioned / "kafka-hooks.password").write_text("k")
+    (provisioned / "postgres-mailbus_owner.password").write_text("owner")
+    (bootstrap / "link-keys.json").write_text("{}")
+    # A credential handed out by an earlier version of the list.
+    (out / "hooks" / "postgres-mailbus_hooks.password").write_text("old")
+    monkeypatch.setattr(step, "SOURCES", (provisioned, bootstrap))
+    monkeypatch.setattr(step, "HANDOUT", out)
+    # Giving files to one's own uid needs no privilege, so this runs unprivileged.
+    step.main([f"hooks:{os.getuid()}:kafka-hooks.password,link-keys.json"])
+    files = {p.name: p.stat().st_mode & 0o777 for p in (out / "hooks").iterdir()}
+    assert files == {"kafka-hooks.password": 0o400, "link-keys.json": 0o400}
+    assert (out / "hooks" / "link-keys.json").read_text() == "{}"
+    assert (out / "hooks").stat().st_mode & 0o777 == 0o500
+    (out / "hooks").chmod(0o700)  # let tmp_path be cleaned up
+    with pytest.raises(SystemExit, match="not provisioned"):
+        step.main([f"hooks:{os.getuid()}:postgres-mailbus_hooks.password"])
