@@ -5,7 +5,9 @@ One reader per account with a mailbox (IMAP: `ImapReader`; Gmail:
 
 1. skips it when `inbound_messages` already holds it (a message handed over
    again after a crash was fully handled before);
-2. classifies it (`classify.py`, pure) and plans its records
+2. classifies it (`classify.py`, pure, in a worker process under a deadline:
+   `sandbox.py`; mail past the deadline or over the size cap is kept as
+   unmatched with its reason, never classified again) and plans its records
    (`events.py`, pure): bounces, delivery evidence, responses, suppressions;
 3. produces them and waits for the broker's acks;
 4. records the message in `inbound_messages` (unmatched mail included).
@@ -38,6 +40,7 @@ from mailbus.replies.classify import Inbound, classify
 from mailbus.replies.events import Plan, plan
 from mailbus.replies.gmail_inbox import GmailReader
 from mailbus.replies.imap import ImapReader
+from mailbus.replies.sandbox import Classify, Sandbox, quarantine
 from mailbus.replies.settings import RepliesSettings
 from mailbus.replies.state import InboundMessage, MailboxState, MailRef
 from mailbus.replytag import verify_tag
@@ -65,7 +68,8 @@ def sending_domains(account: Account) -> tuple[str, ...]:
 class Replies:
     """The running service: one reader per mailbox, one handler for all of them."""
 
-    def __init__(self, settings: RepliesSettings, directory: Directory | None = None):
+    def __init__(self, settings: RepliesSettings, directory: Directory | None = None,
+                 classifier: Classify = classify):
         settings.check_secrets()
         assert settings.accounts_file is not None and settings.link_keys_file is not None
         self.settings = settings
@@ -73,6 +77,7 @@ class Replies:
         self.registry = Registry.load()
         self.keyring = tokens.load_keyring(settings.link_keys_file,
                                            create=settings.env == "local")
+        self.classifier = classifier  # what the workers run; tests put a slow one here
         self.readers: dict[str, ImapReader | GmailReader] = {}
         self.handled = 0  # messages newly handled, since start
         self._stop = asyncio.Event()
@@ -92,7 +97,7 @@ class Replies:
     async def _handle(self, account: Account, raw: bytes, ref: MailRef) -> None:
         if await self.state.known_refs(account.id, [ref.source_ref]):
             return
-        inbound = await asyncio.to_thread(classify, raw, domains=sending_domains(account))
+        inbound = await self._classify(account, raw, ref)
         source = f"{account.kind if account.imap is None else 'imap'}:{account.id}"
         planned = plan(inbound, account_id=account.id, source=source,
                        source_ref=ref.source_ref, now=datetime.now(UTC),
@@ -106,12 +111,28 @@ class Replies:
         self.handled += 1
         _count(account.id, planned)
 
+    async def _classify(self, account: Account, raw: bytes, ref: MailRef) -> Inbound:
+        """The verdict on one mail; unmatched with the reason when it is too big or too slow."""
+        inbound = await self.sandbox.classify(raw, domains=sending_domains(account))
+        if ref.headers_only:  # the header only tells who sent what: kept, not acted on
+            cap = self.settings.max_message_bytes
+            inbound = quarantine(f"{ref.size} bytes, over the {cap} byte cap: body not read",
+                                 None if inbound.quarantined else inbound)
+            cause = "size"
+        else:
+            cause = "deadline"
+        if inbound.quarantined:
+            metrics.QUARANTINED.labels(account.id, cause).inc()
+            log.warning("account %s: %s quarantined as unmatched: %s", account.id,
+                        ref.source_ref, inbound.reason)
+        return inbound
+
     def _reader(self, account: Account) -> ImapReader | GmailReader:
         s = self.settings
         handler = partial(self.handle, account)
         if account.imap is not None:
             return ImapReader(account, state=self.state, handler=handler,
-                              max_bytes=s.max_message_bytes)
+                              max_bytes=s.max_message_bytes, fetch_budget=s.imap_fetch_budget_bytes)
         return GmailReader(account, state=self.state, handler=handler,
                            max_bytes=s.max_message_bytes, api_endpoint=s.gmail_api_endpoint,
                            token_uri=s.gmail_token_uri)
@@ -122,6 +143,8 @@ class Replies:
         self.pool = open_pool(s.postgres)
         await self.pool.open(wait=True, timeout=30)
         self.state = MailboxState(self.pool, s.kafka.topic_prefix)
+        self.sandbox = Sandbox(s.classify_deadline_seconds, s.classify_workers,
+                               target=self.classifier)
         self.producer = AsyncProducer(s.kafka.client_config(), **{"client.id": "mailbus-replies"})
         self.readers = {a.id: self._reader(a) for a in self.directory.by_id.values()
                         if a.reads_mailbox}
@@ -139,6 +162,7 @@ class Replies:
                 with suppress(Exception):
                     await asyncio.wait_for(task, 30)
             self.producer.close()
+            self.sandbox.close()
             await self.pool.close()
             log.info("replies stopped")
 
@@ -153,7 +177,8 @@ def inbound_row(ref: MailRef, inbound: Inbound, planned: Plan) -> InboundMessage
         ref=ref, kind=planned.kind, header_message_id=inbound.header_message_id,
         message_id=uuid.UUID(planned.message_id) if planned.message_id else None,
         sender=inbound.sender, subject=inbound.subject, text=inbound.text,
-        detail={"classified_as": inbound.kind, **planned.detail})
+        detail={"classified_as": inbound.kind, **planned.detail,
+                **({"quarantined": True} if inbound.quarantined else {})})
 
 
 def _count(account_id: str, planned: Plan) -> None:

@@ -155,6 +155,7 @@ class Inbound:
     unsubscribe_token: str | None = None
     reply_tags: tuple[str, ...] = ()
     reason: str | None = None
+    quarantined: bool = False  # not classified: past the deadline, or over the size cap
 
 
 @dataclass

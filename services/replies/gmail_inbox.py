@@ -13,9 +13,12 @@ Behaviour:
   would flood the classifier with history.
 * Then users.history.list(startHistoryId, historyTypes=messageAdded,
   labelId=INBOX), every page, every poll_seconds (Gmail offers API clients
-  no IDLE; push needs Cloud Pub/Sub). Each added message is fetched with
-  format=raw and handed over; the history position moves after each record
-  and after the last page, only once its messages were handed over.
+  no IDLE; push needs Cloud Pub/Sub). Each added message's size is read
+  first (format=minimal, sizeEstimate); one over max_bytes is not
+  downloaded, only its header (format=metadata, at most HEADER_BYTES) is
+  handed over; the others are fetched with format=raw and handed over. The
+  history position moves after each record and after the last page, only
+  once its messages were handed over.
 * 404 from history.list (Gmail keeps history for about a week, and
   sometimes less): full sync. The new position is read first
   (getProfile), then INBOX is listed for mail newer than the last message
@@ -63,6 +66,7 @@ FULL_SYNC_LIMIT = 2000  # messages listed by one full sync, newest first
 BACKOFF = (1.0, 300.0)  # first and longest wait after a failure, seconds
 MODIFY = AUTH + "gmail.modify"
 MAY_MODIFY = {MODIFY, "https://mail.google.com/"}
+HEADER_BYTES = 64 * 1024  # of a message over max_bytes, as much header as is handed over
 
 
 class _Mailbox(GmailTransport):
@@ -221,23 +225,31 @@ class GmailReader:
     async def _hand_over(self, gmail_id: str, since: datetime | None) -> None:
         messages = self._gmail.service.users().messages()
         try:
-            found = await self._gmail.call(
-                lambda: messages.get(userId="me", id=gmail_id, format="raw"))
+            # The size before the body: a 50 MB message is not downloaded to learn it is big.
+            meta = await self._gmail.call(
+                lambda: messages.get(userId="me", id=gmail_id, format="minimal"))
+            received = datetime.fromtimestamp(int(meta.get("internalDate", 0)) / 1000, UTC)
+            if since is not None and received < since:
+                return  # a full sync's margin: handed over before
+            size = int(meta.get("sizeEstimate", 0))
+            if size > self._max_bytes:
+                raw = _header(await self._gmail.call(
+                    lambda: messages.get(userId="me", id=gmail_id, format="metadata")))
+            else:
+                found = await self._gmail.call(
+                    lambda: messages.get(userId="me", id=gmail_id, format="raw"))
+                raw = _unb64(found["raw"])
+                size = max(size, len(raw))
         except TransientError as exc:
             if exc.code == 404:  # deleted since it was added: nothing to hand over
                 return
             raise
-        raw = _unb64(found["raw"])
-        received = datetime.fromtimestamp(int(found.get("internalDate", 0)) / 1000, UTC)
-        if since is not None and received < since:
-            return  # a full sync's margin: handed over before
-        headers_only = len(raw) > self._max_bytes
-        if headers_only:
-            end = raw.find(b"\r\n\r\n")
-            raw = raw[: end + 4] if end >= 0 else raw[: self._max_bytes]
+        headers_only = size > self._max_bytes
+        if headers_only and len(raw) > HEADER_BYTES:  # sizeEstimate was short of the truth
+            end = raw.find(b"\r\n\r\n", 0, HEADER_BYTES)
+            raw = raw[: end + 4] if end >= 0 else raw[:HEADER_BYTES]
         ref = MailRef(account_id=self.account_id, mailbox=MAILBOX,
-                      source_ref=f"gmail:{gmail_id}",
-                      size=int(found.get("sizeEstimate", len(raw))), headers_only=headers_only,
+                      source_ref=f"gmail:{gmail_id}", size=size, headers_only=headers_only,
                       received_at=received, gmail_id=gmail_id)
         try:
             await self._handler(raw, ref)
@@ -305,6 +317,18 @@ def _allowed_to_modify(credentials: Any, account_id: str) -> Any:
         raise ConfigError(f"account {account_id}: processed_label needs the gmail.modify scope;"
                           f" the token grants {sorted(granted)}")
     return credentials
+
+
+def _header(message: dict[str, Any]) -> bytes:
+    """The header of a format=metadata answer as RFC 5322 bytes, at most HEADER_BYTES."""
+    lines = []
+    for field in message.get("payload", {}).get("headers", []):
+        name = str(field.get("name", "")).replace(":", "").strip()
+        value = " ".join(str(field.get("value", "")).split())  # no line breaks of its own
+        if name:
+            lines.append(f"{name}: {value}\r\n".encode(errors="replace"))
+    out = b"".join(lines)[:HEADER_BYTES]
+    return out[: out.rfind(b"\r\n") + 2] + b"\r\n"
 
 
 def _unb64(text: str) -> bytes:

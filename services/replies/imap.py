@@ -13,9 +13,12 @@ and PostgreSQL run on the caller's event loop.
 Behaviour, per mailbox:
 * SELECT (read-only EXAMINE unless processed_folder is set) and read the
   stored mark. A mailbox never read is read from its first message.
-* Messages with UID > last_uid are fetched in batches with BODY.PEEK (so
-  \\Seen is never set); one larger than max_bytes is fetched headers only.
-  Each is handed over, then the mark moves past it: at least once.
+* Messages with UID > last_uid are taken in batches: first their
+  RFC822.SIZE, then their bodies with BODY.PEEK (so \\Seen is never set),
+  as many per FETCH as fit in fetch_budget bytes (a larger one alone), so a
+  batch of large mail is never held in memory at once. One larger than
+  max_bytes is not downloaded: only the first HEADER_BYTES of its header
+  are. Each is handed over, then the mark moves past it: at least once.
 * UIDVALIDITY changed (mailbox recreated, server migrated): the old UIDs
   mean nothing, so the mark is reset (mailbox_state.resets records it) and
   the mailbox is read again from its start, skipping messages whose
@@ -59,6 +62,10 @@ T = TypeVar("T")
 IDLE_RENEW_SECONDS = 25 * 60
 IDLE_CHECK_SECONDS = 5.0  # a safety net: stop() wakes idle_check by closing the socket
 BACKOFF = (1.0, 300.0)  # first and longest wait between attempts, seconds
+FETCH_BUDGET = 16 * 1024 * 1024
+# Of a message over max_bytes, this much of its header is fetched (a partial
+# FETCH, RFC 3501 6.4.5): a header can be as large as the message.
+HEADER_BYTES = 64 * 1024
 _NEW_MAIL = {b"EXISTS", b"RECENT"}
 _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
@@ -67,13 +74,15 @@ class ImapReader:
     """One account's mailbox, read until stop()."""
 
     def __init__(self, account: Account, *, state: MailboxState, handler: Handler,
-                 max_bytes: int, backoff: tuple[float, float] = BACKOFF):
+                 max_bytes: int, fetch_budget: int = FETCH_BUDGET,
+                 backoff: tuple[float, float] = BACKOFF):
         if account.imap is None:
             raise ConfigError(f"account {account.id} has no [accounts.imap] table")
         self.account_id, self.config = account.id, account.imap
         self.username = self.config.username or account.from_address
         self.mailbox = self.config.mailbox
         self._state, self._handler, self._max_bytes = state, handler, max_bytes
+        self._budget = fetch_budget
         self._backoff = backoff
         self._delay = backoff[0]
         self._stop = threading.Event()
@@ -206,40 +215,49 @@ class ImapReader:
             if not pending:
                 return last
             batch = pending[: self.config.batch]
-            sizes = client.fetch(batch, ["RFC822.SIZE", "INTERNALDATE"])
-            batch = [u for u in batch if u in sizes]  # expunged in between: gone
-            if not batch:
+            info = client.fetch(batch, ["RFC822.SIZE", "INTERNALDATE"])
+            sizes = {u: int(info[u].get(b"RFC822.SIZE", 0)) for u in batch if u in info}
+            if not sizes:  # expunged in between: gone
                 return last
-            small = [u for u in batch if sizes[u].get(b"RFC822.SIZE", 0) <= self._max_bytes]
-            large = [u for u in batch if u not in small]
-            raws = {u: d.get(b"BODY[]") for u, d in
-                    (client.fetch(small, ["BODY.PEEK[]"]).items() if small else ())}
-            raws |= {u: d.get(b"BODY[HEADER]") for u, d in
-                     (client.fetch(large, ["BODY.PEEK[HEADER]"]).items() if large else ())}
-            skip = self._already_read(uidvalidity, raws)
-            for uid in batch:
-                if self._stop.is_set():
-                    return last
-                raw = raws.get(uid)
-                if raw is not None and uid not in skip:
-                    ref = MailRef(account_id=self.account_id, mailbox=self.mailbox,
-                                  source_ref=f"imap:{uidvalidity}:{uid}",
-                                  size=int(sizes[uid].get(b"RFC822.SIZE", len(raw))),
-                                  headers_only=uid in large,
-                                  received_at=_utc(sizes[uid].get(b"INTERNALDATE")),
-                                  uid=uid, uidvalidity=uidvalidity)
-                    try:
-                        self._call(self._handler(raw, ref))
-                    except Exception as exc:
-                        raise HandlerFailed(ref.source_ref) from exc
-                # A message expunged between the two FETCHes is simply gone.
-                self._call(self._state.save_imap(self.account_id, self.mailbox, uidvalidity,
-                                                 uid))
-                last = uid
-                if raw is not None and self.config.processed_folder:
-                    self._move(client, uid)
-                self._delay = self._backoff[0]
+            for chunk in fetch_rounds(sorted(sizes), sizes, self._max_bytes, self._budget):
+                raws = self._fetch(client, chunk, sizes)
+                skip = self._already_read(uidvalidity, raws)
+                for uid in chunk:
+                    if self._stop.is_set():
+                        return last
+                    self._hand_over(client, uidvalidity, uid, raws.get(uid), uid in skip,
+                                    size=sizes[uid], received=info[uid].get(b"INTERNALDATE"))
+                    last = uid
         return last
+
+    def _fetch(self, client: IMAPClient, uids: list[int], sizes: dict[int, int]
+               ) -> dict[int, bytes | None]:
+        """The bodies of one round; of a message over max_bytes, the start of its header."""
+        small = [u for u in uids if sizes[u] <= self._max_bytes]
+        large = [u for u in uids if u not in small]
+        raws = {u: d.get(b"BODY[]") for u, d in
+                (client.fetch(small, ["BODY.PEEK[]"]).items() if small else ())}
+        part = f"BODY.PEEK[HEADER]<0.{HEADER_BYTES}>"
+        raws |= {u: d.get(b"BODY[HEADER]<0>") for u, d in
+                 (client.fetch(large, [part]).items() if large else ())}
+        return raws
+
+    def _hand_over(self, client: IMAPClient, uidvalidity: int, uid: int, raw: bytes | None,
+                   skip: bool, *, size: int, received: datetime | None) -> None:
+        if raw is not None and not skip:
+            ref = MailRef(account_id=self.account_id, mailbox=self.mailbox,
+                          source_ref=f"imap:{uidvalidity}:{uid}", size=size or len(raw),
+                          headers_only=size > self._max_bytes, received_at=_utc(received),
+                          uid=uid, uidvalidity=uidvalidity)
+            try:
+                self._call(self._handler(raw, ref))
+            except Exception as exc:
+                raise HandlerFailed(ref.source_ref) from exc
+        # A message expunged between the FETCHes is simply gone.
+        self._call(self._state.save_imap(self.account_id, self.mailbox, uidvalidity, uid))
+        if raw is not None and self.config.processed_folder:
+            self._move(client, uid)
+        self._delay = self._backoff[0]
 
     def _already_read(self, uidvalidity: int, raws: dict[int, bytes | None]) -> set[int]:
         """During the re-read after a UIDVALIDITY change: UIDs whose Message-ID was recorded."""
@@ -306,6 +324,21 @@ class ImapReader:
         """Run a coroutine on the caller's event loop and wait for it."""
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+def fetch_rounds(uids: list[int], sizes: dict[int, int], max_bytes: int, budget: int
+                 ) -> list[list[int]]:
+    """UIDs in order, grouped so that the bytes one FETCH brings stay within the budget."""
+    rounds: list[list[int]] = []
+    used = budget  # no round open yet
+    for uid in uids:
+        cost = sizes[uid] if sizes[uid] <= max_bytes else HEADER_BYTES
+        if used + cost > budget:
+            rounds.append([])
+            used = 0
+        rounds[-1].append(uid)
+        used += cost
+    return rounds
 
 
 def _message_id(raw: bytes) -> str | None:

@@ -26,3 +26,9 @@ ERRORS = Counter(
     "Inbound messages whose handling failed and will be handed over again", ["account"],
 )
 MAILBOXES = Gauge("mailbus_replies_mailboxes", "Mailboxes being read")
+QUARANTINED = Counter(
+    "mailbus_replies_quarantined_total",
+    "Inbound messages kept as unmatched without being classified, by account and cause"
+    " (size: over max_message_bytes; deadline: past classify_deadline_seconds)",
+    ["account", "cause"],
+)

@@ -671,6 +671,9 @@ class GmailEmulator:
                                "historyId": str(stored.history_id),
                                "internalDate": str(int(stored.internal_date.timestamp() * 1000))}
         form = query.get("format", ["full"])[0]
+        self.requests[f"get.{form}"] += 1  # a test can tell a size check from a download
+        if form == "minimal":  # as Gmail: ids, labels, size and date, no payload
+            return 200, out
         if form == "raw":
             return 200, out | {"raw": base64.urlsafe_b64encode(stored.raw).decode()}
         wanted = {h.lower() for h in query.get("metadataHeaders", [])}
