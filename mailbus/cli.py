@@ -237,6 +237,7 @@ def setup_db() -> None:
     base = settings.postgres
     superuser = PostgresSettings(
         host=base.host, port=base.port, dbname="postgres",
+        sslmode=base.sslmode, sslrootcert=base.sslrootcert,
         user=os.environ.get("MAILBUS_PG_SUPERUSER", "postgres"),
         password_file=Path(os.environ.get("MAILBUS_PG_SUPERUSER_PASSWORD_FILE",
                                           secrets / "postgres-superuser.password")),

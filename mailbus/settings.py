@@ -4,11 +4,13 @@ Every value comes from the environment with the `MAILBUS_` prefix (nested
 values with `__`, e.g. `MAILBUS_KAFKA__BOOTSTRAP_SERVERS`), and every secret
 may instead come from a file (`..._FILE`), which is how the local stack and
 container secrets hand them over. Outside local development a placeholder or
-short secret refuses to start.
+short secret, or a connection to Kafka or PostgreSQL without verified TLS,
+refuses to start.
 """
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,11 @@ DEFAULT_VAR = REPO_ROOT / "var"
 # Values people paste from examples; never acceptable outside local use.
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "password", "admin", "dev"})
 MIN_SECRET_LENGTH = 16
+# The local stack's CA (scripts/tls.sh), trusted by default in local use only.
+LOCAL_CA = Path("secrets") / "ca.crt"
+# libpq modes that check the server's certificate against a CA; `require`
+# encrypts but accepts any certificate, so a man in the middle still reads all.
+VERIFYING_SSLMODES = ("verify-ca", "verify-full")
 
 
 def read_secret(value: SecretStr | None, path: Path | None, what: str) -> str:
@@ -47,6 +54,8 @@ class KafkaSettings(BaseModel):
     username: str = ""
     password: SecretStr | None = None
     password_file: Path | None = None
+    # The CA that signed the broker's certificate (SASL_SSL only); when
+    # unset, the system's CAs (and in local use the stack's var/secrets/ca.crt).
     ssl_ca_location: Path | None = None
     # Prepended to every topic and group name: lets tests (and several
     # installations sharing one cluster) keep apart without touching code.
@@ -64,9 +73,21 @@ class KafkaSettings(BaseModel):
             "sasl.username": self.username,
             "sasl.password": read_secret(self.password, self.password_file, "kafka.password"),
         }
-        if self.ssl_ca_location is not None:
+        # Without a CA file librdkafka probes the system's CA paths. The
+        # broker's host name is checked either way
+        # (ssl.endpoint.identification.algorithm defaults to https since 2.0).
+        if self.security_protocol == "SASL_SSL" and self.ssl_ca_location is not None:
             conf["ssl.ca.location"] = str(self.ssl_ca_location)
         return conf
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """TLS for Python clients (aiokafka under Faust): None in clear text, else verifying."""
+        if self.security_protocol != "SASL_SSL":
+            return None
+        # create_default_context checks the certificate chain and the host
+        # name, and refuses anything older than TLS 1.2.
+        cafile = str(self.ssl_ca_location) if self.ssl_ca_location is not None else None
+        return ssl.create_default_context(cafile=cafile)
 
     def topic(self, name: str) -> str:
         """The real topic name for a logical one such as `email.requested`."""
@@ -82,11 +103,19 @@ class PostgresSettings(BaseModel):
     user: str = ""
     password: SecretStr | None = None
     password_file: Path | None = None
+    # libpq's own default; production requires verify-ca or verify-full.
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = (
+        "prefer")
+    # The CA for verify-ca/verify-full (in local use the stack's var/secrets/ca.crt).
+    sslrootcert: Path | None = None
     pool_min: int = 1
     pool_max: int = 10
 
     def conninfo(self) -> str:
         """A libpq connection string; the password is quoted, never logged."""
+        tls: dict[str, str] = {"sslmode": self.sslmode}
+        if self.sslrootcert is not None:
+            tls["sslrootcert"] = str(self.sslrootcert)
         return make_conninfo(
             host=self.host,
             port=self.port,
@@ -94,6 +123,7 @@ class PostgresSettings(BaseModel):
             user=self.user,
             password=read_secret(self.password, self.password_file, "postgres.password"),
             application_name="mailbus",
+            **tls,
         )
 
 
@@ -128,19 +158,41 @@ class ServiceSettings(BaseSettings):
             self.postgres.password_file = secrets / f"postgres-{self.postgres.user}.password"
         if self.accounts_file is None:
             self.accounts_file = self.var_dir / "accounts.toml"
+        # Only in local use does the stack's own CA stand in for the system's.
+        if self.env == "local":
+            if self.kafka.security_protocol == "SASL_SSL" and self.kafka.ssl_ca_location is None:
+                self.kafka.ssl_ca_location = self.var_dir / LOCAL_CA
+            if (self.postgres.sslmode in VERIFYING_SSLMODES
+                    and self.postgres.sslrootcert is None):
+                self.postgres.sslrootcert = self.var_dir / LOCAL_CA
         return self
 
     def check_secrets(self) -> None:
-        """Refuse placeholder or short secrets outside local development."""
+        """Outside local development, refuse placeholder or short secrets and clear-text links.
+
+        Every service calls this first in its main(); the ConfigError names
+        every offending setting at once.
+        """
         if self.env == "local":
             return
+        problems: list[str] = []
+        # Without TLS the SCRAM exchange is safe but everything after it (mail
+        # content, addresses) crosses the network readable and alterable.
+        if self.kafka.security_protocol != "SASL_SSL":
+            problems.append(
+                f"kafka.security_protocol (MAILBUS_KAFKA__SECURITY_PROTOCOL) is"
+                f" {self.kafka.security_protocol}, not SASL_SSL")
+        if self.postgres.sslmode not in VERIFYING_SSLMODES:
+            problems.append(
+                f"postgres.sslmode (MAILBUS_POSTGRES__SSLMODE) is {self.postgres.sslmode},"
+                " not verify-full or verify-ca")
         for what, value, path in (
             ("kafka.password", self.kafka.password, self.kafka.password_file),
             ("postgres.password", self.postgres.password, self.postgres.password_file),
         ):
             secret = read_secret(value, path, what)
             if secret.lower() in PLACEHOLDER_SECRETS or len(secret) < MIN_SECRET_LENGTH:
-                raise ConfigError(
-                    f"{what} is a placeholder or shorter than {MIN_SECRET_LENGTH} characters;"
-                    " refusing to start outside local development"
-                )
+                problems.append(
+                    f"{what} is a placeholder or shorter than {MIN_SECRET_LENGTH} characters")
+        if problems:
+            raise ConfigError("; ".join(problems) + "; refusing to start in production")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run mailbus's single-node Apache Kafka broker (KRaft, broker+controller in
 # one JVM) natively from jars fetched from Maven Central, secured from the
-# first start: SASL/SCRAM-SHA-512 for clients, SASL/PLAIN on the controller
-# listener, StandardAuthorizer with deny-by-default, loopback only.
+# first start: SASL/SCRAM-SHA-512 for clients (in clear text on one port, over
+# TLS on another), SASL/PLAIN on the controller listener, StandardAuthorizer
+# with deny-by-default, loopback only.
 #
 #   scripts/kafka.sh fetch    download the jars into the cache (once)
 #   scripts/kafka.sh start    fetch, configure, format once, start, wait ready
@@ -15,6 +16,8 @@
 #   MAILBUS_CACHE                  download cache (default $REPO/.cache)
 #   MAILBUS_KAFKA_PORT             client listener, 127.0.0.1 (default 9092)
 #   MAILBUS_KAFKA_CONTROLLER_PORT  controller listener, 127.0.0.1 (default 9093)
+#   MAILBUS_KAFKA_TLS_PORT         SASL_SSL client listener, 127.0.0.1 (default
+#                                  the client port + 2, i.e. 9094)
 #   MAILBUS_KAFKA_LIBDIR           jar dir (default $MAILBUS_CACHE/kafka-4.1.1/libs)
 #   MAILBUS_KAFKA_HEAP_OPTS        JVM heap (default "-Xms256m -Xmx768m")
 #   MAILBUS_KAFKA_START_TIMEOUT    seconds to wait for readiness (default 60)
@@ -26,6 +29,9 @@
 #   $MAILBUS_VAR/secrets/kafka-admin.password       SCRAM superuser `admin`
 #   $MAILBUS_VAR/secrets/kafka-controller.password  PLAIN user `controller`
 #                                                   (controller listener only)
+#   $MAILBUS_VAR/secrets/ca.crt, kafka-broker.pem   the CA clients trust, and the
+#                                                   TLS listener's key and chain
+#                                                   (made by scripts/tls.sh)
 set -euo pipefail
 
 KAFKA_VERSION=4.1.1
@@ -35,6 +41,9 @@ MAILBUS_VAR=$(realpath -m "${MAILBUS_VAR:-$REPO/var}")
 MAILBUS_CACHE=$(realpath -m "${MAILBUS_CACHE:-$REPO/.cache}")
 CLIENT_PORT=${MAILBUS_KAFKA_PORT:-9092}
 CONTROLLER_PORT=${MAILBUS_KAFKA_CONTROLLER_PORT:-9093}
+# Derived from the client port so that a second broker started with only its
+# own client and controller ports (tests do) does not reach for 9094 too.
+TLS_PORT=${MAILBUS_KAFKA_TLS_PORT:-$((10#${CLIENT_PORT//[^0-9]/0} + 2))}
 LIBDIR=$(realpath -m "${MAILBUS_KAFKA_LIBDIR:-$MAILBUS_CACHE/kafka-$KAFKA_VERSION/libs}")
 HEAP_OPTS=${MAILBUS_KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}
 START_TIMEOUT=${MAILBUS_KAFKA_START_TIMEOUT:-60}
@@ -54,6 +63,8 @@ PIDFILE=$MAILBUS_VAR/run/kafka.pid
 SECRETS=$MAILBUS_VAR/secrets
 ADMIN_PW_FILE=$SECRETS/kafka-admin.password
 CONTROLLER_PW_FILE=$SECRETS/kafka-controller.password
+CA_FILE=$SECRETS/ca.crt
+KEYSTORE=$SECRETS/kafka-broker.pem
 FETCH_MARKER=$LIBDIR/.mailbus-fetch-complete
 
 # Config, secrets, data and logs are for this user only.
@@ -62,12 +73,14 @@ umask 077
 say() { printf 'kafka: %s\n' "$*"; }
 die() { printf 'kafka: error: %s\n' "$*" >&2; exit 1; }
 
-for port in "$CLIENT_PORT" "$CONTROLLER_PORT"; do
+for port in "$CLIENT_PORT" "$CONTROLLER_PORT" "$TLS_PORT"; do
   if [[ ! $port =~ ^[0-9]{1,5}$ ]] || ((10#$port < 1 || 10#$port > 65535)); then
     die "not a port: $port"
   fi
 done
 [[ $CLIENT_PORT != "$CONTROLLER_PORT" ]] || die "client and controller port are both $CLIENT_PORT"
+[[ $TLS_PORT != "$CLIENT_PORT" && $TLS_PORT != "$CONTROLLER_PORT" ]] ||
+  die "the TLS port $TLS_PORT is also the client or controller port"
 
 JAVA=$JAVA_HOME/bin/java
 # Kafka's own start scripts set these; G1 with short pauses suits a broker.
@@ -167,6 +180,8 @@ write_config() {
   text=$(<"$TEMPLATE")
   text=${text//@CLIENT_PORT@/$CLIENT_PORT}
   text=${text//@CONTROLLER_PORT@/$CONTROLLER_PORT}
+  text=${text//@TLS_PORT@/$TLS_PORT}
+  text=${text//@TLS_KEYSTORE@/$KEYSTORE}
   text=${text//@DATA_DIR@/$DATA_DIR}
   text=${text//@ADMIN_PASSWORD@/$admin_pw}
   text=${text//@CONTROLLER_PASSWORD@/$controller_pw}
@@ -213,42 +228,56 @@ format_if_needed() {
   say "formatted $DATA_DIR (cluster id $cluster_id, SCRAM-SHA-512 user admin)"
 }
 
-# One authenticated round trip as admin: proves the listener is up, SCRAM
-# works and the admin credential matches the password file. Exit 2 means the
-# broker refused the password.
+# One authenticated round trip as admin on each client listener: proves both
+# are up, SCRAM works, the admin credential matches the password file and the
+# TLS listener's certificate verifies against our CA for 127.0.0.1. Exit 2
+# means the broker refused the password, 3 that the TLS handshake failed.
 readiness_check_python() {
-  timeout 15 "$PYTHON" - "$CLIENT_PORT" "$ADMIN_PW_FILE" <<'EOF'
+  timeout 25 "$PYTHON" - "$CLIENT_PORT" "$TLS_PORT" "$ADMIN_PW_FILE" "$CA_FILE" <<'EOF'
 import logging
 import sys
 
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import AdminClient
 
-port, pw_file = sys.argv[1], sys.argv[2]
+port, tls_port, pw_file, ca_file = sys.argv[1:5]
 with open(pw_file, encoding="utf-8") as f:
     password = f.read().strip()
-errors = []
 quiet = logging.getLogger("kafka.sh.readiness")
 quiet.addHandler(logging.NullHandler())
 quiet.propagate = False
-admin = AdminClient({
-    "bootstrap.servers": f"127.0.0.1:{port}",
-    "security.protocol": "SASL_PLAINTEXT",
-    "sasl.mechanisms": "SCRAM-SHA-512",
-    "sasl.username": "admin",
-    "sasl.password": password,
-    "error_cb": errors.append,
-    "logger": quiet,
-})
-try:
-    md = admin.list_topics(timeout=5)
-except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
-    admin.poll(0.5)  # serves error_cb
-    if any(e.code() == KafkaError._AUTHENTICATION for e in errors):
-        sys.exit(2)
-    print(f"not ready: {exc}", file=sys.stderr)
-    sys.exit(1)
-sys.exit(0 if md.brokers else 1)
+
+
+def check(listener_port, **tls):
+    errors = []
+    admin = AdminClient({
+        "bootstrap.servers": f"127.0.0.1:{listener_port}",
+        "security.protocol": "SASL_SSL" if tls else "SASL_PLAINTEXT",
+        "sasl.mechanisms": "SCRAM-SHA-512",
+        "sasl.username": "admin",
+        "sasl.password": password,
+        "error_cb": errors.append,
+        "logger": quiet,
+        **tls,
+    })
+    try:
+        md = admin.list_topics(timeout=5)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+        admin.poll(0.5)  # serves error_cb
+        if any(e.code() == KafkaError._AUTHENTICATION for e in errors):
+            sys.exit(2)
+        if any(e.code() == KafkaError._SSL for e in errors):
+            print(f"TLS: {errors[-1].str()}", file=sys.stderr)
+            sys.exit(3)
+        print(f"not ready: {exc}", file=sys.stderr)
+        sys.exit(1)
+    if not md.brokers:
+        sys.exit(1)
+
+
+check(port)
+check(tls_port, **{"ssl.ca.location": ca_file})
+sys.exit(0)
 EOF
 }
 
@@ -290,7 +319,7 @@ start() {
   fi
   rm -f "$PIDFILE"
   [[ -x $JAVA ]] || die "no java at $JAVA (set MAILBUS_JAVA_HOME)"
-  for port in "$CLIENT_PORT" "$CONTROLLER_PORT"; do
+  for port in "$CLIENT_PORT" "$CONTROLLER_PORT" "$TLS_PORT"; do
     ! port_in_use "$port" || die "127.0.0.1:$port is already in use"
   done
 
@@ -303,6 +332,7 @@ start() {
   admin_pw=$(read_secret "$ADMIN_PW_FILE")
   controller_pw=$(read_secret "$CONTROLLER_PW_FILE")
 
+  MAILBUS_VAR=$MAILBUS_VAR "$REPO/scripts/tls.sh" ensure
   write_config "$admin_pw" "$controller_pw"
   say "wrote $CONFIG"
   mkdir -p "$(dirname "$LOG")" "$(dirname "$PIDFILE")"
@@ -327,11 +357,11 @@ start() {
 
   local check=readiness_check_port how="TCP port open"
   if [[ -x $PYTHON ]] && "$PYTHON" -c 'import confluent_kafka' 2>/dev/null; then
-    check=readiness_check_python how="SCRAM-SHA-512 login as admin"
+    check=readiness_check_python how="SCRAM-SHA-512 login as admin, in clear and over TLS"
   fi
-  say "started pid $pid, waiting for $how on 127.0.0.1:$CLIENT_PORT"
+  say "started pid $pid, waiting for $how on 127.0.0.1:$CLIENT_PORT and :$TLS_PORT"
 
-  local deadline=$((SECONDS + START_TIMEOUT)) started=0 refused=0 rc
+  local deadline=$((SECONDS + START_TIMEOUT)) started=0 refused=0 tls_failed=0 rc
   while ((SECONDS < deadline)); do
     if ! running_pid >/dev/null; then
       show_logs "$log_offset" "$out_offset"
@@ -350,7 +380,7 @@ start() {
       rc=0
       $check 2>/dev/null || rc=$?
       if ((rc == 0)); then
-        say "ready on 127.0.0.1:$CLIENT_PORT ($how ok) after $((SECONDS - t0)) s"
+        say "ready on 127.0.0.1:$CLIENT_PORT (SASL_PLAINTEXT) and :$TLS_PORT (SASL_SSL; $how ok) after $((SECONDS - t0)) s"
         return 0
       fi
       # Once the server has started its credentials are loaded, so repeated
@@ -359,6 +389,14 @@ start() {
         say "stopping pid $pid"
         stop_pid "$pid"
         die "broker refuses the admin password in $ADMIN_PW_FILE (changed since $DATA_DIR was formatted?)"
+      fi
+      # Repeated handshake failures: a certificate that does not verify now
+      # will not verify on a later try either.
+      if ((rc == 3)) && ((++tls_failed >= 3)); then
+        show_logs "$log_offset" "$out_offset"
+        say "stopping pid $pid"
+        stop_pid "$pid"
+        die "the TLS listener on 127.0.0.1:$TLS_PORT does not verify against $CA_FILE"
       fi
     fi
     sleep 0.5

@@ -7,6 +7,11 @@
 # connection, the superuser's included, is password-authenticated over
 # 127.0.0.1 (scram-sha-256); the superuser password is generated at first
 # start into $MAILBUS_VAR/secrets/postgres-superuser.password (mode 600).
+# TLS is on (ssl=on) with a server certificate from the local CA
+# (scripts/tls.sh): clients verify it with sslmode=verify-full and
+# sslrootcert=$MAILBUS_VAR/secrets/ca.crt. pg_hba stays `host`, not
+# `hostssl`: the server listens on loopback only, and which clients must use
+# TLS is the clients' own setting (MAILBUS_ENV=production requires it).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +32,9 @@ DATA="$PGHOME/data"
 SOCK="$PGHOME/run"
 SECRETS="$VAR/secrets"
 SUPERPASS="$SECRETS/postgres-superuser.password"
+# Included by postgresql.conf; rewritten on every start, so clusters
+# initialised before TLS existed get it too.
+TLS_CONF="mailbus-tls.conf"
 
 pgbin() {
     local dir
@@ -74,15 +82,57 @@ CONF
     echo "postgres: initialised a cluster in $DATA"
 }
 
+# Puts the server certificate and key into the data dir (the server's user
+# must own the key, mode 600, or PostgreSQL refuses it) and the TLS settings
+# into an included file. Prints "changed" when a running server must reload.
+ensure_tls() {
+    MAILBUS_VAR="$VAR" "$REPO/scripts/tls.sh" ensure >&2
+    local changed="" f want
+    for f in crt key; do
+        if ! cmp -s "$SECRETS/postgres-server.$f" "$DATA/server.$f" 2>/dev/null; then
+            if [[ "$(id -u)" == 0 ]]; then
+                install -m 600 -o postgres -g postgres "$SECRETS/postgres-server.$f" "$DATA/server.$f"
+            else
+                install -m 600 "$SECRETS/postgres-server.$f" "$DATA/server.$f"
+            fi
+            changed=1
+        fi
+    done
+    # Relative paths are resolved against the data dir.
+    want="ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+ssl_min_protocol_version = 'TLSv1.2'"
+    if [[ "$(as_owner cat "$DATA/$TLS_CONF" 2>/dev/null)" != "$want" ]]; then
+        printf '%s\n' "$want" | as_owner tee "$DATA/$TLS_CONF" >/dev/null
+        changed=1
+    fi
+    if ! as_owner grep -qx "include_if_exists = '$TLS_CONF'" "$DATA/postgresql.conf"; then
+        echo "include_if_exists = '$TLS_CONF'" | as_owner tee -a "$DATA/postgresql.conf" >/dev/null
+        changed=1
+    fi
+    [[ -z "$changed" ]] || echo changed
+}
+
 start() {
-    if running; then echo "postgres: already running on 127.0.0.1:$PORT"; return 0; fi
+    if running; then
+        # ssl and its files are reloadable settings: a running server picks
+        # up TLS (or a renewed certificate) without a restart.
+        if [[ -n "$(ensure_tls)" ]]; then
+            as_owner "$(pgbin)/pg_ctl" -D "$DATA" reload >/dev/null
+            echo "postgres: TLS settings reloaded"
+        fi
+        echo "postgres: already running on 127.0.0.1:$PORT"
+        return 0
+    fi
     [[ -f "$DATA/PG_VERSION" ]] || init_cluster
+    ensure_tls >/dev/null
     mkdir -p "$VAR/log" "$(dirname "$LOG")"; touch "$LOG"
     [[ "$(id -u)" == 0 ]] && chown postgres "$LOG"
     # A pid file left by a killed server would stop pg_ctl; pg_ctl itself
     # checks whether that pid is alive, so a stale file is handled there.
     as_owner "$(pgbin)/pg_ctl" -D "$DATA" -l "$LOG" -o "-p $PORT" -w -t 60 start >/dev/null
-    echo "postgres: running on 127.0.0.1:$PORT (log $LOG)"
+    echo "postgres: running on 127.0.0.1:$PORT, TLS with $SECRETS/ca.crt (log $LOG)"
 }
 
 stop() {

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The native stack: install | infra | up | down | status.
 #   install  virtualenv + the project (skipped when pyproject.toml is unchanged)
-#   infra    Kafka and PostgreSQL running and provisioned (what the tests need)
+#   infra    Kafka and PostgreSQL running (each also over TLS, with certificates
+#            from a local CA made once by scripts/tls.sh) and provisioned
+#            (what the tests need)
 #   up       infra + the services, waited on until healthy, then a summary
 #   down     stops what `up` started, and nothing else
 set -euo pipefail
@@ -15,6 +17,8 @@ command -v "$PY" >/dev/null || PY=python3
 RUN="$MAILBUS_VAR/run"
 LOGS="$MAILBUS_VAR/log"
 API_PORT="${MAILBUS_PORT:-8080}"
+# scripts/kafka.sh's default: the client port + 2.
+KAFKA_TLS_PORT="${MAILBUS_KAFKA_TLS_PORT:-$(( ${MAILBUS_KAFKA_PORT:-9092} + 2 ))}"
 # Started in this order, stopped in reverse.
 SERVICES=(devsmtp ingest sender confirm projector hooks replies prometheus)
 
@@ -124,8 +128,10 @@ up() {
 mailbus is up.
   API          http://127.0.0.1:$API_PORT   (OpenAPI: /docs, /openapi.json)
   API key      $MAILBUS_VAR/dev-api-key   (mode 600; all scopes)
-  Kafka        127.0.0.1:${MAILBUS_KAFKA_PORT:-9092} (SASL/SCRAM-SHA-512; credentials in $MAILBUS_VAR/secrets)
-  PostgreSQL   127.0.0.1:${MAILBUS_PG_PORT:-5433} database mailbus
+  Kafka        127.0.0.1:${MAILBUS_KAFKA_PORT:-9092} SASL_PLAINTEXT, 127.0.0.1:$KAFKA_TLS_PORT SASL_SSL
+               (SCRAM-SHA-512; credentials and the CA, ca.crt, in $MAILBUS_VAR/secrets)
+  PostgreSQL   127.0.0.1:${MAILBUS_PG_PORT:-5433} database mailbus (TLS: sslmode=verify-full
+               with sslrootcert=$MAILBUS_VAR/secrets/ca.crt)
   Sender       metrics http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/metrics; \`mailbus accounts list\`
   Hooks        http://127.0.0.1:8081 (action and unsubscribe links; metrics :9104)
   Replies      reads the mailboxes of accounts with an [accounts.imap] table (metrics :9105)

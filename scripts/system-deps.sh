@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the native stack and its tests need, installed when missing:
 # JDK 17 (Kafka), Maven (fetches Kafka from Maven Central), PostgreSQL,
-# Prometheus, curl, Dovecot (the replies tests' IMAP server). Needs root (or
-# sudo) only when something is missing.
+# Prometheus, curl, openssl (the local CA), Dovecot (the replies tests' IMAP
+# server). Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
 need=()
@@ -11,6 +11,7 @@ command -v mvn >/dev/null || need+=(maven)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
 command -v runuser >/dev/null || need+=(util-linux)
 [[ -x /usr/sbin/dovecot ]] || need+=(dovecot-imapd)
 ((${#need[@]})) || exit 0

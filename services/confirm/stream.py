@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -80,18 +79,15 @@ class MessageTable(faust.Table):  # type: ignore[misc]  # faust's Table is untyp
 
 
 def app_config(settings: ConfirmSettings) -> dict[str, Any]:
-    """Faust settings: SCRAM credentials, memory store, no web server."""
+    """Faust settings: SCRAM credentials (over TLS with SASL_SSL), memory store, no web server."""
     kafka = settings.kafka
-    context = None
-    if kafka.security_protocol == "SASL_SSL":
-        context = ssl.create_default_context(
-            cafile=str(kafka.ssl_ca_location) if kafka.ssl_ca_location else None)
     password = kafka.client_config()["sasl.password"]
     return {
         "broker": [f"kafka://{host.strip()}" for host in kafka.bootstrap_servers.split(",")],
+        # A context makes Faust ask aiokafka for SASL_SSL; None keeps SASL_PLAINTEXT.
         "broker_credentials": faust.SASLCredentials(
             username=kafka.username, password=password, mechanism=kafka.sasl_mechanism,
-            ssl_context=context),
+            ssl_context=kafka.ssl_context()),
         # RocksDB is not available; the memory store is rebuilt from the
         # changelog on every start and rebalance.
         "store": "memory://",
@@ -291,6 +287,9 @@ class ConfirmApp:
 
 def main(settings: ConfirmSettings) -> None:
     """`mailbus confirm`: run the Faust worker until SIGTERM or SIGINT."""
+    # Before anything connects: production refuses placeholder secrets and
+    # clear-text Kafka or PostgreSQL, as every other service does.
+    settings.check_secrets()
     confirm = ConfirmApp(settings)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)

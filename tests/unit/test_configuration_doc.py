@@ -45,8 +45,8 @@ def test_every_setting_is_documented(model: type[BaseModel]) -> None:
 
 # Read by the stack's shell scripts and the CLI, not by a settings class.
 SCRIPTS = {"MAILBUS_VAR", "MAILBUS_CACHE", "MAILBUS_KAFKA_PORT", "MAILBUS_KAFKA_CONTROLLER_PORT",
-           "MAILBUS_PG_PORT", "MAILBUS_PG_SUPERUSER", "MAILBUS_PG_SUPERUSER_PASSWORD_FILE",
-           "MAILBUS_API_KEY"}
+           "MAILBUS_KAFKA_TLS_PORT", "MAILBUS_PG_PORT", "MAILBUS_PG_SUPERUSER",
+           "MAILBUS_PG_SUPERUSER_PASSWORD_FILE", "MAILBUS_API_KEY"}
 
 
 def test_the_doc_names_no_setting_that_does_not_exist() -> None:
