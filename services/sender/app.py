@@ -154,6 +154,7 @@ class Sender:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._worker_tasks.values(),
                              return_exceptions=True)
+        ctx.close()
         await self.outbox.drain()
         for worker in self.workers.values():
             await worker.transport.close()

@@ -11,8 +11,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
@@ -22,14 +24,20 @@ from mailbus.accounts import Account, Directory
 from mailbus.codec import Registry
 from mailbus.errors import MailbusError
 from mailbus.sender import handlers, metrics
-from mailbus.sender.compose import compose
+from mailbus.sender.compose import compose, needs_sandbox
 from mailbus.sender.dkim import DkimSigner
 from mailbus.sender.handlers import Fail, Reroute, Retry
 from mailbus.sender.outbox import Outbox, Record
 from mailbus.sender.quota import Budget, Exhausted, Wait
+from mailbus.sender.sandbox import ContentSandbox, SandboxUnavailable, compose_failure
 from mailbus.sender.suppressions import Suppressions
-from mailbus.sender.templates import TemplateFailed
-from mailbus.sender.transport import Accepted, AccountExhausted, SendError, Transport
+from mailbus.sender.transport import (
+    Accepted,
+    AccountExhausted,
+    SendError,
+    TransientError,
+    Transport,
+)
 from mailbus.tokens import LinkBuilder
 
 log = logging.getLogger(__name__)
@@ -138,12 +146,22 @@ class AccountWorker:
         now = ctx.clock()
         request = ctx.decode(row)
         try:
-            outgoing = compose(request, account, ctx.links, now=now, dkim=self.dkim)
-        except MailbusError as exc:
+            # Templates and html-only bodies are hostile work: a process with a hard
+            # deadline does it. Composing is bounded and runs in a thread, off the loop.
+            body = await ctx.sandbox.content(request) if needs_sandbox(request) else None
+            outgoing = await asyncio.get_running_loop().run_in_executor(
+                ctx.composer, partial(compose, request, account, ctx.links, now=now,
+                                      dkim=self.dkim, body=body))
+        except SandboxUnavailable as exc:
+            await self._retry(row, request, now, f"content sandbox: {exc}")
+            return
+        except Exception as exc:  # whatever it is, this message fails alone
             # Nothing left the account: its send counts against neither rate nor quota.
             self.budget.give_back(now)
-            kind = "template" if isinstance(exc, TemplateFailed) else "compose"
-            await ctx.fail(row, request, account.id, Fail(f"{kind}: {exc}", True))
+            if not isinstance(exc, MailbusError):
+                log.error("account %s: composing %s raised %s", account.id, row.message_id,
+                          type(exc).__name__, exc_info=exc)
+            await ctx.fail(row, request, account.id, Fail(compose_failure(exc), True))
             return
         if row.pending is not None:
             wanted = {r.lower() for r in row.pending}
@@ -197,6 +215,19 @@ class AccountWorker:
         await ctx.sent(row, request, account, accepted, outgoing.message_id_header,
                        possible_duplicate=row.ambiguous, latency_us=int(elapsed * 1e6))
 
+    async def _retry(self, row: Claimed, request: dict[str, Any], now: datetime,
+                     reason: str) -> None:
+        """Nothing was tried for this message: requeue it with backoff, or give up."""
+        self.budget.give_back(now)
+        ctx = self.ctx
+        verdict = handlers.after_error(TransientError(reason), attempts=row.attempts,
+                                       max_attempts=ctx.max_attempts, now=ctx.clock(),
+                                       retry_base=ctx.retry_base, retry_cap=ctx.retry_cap)
+        if isinstance(verdict, Retry):
+            await ctx.requeue(row, verdict)
+        elif isinstance(verdict, Fail):
+            await ctx.fail(row, request, self.account.id, verdict)
+
     async def drain(self, timeout: float) -> None:
         """Let in-flight deliveries finish (on shutdown)."""
         if self._inflight:
@@ -211,12 +242,22 @@ class Context:
                  owned: Callable[[], list[int]], capacity: Callable[[], dict[str, int]],
                  topic: Callable[[str], str], max_attempts: int, retry_base: float,
                  retry_cap: float, poll_seconds: float,
-                 clock: Callable[[], datetime] = handlers.utcnow):
+                 clock: Callable[[], datetime] = handlers.utcnow,
+                 sandbox: ContentSandbox | None = None):
         self.pool, self.outbox, self.registry = pool, outbox, registry
         self.directory, self.suppressions, self.links = directory, suppressions, links
         self.owned, self.capacity, self.topic = owned, capacity, topic
         self.max_attempts, self.retry_base, self.retry_cap = max_attempts, retry_base, retry_cap
         self.poll_seconds, self.clock = poll_seconds, clock
+        self.sandbox = sandbox or ContentSandbox()  # its processes start when first needed
+        # Composing holds the GIL, so more threads would not go faster; its own executor
+        # keeps it from queueing behind the Gmail transport's blocking calls.
+        self.composer = ThreadPoolExecutor(2, thread_name_prefix="mailbus-compose")
+
+    def close(self) -> None:
+        """Stop what the workers started beside the event loop."""
+        self.sandbox.close()
+        self.composer.shutdown(wait=False, cancel_futures=True)
 
     def decode(self, row: Claimed) -> dict[str, Any]:
         """The request a ledger row holds (it was decoded once already on admission)."""
