@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from psycopg.conninfo import make_conninfo
 from pydantic import BaseModel, Field, SecretStr, model_validator
@@ -142,6 +142,9 @@ class ServiceSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     log_level: str = "INFO"
+    # False for a service that never opens a database connection: its
+    # container is given no database password, so none is checked.
+    uses_postgres: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _local_defaults(self) -> ServiceSettings:
@@ -182,14 +185,15 @@ class ServiceSettings(BaseSettings):
             problems.append(
                 f"kafka.security_protocol (MAILBUS_KAFKA__SECURITY_PROTOCOL) is"
                 f" {self.kafka.security_protocol}, not SASL_SSL")
-        if self.postgres.sslmode not in VERIFYING_SSLMODES:
+        if self.uses_postgres and self.postgres.sslmode not in VERIFYING_SSLMODES:
             problems.append(
                 f"postgres.sslmode (MAILBUS_POSTGRES__SSLMODE) is {self.postgres.sslmode},"
                 " not verify-full or verify-ca")
-        for what, value, path in (
-            ("kafka.password", self.kafka.password, self.kafka.password_file),
-            ("postgres.password", self.postgres.password, self.postgres.password_file),
-        ):
+        checked = [("kafka.password", self.kafka.password, self.kafka.password_file)]
+        if self.uses_postgres:
+            checked.append(
+                ("postgres.password", self.postgres.password, self.postgres.password_file))
+        for what, value, path in checked:
             secret = read_secret(value, path, what)
             if secret.lower() in PLACEHOLDER_SECRETS or len(secret) < MIN_SECRET_LENGTH:
                 problems.append(

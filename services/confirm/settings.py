@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, model_validator
 
@@ -14,6 +15,8 @@ class ConfirmSettings(ServiceSettings):
     """The confirm stream's one settings object."""
 
     service_name: str = "confirm"
+    # The join's state lives in Kafka (Faust tables); it opens no database connection.
+    uses_postgres: ClassVar[bool] = False
     # How often the timer looks for sent messages past their deadline.
     timer_seconds: float = Field(default=30.0, gt=0)
     # The deadline for a message whose account the accounts file does not know.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, IPvAnyNetwork, model_validator
 
@@ -13,6 +14,8 @@ class HooksSettings(ServiceSettings):
     """The hooks service's one settings object."""
 
     service_name: str = "hooks"
+    # Answers from signed links alone.
+    uses_postgres: ClassVar[bool] = False
     # The hooks port faces the internet (usually behind a TLS proxy); metrics
     # stay on their own loopback port.
     host: str = "127.0.0.1"

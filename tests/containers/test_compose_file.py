@@ -230,6 +230,8 @@ def test_each_service_gets_exactly_the_secrets_its_settings_read(
         services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     given = handout(services)
     assert set(given) == set(mailbus_services(services)) | {"grafana"}
+    # The settings classes say the same (their production check skips the database).
+    assert {n for n, cls in SETTINGS.items() if cls.uses_postgres} == USES_POSTGRES
     # The image sets where state (and so the secrets folder) lives.
     var_dir = re.search(r"MAILBUS_VAR_DIR=(\S+)", (REPO / "Dockerfile").read_text())
     assert var_dir is not None
@@ -247,6 +249,25 @@ def test_each_service_gets_exactly_the_secrets_its_settings_read(
         assert (uid, files) == (10001, {p.name for p in wanted if p is not None}), name
         assert not {f for f in files if NEVER_HANDED_OUT.search(f)}, name
     assert given["grafana"] == (472, {"grafana-admin.password"})
+
+
+def test_each_service_starts_in_production_with_only_its_own_volume(
+        services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    # The production start-up check reads every secret the service needs:
+    # with nothing but the files handed out to it, it must pass.
+    for name, (_, files) in handout(services).items():
+        if name not in SETTINGS:
+            continue
+        var_dir = tmp_path / name
+        (var_dir / "secrets").mkdir(parents=True)
+        for file in files:
+            (var_dir / "secrets" / file).write_text(f"{name}-{file}-not-a-placeholder")
+        # Production also insists on TLS to both servers; that is not what this checks.
+        env = {**environment(services[name]), "MAILBUS_VAR_DIR": str(var_dir),
+               "MAILBUS_ENV": "production", "MAILBUS_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+               "MAILBUS_POSTGRES__SSLMODE": "verify-full"}
+        settings_from(SETTINGS[name], env, monkeypatch).check_secrets()
 
 
 def test_the_public_hooks_service_holds_no_database_or_admin_secret(
