@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from typing import Any
@@ -34,6 +35,7 @@ BATCH = 500
 # Retry delays after a failed round: 0.5 s doubling to 30 s (jittered), well
 # inside max.poll.interval.ms (5 min), so the group keeps the partitions.
 RETRY_BASE, RETRY_CAP = 0.5, 30.0
+STALL_SECONDS = 5.0
 
 
 class Admission:
@@ -60,6 +62,8 @@ class Admission:
         self.owned: frozenset[int] = frozenset()
         self._unsettled: frozenset[int] = frozenset()  # assigned, take-over still to run
         self.healthy = False
+        self._stall_checked = 0.0
+        self._was_behind = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = asyncio.Event()
 
@@ -104,7 +108,9 @@ class Admission:
         failures = 0
         while not self._stopping.is_set():
             try:
-                await self._round()
+                if not await self._round() and await self._stalled():
+                    self.healthy = False
+                    continue
             except Exception as exc:  # noqa: BLE001 - logged, retried with backoff
                 failures += 1
                 self.healthy = False
@@ -119,7 +125,8 @@ class Admission:
                 log.info("admission resumed after %d failed round(s)", failures)
             failures, self.healthy = 0, True
 
-    async def _round(self) -> None:
+    async def _round(self) -> bool:
+        """One batch admitted and committed; True when it held records."""
         unsettled = sorted(self._unsettled)
         if unsettled:
             await self._on_assign(unsettled)
@@ -129,6 +136,7 @@ class Admission:
         errors = [e for m in messages if (e := m.error()) is not None
                   and e.code() != KafkaError._PARTITION_EOF]
         if records:
+            self._was_behind = False
             try:
                 await self._admit(records)
             except Exception:
@@ -143,6 +151,42 @@ class Admission:
             self._on_change()
         if errors:
             raise KafkaException(errors[0])
+        return bool(records)
+
+    async def _stalled(self) -> bool:
+        """After an empty round: records have waited unread since the last look.
+
+        librdkafka reports a fetch that fails (no READ on the topic any more)
+        once, then retries quietly and consume() just returns nothing. So every
+        STALL_SECONDS an idle consumer compares its positions with the ends of
+        its partitions; behind twice in a row, with nothing read in between,
+        is a stall.
+        """
+        now = time.monotonic()
+        if now - self._stall_checked < STALL_SECONDS:
+            return not self.healthy and self._was_behind
+        self._stall_checked = now
+        was, self._was_behind = self._was_behind, await asyncio.to_thread(self._behind)
+        if was and self._was_behind and self.healthy:
+            self.healthy = False
+            metrics.ADMISSION_ERRORS.inc()
+            log.error("admission stalled: records wait that consume() does not return")
+        return was and self._was_behind
+
+    def _behind(self) -> bool:
+        """Records wait in a partition this consumer holds and has not read."""
+        parts = self._consumer.assignment()
+        if not parts:
+            return False
+        positions = self._consumer.position(parts)
+        committed = self._consumer.committed(parts, timeout=10)
+        for pos, done in zip(positions, committed, strict=True):
+            low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, pos.partition), timeout=10)
+            at = max(pos.offset, done.offset)  # negative: nothing read or committed yet
+            if high > (at if at >= 0 else low):
+                return True
+        return False
 
     def _rewind(self, records: list[Message]) -> None:
         first: dict[int, int] = {}
