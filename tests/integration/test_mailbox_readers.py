@@ -24,7 +24,7 @@ from mailbus.accounts import Account, GmailAccount, ImapAccount, SmtpAccount
 from mailbus.db import open_pool
 from mailbus.errors import ConfigError
 from mailbus.replies.gmail_inbox import GmailReader
-from mailbus.replies.imap import ImapReader
+from mailbus.replies.imap import HEADER_BYTES, ImapReader, fetch_rounds
 from mailbus.replies.state import InboundMessage, MailboxState, MailRef
 from mailbus.sender.gmail import AUTH, SCOPES
 from mailbus.settings import ServiceSettings
@@ -289,6 +289,69 @@ def test_an_oversized_message_is_handed_over_as_its_header(
     run(scenario)
 
 
+class FetchSpy(ImapReader):
+    """A reader whose FETCH commands are recorded: which UIDs, which items."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.fetches: list[tuple[list[int], list[str]]] = []
+
+    def _connect(self) -> Any:
+        client = super()._connect()
+        fetch = client.fetch
+
+        def spied(uids: Any, items: Any, *args: Any, **kwargs: Any) -> Any:
+            self.fetches.append((list(uids), list(items)))
+            return fetch(uids, items, *args, **kwargs)
+
+        client.fetch = spied
+        return client
+
+
+def test_bodies_come_within_the_byte_budget_and_oversized_ones_are_never_downloaded(
+        imap: dovecot.Dovecot, namespace: str) -> None:
+    # A header as big as the message: only its first HEADER_BYTES may come.
+    huge_header = "".join(f"X-Filler-{n}: {'h' * 90}\r\n" for n in range(2000))
+    oversized = message("oversized", body="x" * 300_000).replace(
+        b"Subject:", huge_header.encode() + b"Subject:")
+    mails = [message(f"mail {n}", body=f"{n}" * 40_000) for n in range(5)]
+    for raw in (*mails[:2], oversized, *mails[2:]):
+        imap.append(raw)
+    budget = 100_000
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = FetchSpy(imap_account(imap, batch=10), state=state, handler=got,
+                              max_bytes=128 * 1024, fetch_budget=budget, backoff=QUICK)
+            async with running(reader):
+                await until(lambda: len(got.got) == 6, what="6 messages")
+            sizes = {ref.uid: ref.size for _, ref in got.got}
+            bodies = [uids for uids, items in reader.fetches if items == ["BODY.PEEK[]"]]
+            headers = [uids for uids, items in reader.fetches
+                       if items == [f"BODY.PEEK[HEADER]<0.{HEADER_BYTES}>"]]
+            # Five 40 KB bodies, 100 KB a round: two, then two, then one; the big one apart.
+            assert bodies == [[1, 2], [4, 5], [6]]
+            assert all(sum(sizes[u] for u in uids) <= budget for uids in bodies)
+            assert headers == [[3]]
+            (raw, ref), = [(raw, ref) for raw, ref in got.got if ref.uid == 3]
+            assert ref.headers_only and ref.size == len(oversized) > 128 * 1024
+            assert len(raw) == HEADER_BYTES and b"xxxx" not in raw
+            assert [ref.uid for _, ref in got.got] == [1, 2, 3, 4, 5, 6]
+            assert imap_mark(namespace)["last_uid"] == 6
+
+    run(scenario)
+
+
+def test_fetch_rounds_keep_order_and_budget() -> None:
+    sizes = {1: 60, 2: 50, 3: 10_000, 4: 40, 5: 100, 6: 1}
+    assert fetch_rounds([1, 2, 3, 4, 5, 6], sizes, max_bytes=1000, budget=100) == [
+        [1], [2], [3], [4], [5], [6]]
+    assert fetch_rounds([1, 2, 4, 6], sizes, max_bytes=1000, budget=150) == [[1, 2, 4], [6]]
+    # Over max_bytes only its header is fetched, which counts HEADER_BYTES.
+    assert fetch_rounds([3, 6], sizes, max_bytes=1000, budget=HEADER_BYTES + 1) == [[3, 6]]
+
+
 def test_a_wrong_password_is_logged_and_retried_with_backoff(
         imap: dovecot.Dovecot, namespace: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -482,8 +545,8 @@ def gmail_account(emu: GmailEmulator, tmp_path: Path) -> Account:
 
 
 def gmail_reader(emu: GmailEmulator, account: Account, state: MailboxState,
-                 handler: Any) -> GmailReader:
-    return GmailReader(account, state=state, handler=handler, max_bytes=1 << 20,
+                 handler: Any, max_bytes: int = 1 << 20) -> GmailReader:
+    return GmailReader(account, state=state, handler=handler, max_bytes=max_bytes,
                        api_endpoint=emu.api_endpoint, token_uri=emu.token_uri, backoff=QUICK)
 
 
@@ -515,6 +578,33 @@ def test_gmail_inbox_mail_arrives_through_history_and_a_restart_resumes(
             assert mark and mark | {"uidvalidity": None} == {
                 "uidvalidity": None, "last_uid": 0, "history_id": str(
                     emu.messages(ME)[-1].history_id), "resets": 0, "reset_reason": None}
+
+    run(scenario)
+
+
+def test_an_oversized_gmail_message_is_sized_first_and_never_downloaded(
+        emu: GmailEmulator, gmail_account: Account, namespace: str) -> None:
+    big = message("big", body="x" * 200_000)
+
+    async def scenario() -> None:
+        async with state_for(namespace) as state:
+            got = Collector(state)
+            reader = gmail_reader(emu, gmail_account, state, got, max_bytes=64 * 1024)
+            async with running(reader):
+                await reader.caught_up.wait()
+                stored = [emu.deliver(ME, raw) for raw in (message("small"), big,
+                                                           message("after"))]
+                await until(lambda: len(got.got) == 3, what="3 messages")
+            assert got.subjects == ["small", "big", "after"]
+            (raw, ref) = got.got[1]
+            assert ref.headers_only and ref.size == len(big)
+            assert ref.source_ref == f"gmail:{stored[1].id}"
+            assert raw.startswith(b"From: Ada") and raw.endswith(b"\r\n\r\n")
+            assert b"xxxx" not in raw and len(raw) < 1000
+            assert not any(r.headers_only for _, r in (got.got[0], got.got[2]))
+            # Every message sized first; only the two small ones downloaded.
+            assert (emu.requests["get.minimal"], emu.requests["get.raw"],
+                    emu.requests["get.metadata"]) == (3, 2, 1)
 
     run(scenario)
 
