@@ -11,11 +11,13 @@ cannot make the matrix pass on its own.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -30,6 +32,7 @@ from mailbus.settings import ServiceSettings
 from mailbus.topics import GRANTS, TOPICS
 from tests.support.kafka import drop_namespace, new_prefix
 
+REPO = Path(__file__).resolve().parents[2]
 PRINCIPALS = ("ingest", "sender", "confirm", "projector", "hooks", "replies")
 TOPIC_NAMES = tuple(spec.name for spec in TOPICS)
 # Every group some grant names, one under confirm's owned prefix (a Faust
@@ -51,6 +54,35 @@ def test_every_service_has_a_principal() -> None:
     # Written out: a service dropped from GRANTS would otherwise leave the
     # matrix below without it, and pass.
     assert set(GRANTS) == set(PRINCIPALS)
+
+
+# Where each principal's code lives.
+CODE = {"ingest": ("services/ingest",), "sender": ("services/sender",),
+        "confirm": ("services/confirm/stream.py",),
+        "projector": ("services/confirm/projector.py",),
+        "replies": ("services/replies",), "hooks": ("services/hooks",)}
+CONSTANTS = {getattr(topics, n): n for n in dir(topics)
+             if n.isupper() and isinstance(getattr(topics, n), str) and n != "NAME_ROOTS"}
+
+
+@pytest.mark.parametrize("principal", PRINCIPALS)
+def test_every_grant_is_used_by_the_service_code(principal: str) -> None:
+    # A grant nobody's code names is a grant too many: each topic must
+    # appear as its topics constant, each group where a group id is set (a
+    # Faust app id is its group).
+    text = "\n".join(f.read_text() for where in CODE[principal]
+                     for f in ([REPO / where] if where.endswith(".py")
+                               else sorted((REPO / where).glob("*.py"))))
+    grant = GRANTS[principal]
+    for name in {*grant.read, *grant.write}:
+        assert re.search(rf"\btopics\.{CONSTANTS[name]}\b", text), (principal, name)
+    group_id = r"(group[._]id|APP_NAME)\b[^\n]*\"{}\""
+    for group in grant.groups:
+        assert re.search(group_id.format(re.escape(group)), text), (principal, group)
+    for owned in grant.owned_prefixes:
+        # Faust names its internal topics and groups after the app id.
+        assert re.search(group_id.format(re.escape(owned.rstrip("-"))), text), (
+            principal, owned)
 
 
 def _owned(grant: topics.Grant, name: str) -> bool:
