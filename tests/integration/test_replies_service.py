@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -11,6 +12,8 @@ from typing import Any
 
 import psycopg
 
+from mailbus.replies.app import Replies
+from mailbus.replies.classify import Inbound, classify
 from mailbus.replies.settings import RepliesSettings
 from mailbus.tokens import Keyring, LinkBuilder
 from tests.support import dovecot
@@ -166,3 +169,68 @@ def test_mailbox_to_events_once_each_and_the_mailbox_untouched(
 
 def _assert(condition: bool) -> None:
     assert condition
+
+
+def stalling(raw: bytes, *, domains: tuple[str, ...] = ()) -> Inbound:
+    """classify(), except that mail carrying X-Test-Stall spins the CPU for ever, as a
+    pattern that backtracks quadratically over a large body would."""
+    if b"\nX-Test-Stall: yes" in raw:
+        while True:
+            pass
+    return classify(raw, domains=domains)
+
+
+def test_a_mail_that_stalls_the_classifier_is_kept_unmatched_once_and_the_mailbox_moves_on(
+        dovecot_server, namespace, tmp_path):
+    server = dovecot_server
+    server.clear()
+    replied = str(uuid.uuid4())
+    server.append(mail(From="eve@example.org", To="news@example.com", Subject="slow",
+                       X_Test_Stall="yes", Message_ID="<stall@example.org>"))
+    server.append(reply_to(replied, "Yes, count me in!"))
+    accounts = tmp_path / "accounts.toml"
+    accounts.write_text(accounts_toml(server))
+    keys = tmp_path / "link-keys.json"
+    Keyring.generate_file(keys)
+    settings = RepliesSettings(kafka={"topic_prefix": namespace}, accounts_file=accounts,
+                               link_keys_file=keys, metrics_port=0, classify_workers=1,
+                               classify_deadline_seconds=1.0)
+
+    def recorded() -> list[tuple[Any, ...]]:
+        with psycopg.connect(READER.postgres.conninfo()) as conn:
+            return conn.execute(
+                "SELECT source_ref, kind, message_id::text, detail FROM inbound_messages"
+                " WHERE namespace = %s ORDER BY source_ref", (namespace,)).fetchall()
+
+    async def serve(rows: int) -> Replies:
+        """Run the service (in this process, to give it the stalling classifier) until
+        `rows` messages are recorded."""
+        replies = Replies(settings, classifier=stalling)
+        task = asyncio.create_task(replies.run())
+        try:
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(await asyncio.to_thread(recorded)) < rows:
+                assert not task.done(), task.exception()
+                assert asyncio.get_running_loop().time() < deadline, "timed out"
+                await asyncio.sleep(0.1)
+        finally:
+            replies.stop()
+            await asyncio.wait_for(task, 30)
+        return replies
+
+    first = asyncio.run(serve(2))
+    (stall_ref, stall_kind, stall_mid, stall), (_, kind, mid, _) = recorded()
+    assert (stall_kind, stall_mid) == ("unmatched", None)
+    assert stall["reason"] == "classification did not finish within 1 s"
+    assert stall["quarantined"] is True
+    assert (kind, mid) == ("reply", replied)  # the next mail was handled
+    assert first.sandbox.abandoned == 1 and first.handled == 2
+    with psycopg.connect(READER.postgres.conninfo()) as conn:
+        assert conn.execute("SELECT last_uid FROM mailbox_state WHERE namespace = %s",
+                            (namespace,)).fetchone() == (2,)
+
+    # A restart does not classify the stalled mail again: the mark is past it.
+    server.append(reply_to(replied, "One more thing."))
+    second = asyncio.run(serve(3))
+    assert second.sandbox.abandoned == 0 and second.handled == 1
+    assert [row[0] for row in recorded()].count(stall_ref) == 1
