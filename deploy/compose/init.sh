@@ -6,12 +6,20 @@ set -eu
 SECRETS=/var/lib/mailbus/secrets
 
 # Before each container got a volume of its own, init wrote into the bootstrap
-# volume: keep signing with the link keys found there, so that links already
-# mailed still verify.
-if [ ! -f "$SECRETS/link-keys.json" ] && [ -f /run/mailbus/bootstrap/link-keys.json ]; then
-    cp /run/mailbus/bootstrap/link-keys.json "$SECRETS/link-keys.json"
-    chmod 600 "$SECRETS/link-keys.json"
-fi
+# volume, which the broker's and the database's containers mount too. Move
+# what must survive (the link keys, so that links already mailed still
+# verify; the development API key) and delete the rest, which setup below
+# replaces with new passwords.
+OLD=/run/mailbus/bootstrap
+for f in link-keys.json dev-api-key; do
+    if [ -f "$OLD/$f" ] && [ ! -f "$SECRETS/$f" ]; then
+        cp -p "$OLD/$f" "$SECRETS/$f"
+    fi
+done
+rm -f "$OLD/link-keys.json" "$OLD/dev-api-key" "$OLD"/postgres-mailbus_*.password
+for service in ingest sender confirm projector replies hooks; do
+    rm -f "$OLD/kafka-$service.password"
+done
 mailbus setup db
 mailbus setup kafka
 # The keyring that signs the links in emails (sender) and verifies them (hooks, replies).

@@ -287,7 +287,7 @@ def test_each_container_mounts_only_its_own_credentials(
     # the bootstrap step, the broker, the database and the two steps after;
     # what init provisions only init writes and handout reads.
     shared = {
-        "secrets": {"secrets": False, "kafka": True, "postgres": True, "init": True,
+        "secrets": {"secrets": False, "kafka": True, "postgres": True, "init": False,
                     "handout": True},
         "provisioned": {"init": False, "handout": True},
     }
