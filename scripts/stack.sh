@@ -80,7 +80,7 @@ health() {
     case "$1" in
         devsmtp) echo "tcp:2525" ;;
         ingest) echo "http://127.0.0.1:$API_PORT/readyz" ;;
-        sender) echo "http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/metrics" ;;
+        sender) echo "http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/readyz" ;;
         confirm) echo "http://127.0.0.1:9102/metrics" ;;
         projector) echo "http://127.0.0.1:9103/metrics" ;;
         hooks) echo "http://127.0.0.1:8081/readyz" ;;
