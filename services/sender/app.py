@@ -165,6 +165,7 @@ class Sender:
         await self.pool.close()
         if probes is not None:
             probes.shutdown()
+            probes.server_close()
         log.info("sender stopped")
 
     def _sendable(self) -> list[int]:
