@@ -23,7 +23,7 @@ from mailbus import topics
 from mailbus.accounts import load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
-from mailbus.ingest import metrics, problems
+from mailbus.ingest import metrics, openapi, problems
 from mailbus.ingest.gate import STATE_KEY, Gate, bearer_token
 from mailbus.ingest.handlers import (
     ApiKey,
@@ -117,6 +117,7 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
 
     app.include_router(status_router)
     app.include_router(responses_router)
+    openapi.install(app)
     return app
 
 
@@ -198,7 +199,7 @@ def _routes(app: FastAPI) -> None:
         return JSONResponse(body, status_code=status,
                             headers={"Location": f"/v1/messages/{body.get('id')}"})
 
-    @app.post("/v1/messages/batch", tags=["messages"])
+    @app.post("/v1/messages/batch", status_code=202, tags=["messages"])
     async def send_batch(request: Request, batch: BatchRequest, key: Key,
                          idempotency_key: IdemHeader = None) -> JSONResponse:
         """Accept up to 1,000 messages, each validated on its own; answers per item."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "application/problem+json"
@@ -110,10 +111,41 @@ async def validation_handler(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def http_handler(request: Request, exc: Exception) -> JSONResponse:
-    """Render Starlette's HTTP errors (404 route, 405 method) as problem+json."""
+    """Render Starlette's HTTP errors (404 route, 405 method, 400 body) as problem+json."""
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # FastAPI's "error parsing the body" (not UTF-8, not JSON): the body is
+        # what breaks the contract, as for any other invalid request.
+        return invalid([{"field": "body", "message": "must be a JSON document in UTF-8"}]
+                       ).response(request.url.path)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names the methods of the first route matching the path;
+        # a path served by several routes allows all of theirs.
+        given = {m.strip() for m in headers.get("Allow", "").split(",") if m.strip()}
+        headers["Allow"] = ", ".join(sorted(given | allowed_methods(request)))
     slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-    return Problem(exc.status_code, slug, str(exc.detail)).response(request.url.path)
+    return Problem(exc.status_code, slug, str(exc.detail), headers=headers
+                   ).response(request.url.path)
+
+
+def _leaves(routes: Iterable[Any]) -> Iterator[Any]:
+    for candidate in routes:
+        included = getattr(candidate, "original_router", None)  # FastAPI's include_router
+        if included is not None:
+            yield from _leaves(included.routes)
+        else:
+            yield candidate
+
+
+def allowed_methods(request: Request) -> set[str]:
+    """Every method some route serves at the request's path."""
+    methods: set[str] = set()
+    for candidate in _leaves(request.app.router.routes):
+        match, _ = candidate.matches({**request.scope, "method": "GET"})
+        if match is not Match.NONE:
+            methods |= set(getattr(candidate, "methods", None) or ())
+    return methods
 
 
 async def unexpected_handler(request: Request, exc: Exception) -> JSONResponse:

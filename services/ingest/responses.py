@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from email_validator import EmailNotValidError, validate_email
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from mailbus import queries, topics
 from mailbus.accounts import ACCOUNT_ID_PATTERN
@@ -32,6 +32,7 @@ from mailbus.ingest.problems import Problem, unavailable
 from mailbus.ingest.status import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
+    Since,
     _namespace,
     _rows,
     page_of,
@@ -77,7 +78,7 @@ async def _feed(request: Request, key: Any, *, message_id: str | None, kind: str
 async def list_responses(
     request: Request, key: Key,
     kind: ResponseKind | None = None,
-    since: AwareDatetime | None = None,
+    since: Since | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, Query(max_length=256)] = None,
 ) -> dict[str, Any]:
@@ -174,9 +175,9 @@ class SuppressionChange(BaseModel):
     """Suppress an address (active) or lift its suppression, for all accounts or one."""
 
     model_config = ConfigDict(extra="forbid")
-    address: str = Field(max_length=320)
+    address: str = Field(max_length=320, json_schema_extra={"format": "email"})
     scope: str | None = Field(default=None, pattern=ACCOUNT_ID_PATTERN)
-    active: bool = True
+    active: StrictBool = True
 
     @field_validator("address")
     @classmethod

@@ -22,7 +22,7 @@ import psycopg
 from fastapi import APIRouter, Query, Request
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
-from pydantic import AwareDatetime
+from pydantic import AwareDatetime, BeforeValidator
 
 from mailbus import queries
 from mailbus.confirm.projection import COUNTED, Status
@@ -36,6 +36,18 @@ DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 # The first page starts after the newest possible row.
 FIRST_PAGE = {"t": "infinity", "id": "ffffffff-ffff-ffff-ffff-ffffffffffff"}
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+# ISO 8601 with date and time: pydantic alone would also take a number as
+# Unix seconds, which the document (format date-time) does not allow.
+_ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
+
+
+def _iso_only(value: object) -> object:
+    if isinstance(value, str) and not _ISO_TIME.match(value):
+        raise ValueError("must be an ISO 8601 time with an offset")
+    return value
+
+
+Since = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
 _MESSAGE_FIELDS = ("status", "pool", "subject", "recipients", "tags", "send_at",
                    "requested_at", "updated_at")
 
@@ -154,7 +166,7 @@ async def get_message(request: Request, message_id: str, key: Key) -> dict[str, 
 async def list_messages(
     request: Request, key: Key,
     status: Status | None = None,
-    since: AwareDatetime | None = None,
+    since: Since | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, Query(max_length=256)] = None,
 ) -> dict[str, Any]:
@@ -174,7 +186,8 @@ async def list_messages(
 @router.get("/v1/reports/daily", tags=["reports"])
 async def daily_report(
     request: Request, key: Key,
-    day: Annotated[str | None, Query(alias="date", description="UTC day, YYYY-MM-DD")] = None,
+    day: Annotated[str, Query(alias="date", description="UTC day, YYYY-MM-DD", max_length=10,
+                              json_schema_extra={"format": "date"})],
 ) -> dict[str, Any]:
     """Per account, what happened on a UTC day (non-admin keys: over their own messages)."""
     require_scope(key, "read")
