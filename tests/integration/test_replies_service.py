@@ -180,13 +180,15 @@ def stalling(raw: bytes, *, domains: tuple[str, ...] = ()) -> Inbound:
     return classify(raw, domains=domains)
 
 
-def test_a_mail_that_stalls_the_classifier_is_kept_unmatched_once_and_the_mailbox_moves_on(
+def test_mail_that_stalls_the_classifier_or_is_too_big_is_kept_unmatched_once_and_skipped(
         dovecot_server, namespace, tmp_path):
     server = dovecot_server
     server.clear()
     replied = str(uuid.uuid4())
     server.append(mail(From="eve@example.org", To="news@example.com", Subject="slow",
                        X_Test_Stall="yes", Message_ID="<stall@example.org>"))
+    big = reply_to(replied, "photos" + " attached" * 10_000).replace(b"\n", b"\r\n")
+    server.append(big)
     server.append(reply_to(replied, "Yes, count me in!"))
     accounts = tmp_path / "accounts.toml"
     accounts.write_text(accounts_toml(server))
@@ -194,7 +196,7 @@ def test_a_mail_that_stalls_the_classifier_is_kept_unmatched_once_and_the_mailbo
     Keyring.generate_file(keys)
     settings = RepliesSettings(kafka={"topic_prefix": namespace}, accounts_file=accounts,
                                link_keys_file=keys, metrics_port=0, classify_workers=1,
-                               classify_deadline_seconds=1.0)
+                               classify_deadline_seconds=1.0, max_message_bytes=64 * 1024)
 
     def recorded() -> list[tuple[Any, ...]]:
         with psycopg.connect(READER.postgres.conninfo()) as conn:
@@ -218,19 +220,26 @@ def test_a_mail_that_stalls_the_classifier_is_kept_unmatched_once_and_the_mailbo
             await asyncio.wait_for(task, 30)
         return replies
 
-    first = asyncio.run(serve(2))
-    (stall_ref, stall_kind, stall_mid, stall), (_, kind, mid, _) = recorded()
+    first = asyncio.run(serve(3))
+    (stall_ref, stall_kind, stall_mid, stall), (_, big_kind, big_mid, too_big), \
+        (_, kind, mid, _) = recorded()
     assert (stall_kind, stall_mid) == ("unmatched", None)
     assert stall["reason"] == "classification did not finish within 1 s"
     assert stall["quarantined"] is True
+    # Over max_message_bytes: its header says who sent it, the rest is not acted on.
+    assert (big_kind, big_mid, too_big["quarantined"], too_big["headers_only"]) == (
+        "unmatched", None, True, True)
+    assert too_big["size"] == len(big) > 64 * 1024
+    assert too_big["reason"] == f"{len(big)} bytes, over the 65536 byte cap: body not read"
+    assert inbound_rows(namespace)[1][2] == "ada@example.org"
     assert (kind, mid) == ("reply", replied)  # the next mail was handled
-    assert first.sandbox.abandoned == 1 and first.handled == 2
+    assert first.sandbox.abandoned == 1 and first.handled == 3
     with psycopg.connect(READER.postgres.conninfo()) as conn:
         assert conn.execute("SELECT last_uid FROM mailbox_state WHERE namespace = %s",
-                            (namespace,)).fetchone() == (2,)
+                            (namespace,)).fetchone() == (3,)
 
     # A restart does not classify the stalled mail again: the mark is past it.
     server.append(reply_to(replied, "One more thing."))
-    second = asyncio.run(serve(3))
+    second = asyncio.run(serve(4))
     assert second.sandbox.abandoned == 0 and second.handled == 1
     assert [row[0] for row in recorded()].count(stall_ref) == 1
