@@ -531,3 +531,44 @@ def test_an_attribution_without_a_date_goes_only_before_a_quote() -> None:
         "Count me in.")
     kept = "Sure.\nOn reflection, what I wrote: still holds.\nBye"
     assert strip_reply(kept) == kept
+
+
+# -- what the linear-time rewrite keeps ---------------------------------------------
+
+
+@pytest.mark.parametrize(("html", "text"), [
+    ('<a title="x>y">link</a> after', "link after"),  # ">" inside a quoted value
+    ("<p>new</p><div class='x gmail_quote'>old</div>", "new"),
+    ("<p>new</p><div class=gmail_quote>old</div>", "new"),
+    ("<p>new</p><DIV ID=divRplyFwdMsg>From: old</DIV>", "new"),
+    ("<p>a</p><!-- hidden --!> b", "a\nb"),
+    ("<p>a &#99999999999999999999; b</p>", "a \ufffd b"),  # out of range
+    # More digits than int() converts: kept as it was, not an exception.
+    ("<p>a &#" + "9" * 5000 + "; b</p>", "a &#" + "9" * 5000 + "; b"),
+    ("<title>t</title><style>p{}</style><p>x &lt; y</p>", "x < y"),
+    ("<textarea><b>typed</b></textarea>", "\u2039b>typed\u2039/b>"),
+])
+def test_html_conversion(html: str, text: str) -> None:
+    assert html_to_text(html) == text
+
+
+def test_a_quoted_id_after_many_blank_lines_is_found() -> None:
+    raw = ("From: MAILER-DAEMON@example.net\r\nReturn-Path: <>\r\nSubject: Undelivered Mail\r\n"
+           "Content-Type: text/plain\r\n\r\n550 5.1.1 <gone@example.net>: no such user\r\n"
+           + "\r\n" * 5000 + f"  X-Mailbus-Message-Id: {MID}  \r\n").encode()
+    got = classify(raw, domains=OURS)
+    assert (got.kind, got.message_id) == ("dsn", MID)
+    assert [(r.recipient, r.status) for r in got.dsn] == [("gone@example.net", "5.1.1")]
+
+
+def test_a_long_content_type_keeps_the_parameters_it_starts_with() -> None:
+    ctype = "text/plain; charset=iso-8859-1; " + "x=y; " * 2000
+    got = classify(message(f"In-Reply-To: <{MID}@example.com>", ctype=ctype).replace(
+        b"Thanks!", "Gr\u00fc\u00dfe".encode("latin-1")), domains=OURS)
+    assert (got.kind, got.text) == ("reply", "Gr\u00fc\u00dfe")
+
+
+def test_deeply_nested_comments_in_from_still_give_a_verdict() -> None:
+    got = classify(message(f"In-Reply-To: <{MID}@example.com>").replace(
+        b"From: Ada <ada@example.org>", b"From: " + b"(" * 5000 + b"ada@example.org"))
+    assert (got.kind, got.message_id) == ("reply", MID)
