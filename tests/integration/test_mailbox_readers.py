@@ -422,26 +422,26 @@ def test_a_stop_just_after_idle_was_sent_ends_idle_and_logs_out(
     # the 30 s read timeout, and running() gives the reader 10 s to finish.
     imap.append(message("before idle"))
     idles_sent: list[Any] = []
+    readers: list[SeamAtIdle] = []
 
     def send_then_stop(client: Any, send_idle: Callable[[], Any]) -> Any:
         idles_sent.append(answer := send_idle())
-        reader.stop()
+        readers[0].stop()
         return answer
 
     async def scenario() -> None:
         async with state_for(namespace) as state:
             got = Collector(state)
-            nonlocal reader
             reader = seam_reader(imap, state, got, send_then_stop, tls=tls,
                                  ca_file=imap.ca_file, timeout_seconds=30,
                                  port=imap.tls_port if tls == "implicit" else imap.port)
+            readers.append(reader)
             async with running(reader) as task:
                 await until(task.done, timeout=20, what="the reader to finish")
             assert len(idles_sent) == 1 and reader.failures == 0
             assert got.subjects == ["before idle"]
             assert imap_mark(namespace)["last_uid"] == 1
 
-    reader: SeamAtIdle | None = None
     run(scenario)
 
 
