@@ -303,9 +303,11 @@ def _variables(variables_json: str) -> dict[str, Any]:
 
 
 def one_line_subject(subject: str) -> str:
-    """Refuse CR, LF and NUL in a subject; fold other whitespace runs into one space."""
-    if re.search(r"[\r\n\0]", subject):
-        raise TemplateFailed("subject: contains a line break or NUL")
+    """Refuse line breaks and controls in a subject; fold whitespace runs into one space."""
+    # As compose's header rule: U+0085, U+2028 and U+2029 fold, every other control
+    # character (CR, LF, NUL, VT, FF, FS... and C1) is refused.
+    if re.search(r"[\x00-\x08\x0a-\x1f\x7f-\x84\x86-\x9f]", subject):
+        raise TemplateFailed("subject: contains a line break or control character")
     if len(subject := " ".join(subject.split())) > MAX_SUBJECT:
         raise TemplateFailed(f"subject: longer than {MAX_SUBJECT} characters")
     return subject

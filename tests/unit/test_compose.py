@@ -168,7 +168,8 @@ def test_long_lines_stay_within_limits() -> None:
 def test_hundred_recipients_dedup_and_bcc_only_in_envelope() -> None:
     to = [{"email": f"to{i}@example.org", "name": f"To {i}"} for i in range(40)]
     cc = [{"email": f"cc{i}@example.org", "name": None} for i in range(30)]
-    bcc = [{"email": f"bcc{i}@example.net", "name": "Hidden"} for i in range(28)]
+    bcc: list[dict[str, str | None]] = [{"email": f"bcc{i}@example.net", "name": "Hidden"}
+                                        for i in range(28)]
     bcc += [{"email": "TO0@Example.org", "name": None}, {"email": "cc3@EXAMPLE.ORG", "name": None}]
     out = compose(event(to=to, cc=cc, bcc=bcc), ACCOUNT, None, now=NOW)
     well_formed(out.raw)
