@@ -283,3 +283,19 @@ def test_admission_survives_a_kafka_error_and_loses_nothing(env, smtp, admin_kaf
     assert Counter(e["message_id"] for e in sent) == Counter(wanted)
     assert Counter(m["X-Mailbus-Message-Id"] for m in smtp.handler.messages()) == Counter(wanted)
     assert set(ledger(list(wanted), admin).values()) == {"sent"}
+
+
+def test_an_account_worker_that_ends_is_restarted_and_its_mail_still_goes(env, smtp):
+    with SenderThread(env.settings()) as running:
+        wait_until("ready", lambda: env.readyz()[0] == 200)
+        sender = running.sender
+        assert sender is not None and running._loop is not None
+        dead = sender._worker_tasks["dev"]
+        running._loop.call_soon_threadsafe(dead.cancel)  # the task ends, as a crash would
+        wait_until("a new worker", lambda: sender._worker_tasks["dev"] is not dead)
+        assert dead.done()
+        event = request(to="after@example.com")
+        env.produce([event])
+        [sent] = env.events("email.sent", expect=1, timeout=60)
+        assert env.readyz()[0] == 200
+    assert sent["message_id"] == event["message_id"]
