@@ -185,8 +185,10 @@ def test_subject_line_breaks_are_refused_and_whitespace_folded() -> None:
         "subject:")
     assert _fails({"subject": "{{ s }}"}, _vars(s="hi\nthere")).startswith("subject:")
     assert _fails({"subject": "{{ s }}"}, _vars(s="a\0b")).startswith("subject:")
-    folded = render({"subject": "  {{ s }}  "}, _vars(s="a \t b\u2028c\x0bd"))
-    assert folded.subject == "a b c d"
+    assert _fails({"subject": "{{ s }}"}, _vars(s="a\x0bb")).startswith("subject:")
+    assert _fails({"subject": "{{ s }}"}, _vars(s="a\x9bb")).startswith("subject:")
+    folded = render({"subject": "  {{ s }}  "}, _vars(s="a \t b\u2028c\u2029d\x85e"))
+    assert folded.subject == "a b c d e"
     assert "longer than" in _fails({"subject": "{{ 'x' * 999 }}"})
 
 
@@ -208,3 +210,69 @@ def test_loop_features_survive_the_metering() -> None:
               "{% endfor %}{{ ns.t }}")
     variables = _vars(tree=[{"n": "a", "c": [{"n": "b", "c": []}]}], items=[1, 2, 3], empty=[])
     assert render({"text": source}, variables).text == "a(b())|2a3b|none|6"
+
+
+# A template that prints nothing and spends its steps on long filter calls: the
+# cooperative deadline only looks at the clock every 512 steps, so unchecked it
+# holds a CPU for tens of seconds (27 s measured) before noticing.
+UNCOOPERATIVE = ("{% set words = (range(50000)|list|string)[1:-1].split(', ') %}"
+                 "{% for i in range(500) %}{% set s = words|sort|unique|list|sort(reverse=true) %}"
+                 "{% endfor %}x")
+
+
+def _templated(text: str, subject: str | None = "s") -> dict:
+    return {"subject": subject, "text": None, "html": None,
+            "template": {"subject": None, "text": text, "html": None, "variables_json": "{}"}}
+
+
+def test_the_sandbox_kills_a_render_at_its_deadline_while_others_go_on() -> None:
+    import asyncio
+
+    from mailbus.sender.sandbox import ContentSandbox
+
+    async def main() -> tuple[str, list[str]]:
+        sandbox = ContentSandbox(deadline=1.0, processes=2)
+        try:
+            hostile = asyncio.create_task(sandbox.content(_templated(UNCOOPERATIVE)))
+            done = []
+            while not hostile.done():  # the other process keeps rendering meanwhile
+                done.append((await sandbox.content(_templated(f"n{len(done)}"))).text or "")
+            with pytest.raises(TemplateFailed) as exc:
+                await hostile
+            # The killed process is replaced: the next render still works.
+            done.append((await sandbox.content(_templated("after"))).text or "")
+            return str(exc.value), done
+        finally:
+            sandbox.close()
+
+    reason, done = asyncio.run(main())
+    assert reason == "deadline exceeded: stopped after 1 s"
+    assert done[-1] == "after" and done[:-1] == [f"n{i}" for i in range(len(done) - 1)]
+    assert len(done) >= 2
+
+
+@pytest.mark.parametrize("text, kind, reason", [
+    ("{{ 1 // 0 }}", TemplateFailed, "text: ZeroDivisionError"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", TemplateFailed, "text: "),
+    ("{{ '%d' % 'x' }}", TemplateFailed, "text: TypeError"),
+])
+def test_a_template_raising_something_odd_fails_in_the_sandbox(text: str, kind: type,
+                                                                reason: str) -> None:
+    import asyncio
+
+    from mailbus.sender.compose import ComposeFailed
+    from mailbus.sender.sandbox import ContentSandbox
+
+    async def main() -> None:
+        sandbox = ContentSandbox(deadline=30.0, processes=1)
+        try:
+            with pytest.raises(kind, match=reason):
+                await sandbox.content(_templated(text))
+            with pytest.raises(ComposeFailed, match=r"^html: .*AssertionError"):
+                await sandbox.content({"html": "<![foo[ x ]]>", "text": None})
+            ok = await sandbox.content({"html": "<p>fine</p>", "text": None, "subject": "s"})
+            assert (ok.subject, ok.text) == ("s", "fine\n")
+        finally:
+            sandbox.close()
+
+    asyncio.run(main())
