@@ -12,10 +12,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+from mailbus.hooks.app import create_app
+from mailbus.hooks.openapi import document
 from mailbus.ingest.settings import IngestSettings
+from mailbus.tokens import Keyring, LinkBuilder
 from tests.integration.conftest import LiveServer
+from tests.integration.test_hooks import MID, HooksServer, path_of, settings_for
 
 MAX_EXAMPLES = 5
 SEED = 20261130
@@ -44,28 +50,78 @@ checks.positive_data_acceptance.expected-statuses = {statuses}
 """
 
 
-def schemathesis(location: str, *args: str, config: str = "", timeout: float = 120) -> None:
+# Links are signed: a token schemathesis makes up is never genuine (400), so a
+# valid-looking request to a link may be refused like that too.
+HOOKS_CONFIG = """
+[phases.coverage]
+unexpected-methods = ["delete"]
+
+[[operations]]
+include-path-regex = "^/[auo]/"
+checks.positive_data_acceptance.expected-statuses = {statuses}
+"""
+
+
+def schemathesis(workdir: Path, location: str, *args: str, config: str,
+                 timeout: float = 120) -> None:
     """Run the schemathesis CLI with every check; fail with its report on any finding."""
-    config_file = Path(sys.prefix) / "tmp-schemathesis.toml"
-    command = [str(Path(sys.executable).with_name("schemathesis"))]
-    if config:
-        config_file.write_text(config)
-        command += ["--config-file", str(config_file)]
-    command += ["run", location, "--checks", "all", "--mode", "all",
-                "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
-                "--generation-database", "none", "--workers", "2", "--no-color",
-                "--request-timeout", "20", *args]
+    config_file = workdir / "schemathesis.toml"
+    config_file.write_text(config)
+    command = [str(Path(sys.executable).with_name("schemathesis")),
+               "--config-file", str(config_file), "run", location,
+               "--checks", "all", "--mode", "all", "--max-examples", str(MAX_EXAMPLES),
+               "--seed", str(SEED), "--generation-database", "none", "--workers", "2",
+               "--no-color", "--request-timeout", "20", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
 
 
 def test_ingest_api_conforms_to_its_openapi_document(ingest_settings: IngestSettings,
-                                                     make_key):
+                                                     make_key, tmp_path: Path):
     # An admin key reaches every operation; a generous rate, so that the
     # generated requests are judged on their content, not their number.
     _, token = make_key(scopes=("send", "read", "admin"))
     settings = ingest_settings.model_copy(update={"rate_limit": "100000/second"})
     statuses = json.dumps([*ACCEPTING, "422"])
     with LiveServer(settings) as server:
-        schemathesis(f"{server.url}/openapi.json", "--header", f"Authorization: Bearer {token}",
+        schemathesis(tmp_path, f"{server.url}/openapi.json",
+                     "--header", f"Authorization: Bearer {token}",
                      config=INGEST_CONFIG.format(statuses=statuses))
+
+
+def with_genuine_links(doc: dict[str, Any], keyring: Keyring) -> dict[str, Any]:
+    """The document with a genuine link of each kind as its token's example.
+
+    Only the sender can mint tokens, so without them every generated request
+    would be refused at the signature; with them the examples phase clicks,
+    unsubscribes and loads the pixel for real (the events go to Kafka).
+    """
+    now = datetime.now(UTC)
+    links = LinkBuilder(keyring, "http://hooks.test", timedelta(days=7), open_tracking=True)
+    tokens = {
+        "/a/{token}": path_of(links.action_url(MID, "ada@example.org", "yes", now=now)),
+        "/u/{token}": path_of(links.unsubscribe_url(MID, "ada@example.org", now=now)),
+        "/o/{token}": path_of(links.open_url(MID, "ada@example.org", now=now)),
+    }
+    for path, token_path in tokens.items():
+        for operation in doc["paths"][path].values():
+            for parameter in operation["parameters"]:
+                if parameter["name"] == "token":
+                    parameter["example"] = token_path.split("/", 2)[2]
+    return doc
+
+
+def test_hooks_service_conforms_to_its_openapi_document(namespace: str, tmp_path: Path):
+    keyring = Keyring.generate_file(tmp_path / "link-keys.json")
+    # Open tracking on, so that every route is served; a generous rate per
+    # address (every request comes from 127.0.0.1).
+    settings = settings_for(namespace, tmp_path, open_tracking=True, rate_per_minute=100_000,
+                            rate_burst=100_000)
+    spec = tmp_path / "hooks-openapi.json"
+    doc = document(create_app(settings, keyring))
+    spec.write_text(json.dumps(with_genuine_links(doc, keyring)))
+    statuses = json.dumps([*ACCEPTING, "400", "410"])
+    server = HooksServer(settings, keyring)
+    with server:
+        schemathesis(tmp_path, str(spec), "--url", server.url,
+                     config=HOOKS_CONFIG.format(statuses=statuses))
