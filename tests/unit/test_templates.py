@@ -234,7 +234,7 @@ def test_the_sandbox_kills_a_render_at_its_deadline_while_others_go_on() -> None
         sandbox = ContentSandbox(deadline=1.0, processes=2)
         try:
             hostile = asyncio.create_task(sandbox.content(_templated(UNCOOPERATIVE)))
-            done = []
+            done: list[str] = []
             while not hostile.done():  # the other process keeps rendering meanwhile
                 done.append((await sandbox.content(_templated(f"n{len(done)}"))).text or "")
             with pytest.raises(TemplateFailed) as exc:
