@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -39,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 CACHE = ROOT / ".cache"
 BUILD_TIMEOUT = 600  # a cold cache downloads modules, packages and jars
+# Go 1.21 or newer fetches the 1.26 toolchain go.mod asks for from the module proxy.
+TOOLS = {"go": "Go 1.21+", "node": "Node.js 18+", "npm": "npm", "mvn": "Maven",
+         "javac": "a JDK 17 (openjdk-17-jdk-headless)", "java": "a JDK 17"}
 
 
 @dataclass
@@ -78,6 +82,9 @@ def _build_java(out: Path, env: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     """The three examples, built in parallel."""
+    missing = [need for tool, need in TOOLS.items() if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"the examples need {', '.join(missing)} (scripts/system-deps.sh)")
     out = tmp_path_factory.mktemp("examples")
     env = {**os.environ, "GOMODCACHE": str(CACHE / "go" / "mod"),
            "GOCACHE": str(CACHE / "go" / "build"), "GOPATH": str(CACHE / "go"),
