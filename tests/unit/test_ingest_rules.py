@@ -168,3 +168,84 @@ def test_field_paths():
     assert field_path(("body", "to", 0, "email")) == "to[0].email"
     assert field_path(("body", "from_")) == "from"
     assert field_path(("body",)) == "body"
+
+
+# Header-bound fields refuse what could end a header line or encode one: a client sends
+# Unicode in JSON and never needs an RFC 2047 encoded word, which mail libraries decode
+# (CR LF included) when they write the header.
+HEADER_ATTACKS = {
+    "q": "=?utf-8?q?hi=0D=0ABcc:_victim@evil.example?=",
+    "b": "=?utf-8?b?aGkNCkJjYzogdmljdGltQGV2aWwuZXhhbXBsZQ==?=",
+    "mixed case": "=?UtF-8?Q?hi=0d=0aBcc:_victim@evil.example?=",
+    "glued": "hello=?utf-8?q?x=0ABcc:_victim@evil.example?=",
+    "whitespace inside": "=?utf-8?q?x=0A Bcc:_victim@evil.example?=",
+    "split across words": "=?utf-8?q?x=0D?= =?utf-8?q?=0ABcc:_victim@evil.example?=",
+    "crlf": "hi\r\nBcc: victim@evil.example", "lf": "hi\nBcc: v@evil.example",
+    "cr": "hi\rBcc: v@evil.example", "nul": "hi\0x", "u2028": "hi\u2028Bcc: v@evil.example",
+    "u2029": "hi\u2029Bcc: v@evil.example", "nel": "hi\x85Bcc: v@evil.example",
+    "vt": "hi\x0bx", "c1": "hi\x9bx",
+}
+
+
+def _placed(field: str, value: str) -> tuple[dict, str]:
+    """A request with `value` in one header-bound field, and the field the 422 must name."""
+    named = f"Ada {value} <ada@example.com>"
+    return {
+        "subject": ({**BASE, "subject": value}, "subject"),
+        "template.subject": ({**BASE, "template": {"subject": value, "text": "x"}},
+                             "template.subject"),
+        "to (string)": ({**BASE, "to": [named]}, "to[0]"),
+        "to.name": ({**BASE, "to": [{"email": "ada@example.com", "name": value}]},
+                    "to[0].name"),
+        "cc (string)": ({**BASE, "cc": [named]}, "cc[0]"),
+        "bcc.name": ({**BASE, "bcc": [{"email": "b@example.com", "name": value}]},
+                     "bcc[0].name"),
+        "reply_to (string)": ({**BASE, "reply_to": named}, "reply_to"),
+        "reply_to.name": ({**BASE, "reply_to": {"email": "r@example.com", "name": value}},
+                          "reply_to.name"),
+    }[field]
+
+
+HEADER_FIELDS = ["subject", "template.subject", "to (string)", "to.name", "cc (string)",
+                 "bcc.name", "reply_to (string)", "reply_to.name"]
+
+
+@pytest.mark.parametrize("field", HEADER_FIELDS)
+@pytest.mark.parametrize("attack", list(HEADER_ATTACKS))
+def test_header_bound_fields_refuse_line_breaks_and_encoded_words(field, attack):
+    body, where = _placed(field, HEADER_ATTACKS[attack])
+    with pytest.raises(ValidationError) as exc:
+        MessageRequest.model_validate(body)
+    paths = [field_path(e["loc"]) for e in exc.value.errors()]
+    assert paths and all(p == where or p.startswith(where + ".") for p in paths), paths
+
+
+@pytest.mark.parametrize("value", ["=?utf-8?q?x=0D=0ABcc:_v@evil.example?=@example.com",
+                                   "x@example.com\r\nBcc: v@evil.example"])
+def test_addresses_refuse_encoded_words_and_line_breaks(value):
+    with pytest.raises(ValidationError) as exc:
+        MessageRequest.model_validate({**BASE, "to": [{"email": value}]})
+    assert field_path(exc.value.errors()[0]["loc"]) == "to[0].email"
+
+
+@pytest.mark.parametrize("value", ["hi%0D%0ABcc:%20victim@evil.example", "2+2=?4",
+                                   "=?utf-8?q?no end", "tab\there", "Grüße 日本"])
+def test_text_that_only_looks_encoded_is_accepted_as_written(value):
+    req = MessageRequest.model_validate({**BASE, "subject": value, "to": [
+        {"email": "ada@example.com", "name": value}]})
+    assert req.subject == value and req.to[0].name == value
+
+
+def test_address_strings_parse_linearly_and_are_capped():
+    # A lazy regex on "Name <addr>" was quadratic on a long run of spaces.
+    for body in ({**BASE, "to": ["a" + " " * 1_000_000 + "<ada@example.com>"]},
+                 {**BASE, "to": ["a" + " " * 1_000_000]}):
+        with pytest.raises(ValidationError) as exc:
+            MessageRequest.model_validate(body)
+        assert "at most 512 characters" in str(exc.value)
+    ok = MessageRequest.model_validate({**BASE, "to": ["  A  B  <ada@example.com>  ",
+                                                       "<b@example.com>"]})
+    assert [(a.name, a.email) for a in ok.to] == [("A  B", "ada@example.com"),
+                                                  (None, "b@example.com")]
+    with pytest.raises(ValidationError):
+        MessageRequest.model_validate({**BASE, "to": ["x <y> <c@example.com>"]})
