@@ -190,7 +190,7 @@ HEADER_ATTACKS = {
 def _placed(field: str, value: str) -> tuple[dict, str]:
     """A request with `value` in one header-bound field, and the field the 422 must name."""
     named = f"Ada {value} <ada@example.com>"
-    return {
+    placements: dict[str, tuple[dict, str]] = {
         "subject": ({**BASE, "subject": value}, "subject"),
         "template.subject": ({**BASE, "template": {"subject": value, "text": "x"}},
                              "template.subject"),
@@ -203,7 +203,8 @@ def _placed(field: str, value: str) -> tuple[dict, str]:
         "reply_to (string)": ({**BASE, "reply_to": named}, "reply_to"),
         "reply_to.name": ({**BASE, "reply_to": {"email": "r@example.com", "name": value}},
                           "reply_to.name"),
-    }[field]
+    }
+    return placements[field]
 
 
 HEADER_FIELDS = ["subject", "template.subject", "to (string)", "to.name", "cc (string)",
