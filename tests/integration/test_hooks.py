@@ -336,3 +336,36 @@ def test_kafka_down_is_503_with_retry_after(tmp_path, keyring, links):
             assert "location" not in r.headers and "try again" in r.text.lower()
             assert_secure(r)
         assert client.get("/readyz").status_code == 503
+
+
+def _answer_head(url: str, request: bytes) -> bytes:
+    """Send a request head (and no body at all), read the answer's head.
+
+    The head declares a body that never comes: a server that waited for it
+    would not answer, and the socket timeout fails the test.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+def test_oversized_and_rate_limited_posts_are_refused_before_their_body_is_read(
+        namespace, tmp_path, keyring, links):
+    settings = settings_for(namespace, tmp_path, rate_per_minute=1, rate_burst=1)
+    path = path_of(links.unsubscribe_url(MID, ADA, now=now()))
+    head = (f"POST {path} HTTP/1.1\r\nHost: hooks.test\r\n"
+            f"Content-Length: {1024 * 1024}\r\n\r\n").encode()
+    server = HooksServer(settings, keyring)
+    with server:
+        assert _answer_head(server.url, head).startswith(b"HTTP/1.1 413 ")
+        # The burst is spent now: the next request is refused before its size is looked at.
+        answer = _answer_head(server.url, head)
+        assert answer.startswith(b"HTTP/1.1 429 ")
+        assert b"\r\nretry-after: " in answer.lower()
