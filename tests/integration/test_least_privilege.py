@@ -23,7 +23,16 @@ from typing import Any
 import psycopg
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AclBinding,
+    AclBindingFilter,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    NewTopic,
+    ResourcePatternType,
+    ResourceType,
+)
 from psycopg import sql
 
 from mailbus import topics
@@ -328,6 +337,53 @@ def test_each_writer_may_use_the_idempotent_producer(observed) -> None:
             producer.produce(prefix + name, b"probe", key=b"probe", on_delivery=report)
         producer.flush(PROBE_SECONDS + 5)
         assert errors == [None] * len(grant.write), principal
+
+
+def test_provisioning_again_takes_back_what_a_grant_no_longer_gives(
+        admin_kafka: dict[str, Any], admin: ServiceSettings) -> None:
+    prefix, other = new_prefix(), new_prefix()
+    provision(admin_kafka, admin.var_dir / "secrets", prefix, users=False)
+    admin_client = AdminClient(admin_kafka)
+
+    def acl(principal: str, rtype: ResourceType, name: str) -> AclBinding:
+        return AclBinding(rtype, name, ResourcePatternType.LITERAL, principal, "*",
+                          AclOperation.READ, AclPermissionType.ALLOW)
+
+    # What an older grant gave (hooks reading requests, replies' group), and
+    # what is not provisioning's business: another principal's ACL and
+    # another namespace's.
+    stale = [acl("User:hooks", ResourceType.TOPIC, prefix + topics.REQUESTED),
+             acl("User:replies", ResourceType.GROUP, prefix + "mailbus-replies")]
+    foreign = [acl("User:monitoring", ResourceType.TOPIC, prefix + topics.SENT),
+               acl("User:hooks", ResourceType.TOPIC, other + topics.REQUESTED)]
+    try:
+        for future in admin_client.create_acls(stale + foreign).values():
+            future.result(30)
+        seed = Producer(admin_kafka)
+        seed.produce(prefix + topics.REQUESTED, b"seed", key=b"seed", partition=0)
+        assert seed.flush(30) == 0
+        hooks = _config("hooks", prefix)
+        deadline = time.monotonic() + 30
+        while _fetch(hooks, prefix + topics.REQUESTED) != OK:  # the stale grant works...
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        provision(admin_kafka, admin.var_dir / "secrets", prefix, users=False)
+        # ...until provisioning runs again, which waits until the broker applied it.
+        assert _fetch(hooks, prefix + topics.REQUESTED) == TOPIC_REFUSED
+        assert _join(_config("replies", prefix), prefix + "mailbus-replies",
+                     prefix + topics.RESPONSES) == GROUP_REFUSED
+        listed = {(b.principal, b.name) for b in admin_client.describe_acls(AclBindingFilter(
+            ResourceType.ANY, None, ResourcePatternType.ANY, None, None,  # type: ignore[arg-type]
+            AclOperation.ANY, AclPermissionType.ANY)).result(30)}
+        assert not {(b.principal, b.name) for b in stale} & listed
+        assert {(b.principal, b.name) for b in foreign} <= listed
+    finally:
+        filters = [AclBindingFilter(b.restype, b.name, b.resource_pattern_type, b.principal,
+                                    b.host, b.operation, b.permission_type)
+                   for b in stale + foreign]
+        for future in admin_client.delete_acls(filters).values():
+            future.result(30)
+        drop_namespace(admin_kafka, prefix)
 
 
 # PostgreSQL: what each service role may do, table by table. A table not
