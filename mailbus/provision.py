@@ -30,7 +30,7 @@ from confluent_kafka.admin import (
 
 from mailbus.db import ensure_secret_file
 from mailbus.errors import ProvisioningError
-from mailbus.topics import GRANTS, NAME_ROOTS, TOPICS, Grant
+from mailbus.topics import GRANTS, RETIRED, TOPICS, Grant
 
 log = logging.getLogger(__name__)
 TIMEOUT = 30.0
@@ -150,12 +150,14 @@ def _managed(b: AclBinding, prefix: str) -> bool:
     """True for a binding of a service principal on one of this namespace's resources.
 
     Other principals' ACLs (an operator's monitoring user) are left alone, and
-    so are other namespaces' (with no prefix, "t1a2b.email.sent" is not ours:
-    what follows the prefix must start like every pipeline name).
+    so are other namespaces': the names are matched exactly, so with no prefix
+    "t1a2b.email.sent" or "mailbus-staging-email.sent" is not ours.
     """
     principals = {f"User:{service}" for service in GRANTS}
-    return (b.principal in principals and b.name.startswith(prefix)
-            and b.name[len(prefix):].startswith(NAME_ROOTS))
+    names = {prefix + name for name in (
+        *(spec.name for spec in TOPICS), *RETIRED,
+        *(g for grant in GRANTS.values() for g in (*grant.groups, *grant.owned_prefixes)))}
+    return b.principal in principals and b.name in names
 
 
 def _acl_key(b: AclBinding) -> tuple[Any, ...]:

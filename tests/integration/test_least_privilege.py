@@ -63,6 +63,9 @@ def test_every_service_has_a_principal() -> None:
     # Written out: a service dropped from GRANTS would otherwise leave the
     # matrix below without it, and pass.
     assert set(GRANTS) == set(PRINCIPALS)
+    # A retired name is one no grant gives any more.
+    named = {n for g in GRANTS.values() for n in (*g.read, *g.write, *g.groups)}
+    assert not set(topics.RETIRED) & named
 
 
 # Where each principal's code lives.
@@ -71,7 +74,7 @@ CODE = {"ingest": ("services/ingest",), "sender": ("services/sender",),
         "projector": ("services/confirm/projector.py",),
         "replies": ("services/replies",), "hooks": ("services/hooks",)}
 CONSTANTS = {getattr(topics, n): n for n in dir(topics)
-             if n.isupper() and isinstance(getattr(topics, n), str) and n != "NAME_ROOTS"}
+             if n.isupper() and isinstance(getattr(topics, n), str)}
 
 
 @pytest.mark.parametrize("principal", PRINCIPALS)
@@ -355,7 +358,9 @@ def test_provisioning_again_takes_back_what_a_grant_no_longer_gives(
     stale = [acl("User:hooks", ResourceType.TOPIC, prefix + topics.REQUESTED),
              acl("User:replies", ResourceType.GROUP, prefix + "mailbus-replies")]
     foreign = [acl("User:monitoring", ResourceType.TOPIC, prefix + topics.SENT),
-               acl("User:hooks", ResourceType.TOPIC, other + topics.REQUESTED)]
+               acl("User:hooks", ResourceType.TOPIC, other + topics.REQUESTED),
+               # A namespace whose prefix extends this one's.
+               acl("User:hooks", ResourceType.TOPIC, f"{prefix}mailbus-staging-{topics.REQUESTED}")]
     try:
         for future in admin_client.create_acls(stale + foreign).values():
             future.result(30)
