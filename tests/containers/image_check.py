@@ -151,7 +151,7 @@ tls = "none"
             ("sender", "sender", {"MAILBUS_POLL_SECONDS": "0.2",
                                   "MAILBUS_LINK_KEYS_FILE": "/var/lib/mailbus/link-keys.json"}),
             ("confirm", "confirm", {}),
-            ("projector", "confirm", {})):
+            ("projector", "projector", {})):
         started[name] = containers.start(
             name, ["mailbus", name],
             {**common, **extra, "MAILBUS_METRICS_PORT": str(free_port())},
