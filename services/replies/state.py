@@ -36,7 +36,7 @@ class MailRef:
     mailbox: str
     source_ref: str  # "imap:<uidvalidity>:<uid>" or "gmail:<id>"
     size: int  # the whole message's size, also when only its headers were fetched
-    headers_only: bool = False  # larger than max_bytes: the raw bytes are its header
+    headers_only: bool = False  # over max_bytes: the raw bytes are (the start of) its header
     received_at: datetime | None = None  # IMAP INTERNALDATE, Gmail internalDate
     uid: int | None = None
     uidvalidity: int | None = None
