@@ -159,6 +159,12 @@ def bounce(body: str) -> bytes:
             + body).encode()
 
 
+def encoded_bounce(body: bytes, cte: str) -> bytes:
+    return (b"From: MAILER-DAEMON@example.net\r\nReturn-Path: <>\r\n"
+            b"Subject: Undelivered Mail Returned to Sender\r\nContent-Type: text/plain\r\n"
+            b"Content-Transfer-Encoding: " + cte.encode() + b"\r\n\r\n" + body)
+
+
 def reply(body: str, ctype: str = "text/plain") -> bytes:
     return ("From: ada@example.org\r\nTo: news@example.com\r\nSubject: Re: Friday\r\n"
             f"In-Reply-To: <{MID}@example.com>\r\nContent-Type: {ctype}; charset=utf-8\r\n\r\n"
@@ -188,6 +194,11 @@ ADVERSARIAL: dict[str, tuple[Callable[[], bytes], str]] = {
     "bounce of one line of spaces": (lambda: bounce(" " * SIZE), "dsn"),
     "bounce of tab, VT, FF lines": (lambda: bounce(times("\t\n\x0b\x0c")), "dsn"),
     "bounce of unicode line separators": (lambda: bounce(times("\u2028\x85\x0c")), "dsn"),
+    # The same, behind a transfer encoding: the raw bytes show no blank line at all.
+    "bounce of blank lines in base64": (lambda: encoded_bounce(
+        base64.encodebytes(b"\n" * (SIZE * 3 // 4)), "base64"), "dsn"),
+    "bounce of blank lines as =0A": (lambda: encoded_bounce(
+        b"=0A" * (SIZE // 3), "quoted-printable"), "dsn"),
     "X-Mailbus-Message-Id: repeated": (lambda: bounce(times("X-Mailbus-Message-Id: \n")),
                                        "dsn"),
     "X-Mailbus-Message-Id: and spaces": (lambda: bounce("X-Mailbus-Message-Id:" + " " * SIZE),
