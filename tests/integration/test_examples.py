@@ -137,14 +137,27 @@ def pipeline(admin: ServiceSettings, admin_kafka: dict[str, Any],
                 for name in ("sender", "confirm"):
                     services.start(name)
                 yield Pipeline(prefix, smtp, services, secrets, admin.kafka.bootstrap_servers)
+                _stop(services)
     finally:
         drop_namespace(admin_kafka, prefix)
         groups = [prefix + g for g in ("mailbus-sender", "mailbus-confirm", "mailbus-example")]
         admin_client = AdminClient(admin_kafka)
-        for future in admin_client.delete_consumer_groups(groups, request_timeout=15).values():
+        for future in admin_client.delete_consumer_groups(groups, request_timeout=10).values():
             # Never joined, already gone, or a member's session not expired yet.
             with contextlib.suppress(KafkaException, TimeoutError):
-                future.result(20)
+                future.result(12)
+
+
+def _stop(services: Services) -> None:
+    """Stop the services, killing any still running after 10 s (Services waits 30 s each)."""
+    for proc in services.procs.values():
+        proc.terminate()
+    for proc in services.procs.values():
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def _reader() -> str:
