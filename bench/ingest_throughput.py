@@ -71,7 +71,7 @@ def serve(variant: str, prefix: str, accounts: Path, port: int) -> subprocess.Po
            "MAILBUS_ACCOUNTS_FILE": str(accounts), "MAILBUS_LOG_LEVEL": "WARNING",
            "MAILBUS_POSTGRES__POOL_MAX": "20", "PYTHONPATH": str(REPO),
            # One key carries the whole load: its request rate must not be what is measured.
-           "MAILBUS_RATE_LIMIT": "1000000/second"}
+           "MAILBUS_RATE_LIMIT": "99999/second"}
     return subprocess.Popen([sys.executable, str(REPO / "bench" / "serve.py"), variant], env=env)
 
 def main() -> None:

@@ -17,7 +17,9 @@ ALTER TABLE idempotency_keys ADD COLUMN generation uuid NOT NULL DEFAULT gen_ran
 
 -- A key's own request rate (the `limits` notation, e.g. '100/second' or
 -- '6000 per minute'); NULL: the installation's MAILBUS_RATE_LIMIT. The check
--- keeps an unreadable value out, so a typo cannot turn a key's limit off.
+-- keeps an unreadable value out, so a typo cannot turn a key's limit off,
+-- and the count under 100,000: the moving window keeps a timestamp per
+-- request inside it, in each ingest process's memory.
 ALTER TABLE api_keys ADD COLUMN rate_limit text
     CONSTRAINT api_keys_rate_limit_form
-    CHECK (rate_limit ~ '^[1-9][0-9]{0,8} ?(/|per) ?([1-9][0-9]{0,5} )?(second|minute|hour|day)s?$');
+    CHECK (rate_limit ~ '^[1-9][0-9]{0,4} ?(/|per) ?([1-9][0-9]{0,5} )?(second|minute|hour|day)s?$');

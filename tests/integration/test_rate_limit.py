@@ -93,7 +93,8 @@ def test_a_key_may_carry_its_own_rate(limited, make_key, admin):
             for _ in range(4)] == [200] * 4
 
 
-@pytest.mark.parametrize("bad", ["lots", "0/second", "5/fortnight", "-1 per minute", ""])
+@pytest.mark.parametrize("bad", ["lots", "0/second", "5/fortnight", "-1 per minute", "",
+                                 "100000/second"])
 def test_an_unreadable_key_rate_is_refused_by_the_database(make_key, admin, bad):
     key_id, _ = make_key()
     with psycopg.connect(admin.postgres.conninfo()) as conn, pytest.raises(

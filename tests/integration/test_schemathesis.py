@@ -81,7 +81,7 @@ def test_ingest_api_conforms_to_its_openapi_document(ingest_settings: IngestSett
     # An admin key reaches every operation; a generous rate, so that the
     # generated requests are judged on their content, not their number.
     _, token = make_key(scopes=("send", "read", "admin"))
-    settings = ingest_settings.model_copy(update={"rate_limit": "100000/second"})
+    settings = ingest_settings.model_copy(update={"rate_limit": "99999/second"})
     statuses = json.dumps([*ACCEPTING, "422"])
     with LiveServer(settings) as server:
         schemathesis(tmp_path, f"{server.url}/openapi.json",
@@ -120,7 +120,7 @@ def test_hooks_service_conforms_to_its_openapi_document(namespace: str, tmp_path
     spec = tmp_path / "hooks-openapi.json"
     doc = document(create_app(settings, keyring))
     spec.write_text(json.dumps(with_genuine_links(doc, keyring)))
-    statuses = json.dumps([*ACCEPTING, "400", "410"])
+    statuses = json.dumps([*ACCEPTING, "400"])
     server = HooksServer(settings, keyring)
     with server:
         schemathesis(tmp_path, str(spec), "--url", server.url,
