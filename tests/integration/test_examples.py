@@ -36,6 +36,8 @@ from tests.support.sender import request, smtp_account
 from tests.support.smtp import SmtpServer
 from tests.unit.test_contract_vectors import readme_vectors
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 CACHE = ROOT / ".cache"
