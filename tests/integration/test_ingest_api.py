@@ -10,6 +10,7 @@ import pytest
 
 from mailbus.codec import Registry
 from mailbus.ingest.settings import IngestSettings
+from tests.integration.conftest import LiveServer
 from tests.support.kafka import read_all
 
 MESSAGE = {
@@ -309,3 +310,20 @@ def test_a_valid_key_still_gets_its_body_read(live_ingest, make_key):
             f"\r\nContent-Length: {len(body)}\r\nAuthorization: Bearer {token}\r\n\r\n").encode()
     answer = raw_exchange(live_ingest.port, head, body)
     assert answer.startswith(b"HTTP/1.1 202 "), answer[:200]
+
+
+def test_database_down_at_the_gate_is_503_before_the_body_is_read(ingest_settings, make_key):
+    _, token = make_key()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    down = ingest_settings.model_copy(update={"postgres": ingest_settings.postgres.model_copy(
+        update={"port": port})})
+    head = (f"POST /v1/messages/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: "
+            f"{16 * 1024 * 1024}\r\nAuthorization: Bearer {token}\r\n\r\n").encode()
+    with LiveServer(down) as server:
+        answer = raw_exchange(server.port, head, b'{"messages": [')
+    assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+    assert b"content-type: application/problem+json" in answer.lower()
+    assert b"\r\nretry-after: " in answer.lower()
