@@ -253,3 +253,19 @@ def test_project_producer_puts_key_dev_on_the_readme_partition(
 
     assert PRODUCER_DEFAULTS["partitioner"] == "murmur2_random"
     assert asyncio.run(send()) == int(vector["partition"])
+
+
+def test_kafkajs_partitioners_as_the_readme_says(built: Built) -> None:
+    vector = readme_vectors()["partition"]
+    script = (
+        "const {Partitioners} = require('kafkajs');"
+        f"const parts = Array.from({{length: {int(vector['partitions'])}}},"
+        " (_, i) => ({partitionId: i, leader: 0}));"
+        "for (const make of [Partitioners.DefaultPartitioner, Partitioners.LegacyPartitioner])"
+        f" console.log(make()({{topic: 't', partitionMetadata: parts,"
+        f" message: {{key: {json.dumps(vector['key'])}}}}}));"
+    )
+    done = subprocess.run(["node", "-e", script], cwd=EXAMPLES / "node", capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [vector["partition"], vector["kafkajs-legacy-partition"]]
