@@ -13,8 +13,10 @@ from mailbus.ingest.settings import IngestSettings
 from tests.integration.conftest import LiveServer
 from tests.integration.test_ingest_api import MESSAGE, auth, raw_exchange
 
-# A tiny window, so that waiting it out stays short.
-RATE = "3/1 second"
+# The installation's rate: a minute, so that however slowly a loaded machine
+# runs the requests, three of them fall in one window. Recovery is shown
+# with a key's own one-second window, so waiting it out stays short.
+RATE = "3/minute"
 
 
 @pytest.fixture
@@ -34,6 +36,15 @@ def until_allowed(client: httpx.Client, token: str, deadline: float = 10.0) -> h
         time.sleep(0.05)
 
 
+def until_refused(client: httpx.Client, token: str, most: int = 50) -> httpx.Response:
+    """Ask until the key is refused; fails if it never is."""
+    for _ in range(most):
+        r = client.get("/v1/messages", headers=auth(token))
+        if r.status_code == 429:
+            return r
+    raise AssertionError(f"still served after {most} requests")
+
+
 def test_the_limit_trips_with_retry_after_and_spares_other_keys(limited, make_key):
     _, client = limited
     _, token = make_key()
@@ -45,12 +56,22 @@ def test_the_limit_trips_with_retry_after_and_spares_other_keys(limited, make_ke
     assert r.status_code == 429
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["type"] == "/problems/rate-limited" and r.json()["status"] == 429
-    assert r.headers["retry-after"] == "1"  # the window is one second
+    # The first request leaves the minute's window in (a little under) 60 s.
+    assert 50 <= int(r.headers["retry-after"]) <= 60
     # Reads count as well, and the key stays refused inside the window...
     assert client.get("/v1/messages", headers=auth(token)).status_code == 429
     # ...while another key has its own window.
     assert client.post("/v1/messages", json=MESSAGE, headers=auth(other)).status_code == 202
-    # Once the window moved past the first request, the key is served again.
+
+
+def test_after_the_window_the_key_is_served_again(limited, make_key, admin):
+    _, client = limited
+    key_id, token = make_key()
+    with psycopg.connect(admin.postgres.conninfo()) as conn:
+        conn.execute("UPDATE api_keys SET rate_limit = '2/second' WHERE id = %s", (key_id,))
+    refused = until_refused(client, token)
+    assert refused.headers["retry-after"] == "1"  # a one-second window frees within 1 s
+    # Once the window moved past the oldest request, the key is served again.
     assert until_allowed(client, token).status_code == 200
 
 
@@ -73,7 +94,7 @@ def test_a_key_over_its_rate_is_refused_before_its_body_is_read(limited, make_ke
             f"{16 * 1024 * 1024}\r\nAuthorization: Bearer {token}\r\n\r\n").encode()
     answer = raw_exchange(server.port, head, b'{"messages": [')
     assert answer.startswith(b"HTTP/1.1 429 "), answer[:200]
-    assert b"\r\nretry-after: 1\r\n" in answer.lower()
+    assert b"\r\nretry-after: " in answer.lower()
 
 
 def test_a_key_may_carry_its_own_rate(limited, make_key, admin):
@@ -83,9 +104,6 @@ def test_a_key_may_carry_its_own_rate(limited, make_key, admin):
         conn.execute("UPDATE api_keys SET rate_limit = '2 per minute' WHERE id = %s", (key_id,))
     assert [client.get("/v1/messages", headers=auth(token)).status_code
             for _ in range(3)] == [200, 200, 429]
-    r = client.get("/v1/messages", headers=auth(token))
-    # The oldest of the two requests leaves the window a minute after it was made.
-    assert r.status_code == 429 and 50 <= int(r.headers["retry-after"]) <= 60
     with psycopg.connect(admin.postgres.conninfo()) as conn:
         # More generous than the installation's rate, too: four requests pass.
         conn.execute("UPDATE api_keys SET rate_limit = '10/second' WHERE id = %s", (key_id,))
