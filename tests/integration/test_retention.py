@@ -80,7 +80,7 @@ def test_expired_records_are_pruned_and_their_keys_make_new_messages(
     again = post(pruning, token, "old-0")
     assert again != first["old-0"]
     produced = [registry.decode(m.value())[1]["message_id"]
-                for m in requested(ingest_settings, admin_kafka, expect=7)]
+                for m in requested(ingest_settings, admin_kafka)]
     assert sorted(produced) == sorted([*first.values(), again])
 
 
@@ -98,7 +98,7 @@ def test_an_expired_record_is_gone_even_before_the_pruner_comes(
     assert record_ages(key_id)["k"] < 60
     assert post(not_pruning, token, "k") == second
     produced = [registry.decode(m.value())[1]["message_id"]
-                for m in requested(ingest_settings, admin_kafka, expect=2)]
+                for m in requested(ingest_settings, admin_kafka)]
     assert produced == [first, second]
 
 
