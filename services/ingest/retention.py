@@ -30,4 +30,6 @@ async def prune_forever(ingestor: Ingestor, every_seconds: float, batch: int) ->
                 log.info("pruned %d expired idempotency record(s)", total)
         except (Problem, psycopg.Error) as exc:
             log.warning("idempotency pruning skipped this round: %s", exc)
+        except Exception:  # a bug must not end pruning for the process's life
+            log.exception("idempotency pruning failed this round")
         await asyncio.sleep(every_seconds)
