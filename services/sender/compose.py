@@ -181,13 +181,13 @@ def _pairs(addresses: list[Address]) -> list[tuple[str, str]]:
     return [(a.display_name, a.addr_spec) for a in addresses]
 
 
-def _headers(msg: EmailMessage, intended: Intended, name: str, value: Any,
-             mailboxes: list[Address] | None = None) -> None:
-    # Each header is written and remembered together, so the parse-back check knows
-    # exactly what the message was built with.
-    msg[name] = value
-    if mailboxes is not None:
-        intended.mailboxes[name] = _pairs(mailboxes)
+def _headers(msg: EmailMessage, intended: Intended, name: str, mailboxes: list[Address]
+             ) -> None:
+    # Written pre-folded (headers.mailbox_list), not by Python's folder, which loses
+    # spaces in long non-ASCII names; remembered, so the parse-back check knows what
+    # the message was built with.
+    msg.set_raw(name, headers.mailbox_list(mailboxes))
+    intended.mailboxes[name] = _pairs(mailboxes)
 
 
 def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, *,
@@ -216,7 +216,9 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
         raise ComposeFailed("the message has no recipients")
     msgid = f"<{message_id}@{_domain(domain, sender.addr_spec)}>"
     body = body or content(event)
-    subject = header_text(body.subject, body.subject_field, MAX_SUBJECT) if body.subject else None
+    # A subject of whitespace alone folds to nothing: the message has no Subject.
+    subject = header_text(body.subject, body.subject_field, MAX_SUBJECT) or None if (
+        body.subject) else None
     text, html = body.text, body.html
     only = recipients[0] if len(recipients) == 1 else None  # whom a link may name
     try:
@@ -230,15 +232,15 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
         raise ComposeFailed(f"links: {exc}") from exc
 
     msg, intended = EmailMessage(policy=POLICY), Intended(subject=subject)
-    _headers(msg, intended, "From", sender, [sender])
+    _headers(msg, intended, "From", [sender])
     if to:
-        _headers(msg, intended, "To", to, to)
+        _headers(msg, intended, "To", to)
     if cc:
-        _headers(msg, intended, "Cc", cc, cc)
+        _headers(msg, intended, "Cc", cc)
     if reply_to:
-        _headers(msg, intended, "Reply-To", reply_to, [reply_to])
+        _headers(msg, intended, "Reply-To", [reply_to])
     if subject:
-        msg["Subject"] = subject
+        msg.set_raw("Subject", headers.unstructured(subject))
     msg["Date"] = format_datetime(now.astimezone(UTC))
     msg["Message-ID"] = msgid
     if unsubscribe:
