@@ -26,6 +26,7 @@ from mailbus.accounts import Directory
 from mailbus.codec import Registry
 from mailbus.errors import DecodeError
 from mailbus.producer import AsyncProducer
+from mailbus.replay import SOURCE_HEADER as REPLAY_SOURCE_HEADER
 from mailbus.sender import handlers, metrics
 from mailbus.sender.outbox import Ledger
 from mailbus.sender.quota import backoff
@@ -36,6 +37,11 @@ BATCH = 500
 # inside max.poll.interval.ms (5 min), so the group keeps the partitions.
 RETRY_BASE, RETRY_CAP = 0.5, 30.0
 STALL_SECONDS = 5.0
+
+
+def is_replayed(msg: Message) -> bool:
+    """Whether a record was written by `mailbus replay` (it names its source)."""
+    return any(key == REPLAY_SOURCE_HEADER for key, _ in list(msg.headers() or []))
 
 
 class Admission:
@@ -220,7 +226,8 @@ class Admission:
             if event["account_id"] not in self._directory.by_id:
                 dead.append((msg, f"unknown account {event['account_id']!r}"))
                 continue
-            rows.append(handlers.admission(event, value, msg.partition() or 0, now))
+            rows.append(handlers.admission(event, value, msg.partition() or 0, now,
+                                           replayed=is_replayed(msg)))
         await self._ledger.admit(rows)
         metrics.ADMITTED.inc(len(rows))
         await asyncio.gather(*(self._dead_letter(msg, reason) for msg, reason in dead))

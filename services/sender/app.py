@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from mailbus import topics
-from mailbus.accounts import Account, Directory, load_accounts
+from mailbus.accounts import Account, Directory, SmtpAccount, load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
 from mailbus.errors import ConfigError
@@ -44,6 +44,19 @@ def transport_for(account: Account, settings: SenderSettings) -> Transport:
 
     return GmailTransport.from_account(account, api_endpoint=settings.gmail_api_endpoint,
                                        token_uri=settings.gmail_token_uri)
+
+
+def replay_sink_for(account: Account, settings: SenderSettings) -> tuple[Account, Transport]:
+    """The account as replayed requests see it: same identity, the replay sink as its server.
+
+    The sink is the final hop, so its acceptance is the delivery evidence.
+    """
+    host, _, port = settings.replay_sink.rpartition(":")
+    sink = account.model_copy(update={
+        "kind": "smtp", "evidence": "smtp_final", "gmail": None,
+        "smtp": SmtpAccount(host=host, port=int(port), tls="none",
+                            connections=account.smtp.connections if account.smtp else 2)})
+    return sink, SmtpTransport(sink)
 
 
 def dkim_for(account: Account) -> DkimSigner | None:
@@ -132,8 +145,9 @@ class Sender:
         for account in self.directory.by_id.values():
             budget = Budget(account.daily_quota, account.rate_per_second)
             budget.load(await self.outbox.ledger.sent_in_window(account.id), now)
+            replay = None if s.replay_to_real_accounts else replay_sink_for(account, s)
             self.workers[account.id] = AccountWorker(ctx, account, transport_for(account, s),
-                                                     budget, dkim_for(account))
+                                                     budget, dkim_for(account), replay)
             metrics.QUOTA_LIMIT.labels(account.id).set(account.daily_quota)
         self._worker_tasks = {a: asyncio.create_task(w.run()) for a, w in self.workers.items()}
         self.lag = LagReporter(kafka, s.kafka.topic_prefix + s.group_id,

@@ -21,9 +21,9 @@ from mailbus.sender.transport import (
 MAX_REROUTES = 5
 
 
-def admission(event: dict[str, Any], payload: bytes, partition: int, now: datetime
-              ) -> dict[str, Any]:
-    """The ledger row for an arriving email.requested record."""
+def admission(event: dict[str, Any], payload: bytes, partition: int, now: datetime,
+              *, replayed: bool = False) -> dict[str, Any]:
+    """The ledger row for an arriving email.requested record (`replayed`: from a replay)."""
     send_at = event.get("send_at")
     return {
         "message_id": event["message_id"],
@@ -33,6 +33,7 @@ def admission(event: dict[str, Any], payload: bytes, partition: int, now: dateti
         "due_at": max(now, send_at) if send_at else now,
         "payload": payload,
         "requested_at": event.get("requested_at"),
+        "replayed": replayed,
     }
 
 

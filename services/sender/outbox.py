@@ -109,8 +109,9 @@ class Outbox:
         """
         statement = {"sent": "mark_sent", "failed": "mark_failed",
                      "rerouted": "mark_rerouted", "partial": "mark_partial"}[state]
-        params = {"message_id": message_id, "sent_at": sent_at, "error": (error or "")[:2000],
-                  "due_at": due_at, "pending": list(pending) if pending is not None else None}
+        params = {"message_id": message_id, "namespace": self.namespace, "sent_at": sent_at,
+                  "error": (error or "")[:2000], "due_at": due_at,
+                  "pending": list(pending) if pending is not None else None}
         ids: list[int] = []
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(SQL[statement], params)

@@ -4,10 +4,10 @@
 -- A redelivered record (same message id) changes nothing, unless the row
 -- was rerouted away: then this record is the new route and takes it over.
 INSERT INTO send_ledger (message_id, namespace, account_id, pool, source_partition, due_at,
-                         payload, requested_at)
+                         payload, requested_at, replayed)
 VALUES (%(message_id)s, %(namespace)s, %(account_id)s, %(pool)s, %(partition)s, %(due_at)s,
-        %(payload)s, %(requested_at)s)
-ON CONFLICT (message_id) DO UPDATE
+        %(payload)s, %(requested_at)s, %(replayed)s)
+ON CONFLICT (namespace, message_id) DO UPDATE
 SET account_id = EXCLUDED.account_id, pool = EXCLUDED.pool,
     source_partition = EXCLUDED.source_partition, payload = EXCLUDED.payload,
     due_at = EXCLUDED.due_at, state = 'queued', settled_at = NULL
@@ -23,9 +23,12 @@ RETURNING message_id;
 
 -- name: claim
 -- FOR UPDATE SKIP LOCKED: concurrent claimers never take the same row and
--- never wait on each other.
-UPDATE send_ledger l SET state = 'sending', attempts = l.attempts + 1, claimed_at = now()
-FROM (
+-- never wait on each other. The due rows are picked once, in a MATERIALIZED
+-- CTE: as a subquery in FROM the planner may rescan it for each ledger row it
+-- joins, and a rescan skips the rows this statement just updated and takes
+-- the next ones, claiming more than LIMIT (and sending past the account's
+-- quota, which counts only what it asked for).
+WITH due AS MATERIALIZED (
     SELECT message_id FROM send_ledger
     WHERE state = 'queued' AND namespace = %(namespace)s AND account_id = %(account_id)s
       AND due_at <= now() AND source_partition = ANY(%(partitions)s)
@@ -35,10 +38,12 @@ FROM (
     ORDER BY due_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-) due
-WHERE l.message_id = due.message_id
+)
+UPDATE send_ledger l SET state = 'sending', attempts = l.attempts + 1, claimed_at = now()
+FROM due
+WHERE l.namespace = %(namespace)s AND l.message_id = due.message_id
 RETURNING l.message_id, l.payload, l.attempts, l.ambiguous, l.reroutes, l.source_partition,
-          l.requested_at, l.pool, l.pending_recipients;
+          l.requested_at, l.pool, l.pending_recipients, l.replayed;
 
 -- name: mark_sent
 -- A row sent before for some recipients keeps that first hand-over's time.
@@ -46,7 +51,7 @@ RETURNING l.message_id, l.payload, l.attempts, l.ambiguous, l.reroutes, l.source
 -- retention clock: see prune_settled.
 UPDATE send_ledger SET state = 'sent', sent_at = coalesce(sent_at, %(sent_at)s),
     last_error = NULL, settled_at = now()
-WHERE message_id = %(message_id)s AND state = 'sending';
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending';
 
 -- name: mark_partial
 -- Handed over for some recipients, refused for now for the others: back to
@@ -54,11 +59,11 @@ WHERE message_id = %(message_id)s AND state = 'sending';
 UPDATE send_ledger
 SET state = 'queued', due_at = %(due_at)s, pending_recipients = %(pending)s,
     sent_at = coalesce(sent_at, %(sent_at)s), last_error = %(error)s
-WHERE message_id = %(message_id)s AND state = 'sending';
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending';
 
 -- name: mark_failed
 UPDATE send_ledger SET state = 'failed', last_error = %(error)s, settled_at = now()
-WHERE message_id = %(message_id)s AND state = 'sending';
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending';
 
 -- name: mark_retry
 -- Back to the queue. `attempts` counts hand-over attempts; a requeue that
@@ -66,12 +71,12 @@ WHERE message_id = %(message_id)s AND state = 'sending';
 UPDATE send_ledger
 SET state = 'queued', due_at = %(due_at)s, last_error = %(error)s,
     attempts = attempts - %(refund)s
-WHERE message_id = %(message_id)s AND state = 'sending';
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending';
 
 -- name: mark_rerouted
 UPDATE send_ledger SET state = 'rerouted', reroutes = reroutes + 1, last_error = %(error)s,
     settled_at = now()
-WHERE message_id = %(message_id)s AND state = 'sending';
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending';
 
 -- name: sent_in_window
 -- Sends in the last 24 h: the account's quota survives restarts. Rows still
@@ -106,7 +111,7 @@ DELETE FROM sender_outbox WHERE id = ANY(%(ids)s);
 -- (sent_in_window) whatever the setting says. SKIP LOCKED: two instances
 -- pruning at once, or a worker or admission touching a row, never wait.
 DELETE FROM send_ledger
-WHERE message_id IN (
+WHERE namespace = %(namespace)s AND message_id IN (
     SELECT message_id FROM send_ledger
     WHERE namespace = %(namespace)s AND state IN ('sent', 'failed', 'rerouted')
       AND settled_at < now() - make_interval(secs => %(keep_seconds)s)
@@ -120,7 +125,7 @@ WHERE message_id IN (
 -- longer needed: nothing reads a settled row's payload again (a rerouted row
 -- that comes back gets the new record's bytes at admission).
 UPDATE send_ledger SET payload = NULL
-WHERE message_id IN (
+WHERE namespace = %(namespace)s AND message_id IN (
     SELECT message_id FROM send_ledger
     WHERE namespace = %(namespace)s AND state IN ('sent', 'failed', 'rerouted')
       AND payload IS NOT NULL

@@ -42,6 +42,13 @@ class SenderSettings(ServiceSettings):
     # How often the sender prunes, and how many rows one statement touches.
     ledger_prune_seconds: float = Field(default=300.0, gt=0)
     ledger_prune_batch: int = Field(default=1000, ge=1, le=100_000)
+    # Requests written by `mailbus replay` (they carry its source header) go to
+    # this SMTP server, HOST:PORT without TLS (the development server by
+    # default), whatever account they name: a replay never mails real people...
+    replay_sink: str = Field(default="127.0.0.1:2525", pattern=r"^[^\s:]+:\d{1,5}$")
+    # ...unless this is set: replayed requests then leave through the accounts'
+    # own transports, as real mail.
+    replay_to_real_accounts: bool = False
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9101, ge=0, le=65535)
     # Gmail API endpoints: Google's unless overridden (the tests' emulator).

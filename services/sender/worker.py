@@ -57,15 +57,21 @@ class Claimed:
     # Set once the message was handed over for its other recipients: the ones
     # still to send to (refused for now at RCPT). None: all of them.
     pending: tuple[str, ...] | None = None
+    # Admitted from a `mailbus replay` record: goes to the replay sink.
+    replayed: bool = False
 
 
 class AccountWorker:
     """Sends one account's messages within its rate, quota and connection count."""
 
     def __init__(self, ctx: Context, account: Account, transport: Transport, budget: Budget,
-                 dkim: DkimSigner | None = None):
+                 dkim: DkimSigner | None = None,
+                 replay: tuple[Account, Transport] | None = None):
         self.ctx, self.account, self.transport, self.budget = ctx, account, transport, budget
         self.dkim = dkim
+        # Where replayed requests go instead of the account's own transport (the
+        # replay sink); None when the operator let replays reach real accounts.
+        self.replay = replay
         self.wake = asyncio.Event()
         concurrency = account.smtp.connections if account.smtp else 2
         self._slots = asyncio.Semaphore(concurrency)
@@ -181,16 +187,19 @@ class AccountWorker:
                                     True, recipient=blocked[0]))
                 return
             outgoing = replace(outgoing, recipients=remaining)
+        # A replayed request is composed as the account would, and handed to the sink.
+        via, transport = (self.replay if row.replayed and self.replay is not None
+                          else (account, self.transport))
         if row.ambiguous:
-            earlier = await self.transport.find_sent(outgoing.message_id_header)
+            earlier = await transport.find_sent(outgoing.message_id_header)
             if earlier is not None:
                 # It did leave before the crash: that send keeps its place in the quota.
-                await ctx.sent(row, request, account, earlier, outgoing.message_id_header,
+                await ctx.sent(row, request, via, earlier, outgoing.message_id_header,
                                possible_duplicate=False, latency_us=None)
                 return
         start = time.perf_counter()
         try:
-            accepted = await self.transport.send(outgoing)
+            accepted = await transport.send(outgoing)
         except SendError as exc:
             if isinstance(exc, AccountExhausted):
                 self.budget.give_back(now)
@@ -211,8 +220,8 @@ class AccountWorker:
                 await ctx.fail(row, request, account.id, verdict)
             return
         elapsed = time.perf_counter() - start
-        metrics.SEND_SECONDS.labels(account.kind).observe(elapsed)
-        await ctx.sent(row, request, account, accepted, outgoing.message_id_header,
+        metrics.SEND_SECONDS.labels(via.kind).observe(elapsed)
+        await ctx.sent(row, request, via, accepted, outgoing.message_id_header,
                        possible_duplicate=row.ambiguous, latency_us=int(elapsed * 1e6))
 
     async def _retry(self, row: Claimed, request: dict[str, Any], now: datetime,
@@ -270,7 +279,7 @@ class Context:
         return [Claimed(str(r["message_id"]), bytes(r["payload"]), r["attempts"],
                         r["ambiguous"], r["reroutes"], r["source_partition"], r["pool"],
                         tuple(r["pending_recipients"]) if r["pending_recipients"] is not None
-                        else None)
+                        else None, r["replayed"])
                 for r in rows]
 
     async def requeue(self, row: Claimed, retry: Retry) -> None:
