@@ -41,6 +41,7 @@ from mailbus.replies.events import Plan, plan
 from mailbus.replies.gmail_inbox import GmailReader
 from mailbus.replies.imap import ImapReader
 from mailbus.replies.sandbox import Classify, Sandbox, quarantine
+from mailbus.replies.sent import SentMessages
 from mailbus.replies.settings import RepliesSettings
 from mailbus.replies.state import InboundMessage, MailboxState, MailRef
 from mailbus.replytag import verify_tag
@@ -102,7 +103,9 @@ class Replies:
         planned = plan(inbound, account_id=account.id, source=source,
                        source_ref=ref.source_ref, now=datetime.now(UTC),
                        check_token=partial(token_check, self.keyring),
-                       check_tag=partial(verify_tag, self.keyring))
+                       check_tag=partial(verify_tag, self.keyring),
+                       sent=await self.sent.for_report(inbound,
+                                                       partial(verify_tag, self.keyring)))
         await asyncio.gather(*(
             self.producer.produce(self.settings.kafka.topic(r.topic),
                                   self.registry.encode(r.topic, r.value), key=r.key.encode())
@@ -145,6 +148,7 @@ class Replies:
         self.state = MailboxState(self.pool, s.kafka.topic_prefix)
         self.sandbox = Sandbox(s.classify_deadline_seconds, s.classify_workers,
                                target=self.classifier)
+        self.sent = SentMessages(self.pool, s.kafka.topic_prefix)
         self.producer = AsyncProducer(s.kafka.client_config(), **{"client.id": "mailbus-replies"})
         self.readers = {a.id: self._reader(a) for a in self.directory.by_id.values()
                         if a.reads_mailbox}
