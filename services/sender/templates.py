@@ -10,7 +10,9 @@ it, so a huge loop stops at `max_output` instead of filling memory; operators,
 (indent, wordwrap, urlize, expandtabs, str.replace/join/translate) are removed.
 Work: the parsed template is rewritten so each for-loop iterates through a
 counting guard and each `~` is a guarded call; iterations and calls spend one
-budget, and a wall-clock deadline is checked as steps and output go by.
+budget, and a wall-clock deadline is checked as steps and output go by. That
+deadline is cooperative (one long filter call runs between two checks): the
+hard one is the sender's content process, killed when it runs over (sandbox.py).
 """
 
 from __future__ import annotations
