@@ -1,16 +1,18 @@
 """Header values the sender may write, and the check that what leaves is what was built. Pure.
 
-Two layers, because Python's email package does not protect us by itself: when a
-str is assigned to a header, headerregistry *parses* it, decoding RFC 2047
-encoded words (even ones glued to other text, with whitespace inside, or in a
-quoted display name), and then folds the decoded text. An encoded word whose
-decoded text holds CR LF therefore leaves as two header lines.
+Python's email package does not protect us by itself: when a str is assigned
+to a header, headerregistry *parses* it, decoding RFC 2047 encoded words (even
+ones glued to other text, with whitespace inside, or in a quoted display name),
+and then folds the decoded text, so an encoded word holding CR LF left as two
+header lines; and its folder drops spaces in long non-ASCII values. Hence:
 
 - Values: line breaks and control characters are refused, Unicode whitespace
   (U+0085, U+2028, U+2029, NBSP...) folds into one space, and anything that
   looks like an encoded word is refused: mailbus never means one (the API
   refuses them, JSON carries Unicode), so only a producer bypassing the API
   sends one, and failing that message is safer than guessing.
+- Writing: Subject and the address headers are folded here (unstructured(),
+  mailbox_list()) and stored raw, never parsed or refolded by Python.
 - Parse-back: the composed bytes are split into header lines again, by our own
   byte rules and by Python's parser, and must name exactly the headers the
   message was built with, and decode to exactly the intended Subject, From,
@@ -144,12 +146,12 @@ class Intended:
     mailboxes: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # "To" -> pairs
 
 
-def _lines(head: bytes) -> list[tuple[str, int]]:
-    """(name, line number) of each header field in a header block, by RFC 5322 alone."""
+def _names(head: bytes) -> list[str]:
+    """The name of each header field in a header block, by RFC 5322's line rules alone."""
     if not head.isascii() or b"\0" in head:
         raise ComposeFailed("headers: 8-bit data or NUL in the header block")
-    found: list[tuple[str, int]] = []
-    for number, line in enumerate(head.split(b"\r\n")):
+    found: list[str] = []
+    for line in head.split(b"\r\n"):
         if b"\r" in line or b"\n" in line:
             raise ComposeFailed("headers: a bare CR or LF in the header block")
         if len(line) > 998:
@@ -161,7 +163,7 @@ def _lines(head: bytes) -> list[tuple[str, int]]:
         name, colon, _ = line.partition(b":")
         if not colon or not _FIELD_NAME.fullmatch(name):
             raise ComposeFailed("headers: a line that is no header field")
-        found.append((name.decode("ascii"), number))
+        found.append(name.decode("ascii"))
     return found
 
 
@@ -179,7 +181,7 @@ def check(raw: bytes, intended: Intended) -> None:
     head, sep, _ = raw.partition(b"\r\n\r\n")
     if not sep:
         raise ComposeFailed("headers: no blank line after the header block")
-    written = [name for name, _ in _lines(head)]
+    written = _names(head)
     if [n.lower() for n in written] != [n.lower() for n in intended.names]:
         extra = sorted({n for n in written if n.lower() not in
                         {m.lower() for m in intended.names}})
