@@ -73,7 +73,8 @@ class _Budget:
         if self.steps > MAX_STEPS:
             raise TemplateFailed(f"more than {MAX_STEPS} loop iterations and calls")
         if (steps == 0 or self.steps % 512 == 0) and time.monotonic() > self.deadline:
-            raise TemplateFailed(f"rendering took longer than {DEADLINE_SECONDS} s")
+            raise TemplateFailed(f"deadline exceeded: rendering took longer than"
+                                 f" {DEADLINE_SECONDS} s")
 
     def check_size(self, size: int, what: str) -> None:
         if size > self.cap:
