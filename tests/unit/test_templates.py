@@ -276,3 +276,24 @@ def test_a_template_raising_something_odd_fails_in_the_sandbox(text: str, kind: 
             sandbox.close()
 
     asyncio.run(main())
+
+
+def test_html_that_makes_the_parser_quadratic_is_stopped_at_the_deadline() -> None:
+    import asyncio
+
+    from mailbus.sender.compose import ComposeFailed
+    from mailbus.sender.sandbox import ContentSandbox
+
+    async def main() -> str:
+        sandbox = ContentSandbox(deadline=1.0, processes=1)
+        try:
+            # HTMLParser rescans the rest of the input at every "<a" (hours for 400 KB).
+            with pytest.raises(ComposeFailed) as exc:
+                await sandbox.content({"html": "<a" * 200_000, "text": None})
+            fine = await sandbox.content({"html": "<p>next</p>", "text": None})
+            assert fine.text == "next\n"
+            return str(exc.value)
+        finally:
+            sandbox.close()
+
+    assert asyncio.run(main()) == "html: deadline exceeded: stopped after 1 s"
