@@ -226,6 +226,12 @@ class Admission:
             if event["account_id"] not in self._directory.by_id:
                 dead.append((msg, f"unknown account {event['account_id']!r}"))
                 continue
+            if not handlers.is_message_id(event["message_id"]):
+                # The ledger's key is a uuid: such a row would fail the whole batch's
+                # insert, again and again, and stop admission for everyone.
+                dead.append((msg, f"invalid: message id {event['message_id'][:64]!r} is not"
+                                  " a UUID"))
+                continue
             rows.append(handlers.admission(event, value, msg.partition() or 0, now,
                                            replayed=is_replayed(msg)))
         await self._ledger.admit(rows)
@@ -240,8 +246,8 @@ class Admission:
             ("mailbus.reason", reason.encode()), ("mailbus.source", source.encode())]
         await self._producer.produce(self._dlq, msg.value() or b"", key=msg.key(),
                                      headers=headers)
-        metrics.DEAD_LETTERED.labels("undecodable" if reason.startswith("undecodable")
-                                     else "unknown_account").inc()
+        metrics.DEAD_LETTERED.labels(reason.partition(":")[0] if reason.startswith(
+            ("undecodable", "invalid")) else "unknown_account").inc()
 
     def stop(self) -> None:
         """Ask the loop to end after the current batch (call on the event loop)."""

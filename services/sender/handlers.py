@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,16 @@ from mailbus.sender.transport import (
 )
 
 MAX_REROUTES = 5
+_UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def is_message_id(value: str) -> bool:
+    """Whether a request's message id is a UUID in its hyphenated text form (the ledger's key).
+
+    Narrower than Python's parser, which also takes `urn:uuid:` and braces, so
+    that whatever passes is a value PostgreSQL's uuid type takes too.
+    """
+    return _UUID.fullmatch(value) is not None
 
 
 def admission(event: dict[str, Any], payload: bytes, partition: int, now: datetime,

@@ -191,7 +191,7 @@ def test_retries_run_out_into_the_dead_letter_topic(sender_env, smtp, admin_kafk
     assert ledger_states([event["message_id"]], admin) == {event["message_id"]: "failed"}
 
 
-def test_undecodable_and_unknown_account_records_are_dead_lettered(
+def test_undecodable_unknown_account_and_non_uuid_records_are_dead_lettered(
         sender_env, smtp, admin_kafka, namespace, registry):
     settings = sender_env.settings(smtp_account("dev", smtp.port))
     producer = Producer(admin_kafka)
@@ -200,13 +200,19 @@ def test_undecodable_and_unknown_account_records_are_dead_lettered(
         producer.produce(namespace + "email.requested",
                          registry.encode("email.requested", request("nobody")), key=b"nobody")
         producer.flush(10)
+        # Ids the ledger's uuid key cannot hold (one Python's parser would take): each
+        # used to fail the batch's insert again and again, and stop admission for all.
+        sender_env.produce([request(message_id="order-42"),
+                            request(message_id=f"urn:uuid:{uuid.uuid4()}")])
         good = request()
         sender_env.produce([good])
         [sent] = sender_env.events("email.sent", expect=1)
-        dead = read_all(admin_kafka, namespace + "email.requested.dlq", expect=2)
+        dead = read_all(admin_kafka, namespace + "email.requested.dlq", expect=4)
     assert sent["message_id"] == good["message_id"]
     reasons = sorted(dict(m.headers())["mailbus.reason"].decode() for m in dead)
-    assert reasons[0].startswith("undecodable") and reasons[1].startswith("unknown account")
+    assert [r.split(" ")[0] for r in reasons] == [
+        "invalid:", "invalid:", "undecodable:", "unknown"], reasons
+    assert "order-42" in reasons[0] + reasons[1]
     assert all(b"email.requested/" in dict(m.headers())["mailbus.source"] for m in dead)
 
 
