@@ -48,7 +48,7 @@ class AccountWorker:
         self.replay = replay
         self.wake = asyncio.Event()
         concurrency = account.smtp.connections if account.smtp else 2
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = asyncio.Semaphore(concurrency)  # held only while handing over
         # Rows claimed ahead of the free connections, so one claim statement
         # feeds many sends: claiming row by row would cost a round trip each.
         self._depth = max(ctx.claim_min, concurrency * ctx.claim_depth)
@@ -117,12 +117,13 @@ class AccountWorker:
                 await self.ctx.reroute(row, request, Reroute(target, "account quota exhausted"))
 
     async def _deliver(self, row: Claimed) -> None:
-        async with self._slots:
-            try:
-                await self._deliver_one(row)
-            except Exception:
-                log.exception("account %s: delivering %s failed unexpectedly",
-                              self.account.id, row.message_id)
+        # No slot held here: rows claimed ahead compose meanwhile, and the
+        # transport lets as many through as the account has connections.
+        try:
+            await self._deliver_one(row)
+        except Exception:
+            log.exception("account %s: delivering %s failed unexpectedly",
+                          self.account.id, row.message_id)
 
     async def _deliver_one(self, row: Claimed) -> None:
         ctx, account = self.ctx, self.account
@@ -168,7 +169,8 @@ class AccountWorker:
         via, transport = (self.replay if row.replayed and self.replay is not None
                           else (account, self.transport))
         if row.ambiguous:
-            earlier = await transport.find_sent(outgoing.message_id_header)
+            async with self._slots:
+                earlier = await transport.find_sent(outgoing.message_id_header)
             if earlier is not None:
                 # It did leave before the crash: that send keeps its place in the quota.
                 await ctx.sent(row, request, via, earlier, outgoing.message_id_header,
@@ -176,7 +178,8 @@ class AccountWorker:
                 return
         start = time.perf_counter()
         try:
-            accepted = await transport.send(outgoing)
+            async with self._slots:
+                accepted = await transport.send(outgoing)
         except SendError as exc:
             if isinstance(exc, AccountExhausted):
                 self.budget.give_back(now)
