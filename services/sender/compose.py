@@ -49,7 +49,8 @@ POLICY = policy.SMTP.clone(refold_source="none")
 MAX_NAME = 256
 MAX_SUBJECT = 998
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-__all__ = ["ComposeFailed", "Content", "compose", "content", "header_text", "html_to_text"]
+__all__ = ["ComposeFailed", "Content", "compose", "compose_inline", "content", "header_text",
+           "html_to_text"]
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DOMAIN = re.compile(r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                      r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -151,6 +152,21 @@ def needs_sandbox(event: dict[str, Any]) -> bool:
     """Whether content() runs hostile work: a template, or text derived from html."""
     return bool(event.get("template")) or (event.get("html") is not None
                                            and event.get("text") is None)
+
+
+INLINE_CHARS = 32_768  # bodies up to this size compose in well under a millisecond
+
+
+def compose_inline(event: dict[str, Any], body: Content | None, *, signed: bool) -> bool:
+    """Whether the message is small enough to compose on the event loop, not in a thread.
+
+    DKIM signing (RSA) and large bodies go to a thread, so the loop never stalls on them.
+    """
+    if signed:
+        return False
+    parts = (body.text, body.html) if body is not None else (event.get("text"),
+                                                             event.get("html"))
+    return sum(len(p or "") for p in parts) <= INLINE_CHARS and not event.get("template")
 
 
 def content(event: dict[str, Any]) -> Content:
