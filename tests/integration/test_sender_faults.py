@@ -47,6 +47,9 @@ CONNECTIONS = 3
 RATE = 150
 # How long, once the fault ended, the pipeline has to settle everything.
 RECOVERY = 45.0
+# A SIGKILLed consumer keeps its partitions until its session times out
+# (librdkafka's session.timeout.ms, 45 s): the restarted sender waits for that.
+RECOVERY_AFTER_KILL = 75.0
 
 
 @dataclass(repr=False)
@@ -85,7 +88,8 @@ def env_for(namespace: str, accounts: Path, tmp_path: Path) -> dict[str, str]:
             "MAILBUS_RETRY_CAP_SECONDS": "1.0", "MAILBUS_LOG_LEVEL": "WARNING"}
 
 
-def exercise(rig: Rig, fault: Callable[[], None], name: str) -> Outcome:
+def exercise(rig: Rig, fault: Callable[[], None], name: str,
+             recovery: float = RECOVERY) -> Outcome:
     """Requests, the fault a third of the way in, more requests, then the outcome."""
     wanted = rig.request([request(to=f"r{i}@example.com", subject=f"n{i}")
                           for i in range(COUNT)])
@@ -103,7 +107,7 @@ def exercise(rig: Rig, fault: Callable[[], None], name: str) -> Outcome:
                            ledger_states(rig.conninfo, rig.namespace, wire),
                            statuses(rig.conninfo, rig.namespace, wanted))
 
-        deadline = time.monotonic() + RECOVERY
+        deadline = time.monotonic() + recovery
         seen = outcome()
         while not seen.good and time.monotonic() < deadline:
             rig.services.check_alive()
@@ -158,7 +162,7 @@ def test_sender_sigkill_mid_batch(namespace, tmp_path, admin, admin_kafka, regis
             killed.wait(10)
             services.start("sender")
 
-        seen = exercise(rig, fault, "sender SIGKILL")
+        seen = exercise(rig, fault, "sender SIGKILL", RECOVERY_AFTER_KILL)
     # Only what was in flight at the kill can have gone twice.
     check(seen, max_duplicates=CONNECTIONS)
 
