@@ -95,9 +95,9 @@ class Context:
 
     async def settle(self, row: Claimed, state: str, records: list[Record],
                      **params: Any) -> None:
-        """Hand the outcome to the settler; it is committed with others shortly."""
-        self.settler.put(Outcome(row.message_id, row.partition, row.epoch, state, records,
-                                 params))
+        """Hand the outcome to the settler; return once it is committed with others."""
+        await self.settler.put(Outcome(row.message_id, row.partition, row.epoch, state,
+                                       records, params))
 
     async def requeue(self, row: Claimed, retry: Retry, *, ambiguous: bool = False) -> None:
         """Back to the queue until `retry.due_at`; ambiguous: it may have left already."""

@@ -33,7 +33,9 @@ class Record:
 class Ledger:
     """send_ledger, through the statements in queries.sql."""
 
-    def __init__(self, pool: AsyncConnectionPool, namespace: str, owner: str):
+    def __init__(self, pool: AsyncConnectionPool, namespace: str, owner: str | None = None):
+        # owner: this instance's id in sender_partitions; None for a ledger that only
+        # admits, prunes or reads (take_over and claim need one).
         self.pool, self.namespace, self.owner = pool, namespace, owner
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:

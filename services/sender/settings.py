@@ -26,7 +26,7 @@ class SenderSettings(ServiceSettings):
     # statement feeds many sends), and how long the settler lets outcomes
     # gather before committing them in one transaction.
     claim_depth: int = Field(default=16, ge=1, le=1000)
-    settle_window_seconds: float = Field(default=0.002, ge=0, le=1)
+    settle_window_seconds: float = Field(default=0.0, ge=0, le=1)
     # Public base URL of the hooks service, where action and unsubscribe links point.
     hooks_base_url: str = "http://127.0.0.1:8081"
     link_keys_file: Path | None = None

@@ -70,10 +70,10 @@ class Settler:
 
     def __init__(self, pool: AsyncConnectionPool, namespace: str, owner: str,
                  emit: Callable[[list[tuple[int, Record]]], Coroutine[Any, Any, None]], *,
-                 window: float = 0.002, max_batch: int = 500):
+                 window: float = 0.0, max_batch: int = 500):
         self.pool, self.namespace, self.owner, self._emit = pool, namespace, owner, emit
         self.window, self.max_batch = window, max_batch
-        self._queue: list[Outcome] = []
+        self._queue: list[tuple[Outcome, asyncio.Future[bool]]] = []
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -84,11 +84,14 @@ class Settler:
         """Outcomes not committed yet."""
         return len(self._queue)
 
-    def put(self, outcome: Outcome) -> None:
-        """Queue an outcome; it is committed by run()."""
-        self._queue.append(outcome)
+    def put(self, outcome: Outcome) -> asyncio.Future[bool]:
+        """Queue an outcome; the future says, once run() committed it, whether it landed
+        (False: fenced off, the row is another sender's)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append((outcome, done))
         self._idle.clear()
         self._arrived.set()
+        return done
 
     async def run(self) -> None:
         """Until cancelled: commit what arrived, retrying a failed batch until it lands."""
@@ -98,11 +101,13 @@ class Settler:
                 self._idle.set()
                 self._arrived.clear()
                 await self._arrived.wait()
-            if len(self._queue) < self.max_batch:
+            if self.window and len(self._queue) < self.max_batch:
                 await asyncio.sleep(self.window)  # let the batch fill
-            batch = self._queue[:self.max_batch]
+            # Without a window the batch is what arrived during the previous commit.
+            waiting = self._queue[:self.max_batch]
+            batch = [o for o, _ in waiting]
             try:
-                await self._commit(batch)
+                landed = await self._commit(batch)
             except Exception as exc:  # noqa: BLE001 - retried until it lands
                 failures += 1
                 metrics.SETTLE_ERRORS.inc()
@@ -114,17 +119,21 @@ class Settler:
             if failures:
                 log.info("settling resumed after %d failed attempt(s)", failures)
             failures = 0
-            del self._queue[:len(batch)]
+            del self._queue[:len(waiting)]
+            for o, done in waiting:
+                if not done.done():
+                    done.set_result(o.message_id in landed)
 
-    async def _commit(self, batch: list[Outcome]) -> None:
+    async def _commit(self, batch: list[Outcome]) -> set[str]:
+        """One transaction; returns the message ids whose rows it settled."""
         start = time.perf_counter()
         emitted: list[tuple[int, Record]] = []
+        matched: set[str] = set()
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             await cur.execute(SQL["fence"], {"namespace": self.namespace, "owner": self.owner,
                                              "partitions": sorted({o.partition for o in batch})})
             owned = {int(r[0]): int(r[1]) for r in await cur.fetchall()}
             keep, drop = fenced(batch, owned)
-            matched: set[str] = set()
             for state in STATEMENTS:
                 mine = [o for o in keep if o.state == state]
                 if mine:
@@ -160,6 +169,7 @@ class Settler:
             task = asyncio.create_task(self._emit(emitted))
             self._emitting.add(task)
             task.add_done_callback(self._emitting.discard)
+        return {o.message_id for o in keep if o.message_id in matched}
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued outcome is committed and emitted (on shutdown)."""

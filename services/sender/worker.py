@@ -27,6 +27,7 @@ from mailbus.sender.sandbox import SandboxUnavailable, compose_failure
 from mailbus.sender.transport import (
     AccountExhausted,
     Ambiguous,
+    Outgoing,
     SendError,
     TransientError,
     Transport,
@@ -49,6 +50,7 @@ class AccountWorker:
         self.wake = asyncio.Event()
         concurrency = account.smtp.connections if account.smtp else 2
         self._slots = asyncio.Semaphore(concurrency)  # held only while handing over
+        self._unsettled = asyncio.Semaphore(2 * concurrency)  # handing over or being settled
         # Rows claimed ahead of the free connections, so one claim statement
         # feeds many sends: claiming row by row would cost a round trip each.
         self._depth = max(ctx.claim_min, concurrency * ctx.claim_depth)
@@ -180,6 +182,16 @@ class AccountWorker:
                 await ctx.sent(row, request, via, earlier, outgoing.message_id_header,
                                possible_duplicate=False, latency_us=None)
                 return
+        # A connection slot is held for the hand-over, an unsettled slot from then until
+        # the outcome is committed: the connection sends the next message meanwhile, and
+        # what the server took but the ledger does not know yet (what a crash may send
+        # twice) stays within twice the account's connections.
+        async with self._unsettled:
+            await self._hand_over(row, request, outgoing, via, transport, now)
+
+    async def _hand_over(self, row: Claimed, request: dict[str, Any], outgoing: Outgoing,
+                         via: Account, transport: Transport, now: datetime) -> None:
+        ctx, account = self.ctx, self.account
         start = time.perf_counter()
         try:
             async with self._slots:
