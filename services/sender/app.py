@@ -152,7 +152,8 @@ class Sender:
                       capacity=self._capacity, topic=self.topic,
                       max_attempts=s.max_attempts, retry_base=s.retry_base_seconds,
                       retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds,
-                      claim_depth=s.claim_depth)
+                      claim_depth=s.claim_depth,
+                      settling_per_connection=s.settling_per_connection)
         now = utcnow()
         for account in self.directory.by_id.values():
             budget = Budget(account.daily_quota, account.rate_per_second)

@@ -60,6 +60,7 @@ class Context:
                  capacity: Callable[[], dict[str, int]],
                  topic: Callable[[str], str], max_attempts: int, retry_base: float,
                  retry_cap: float, poll_seconds: float, claim_depth: int = 16,
+                 settling_per_connection: int = 1,
                  clock: Callable[[], datetime] = handlers.utcnow,
                  sandbox: ContentSandbox | None = None):
         self.pool, self.outbox, self.settler, self.registry = pool, outbox, settler, registry
@@ -69,6 +70,7 @@ class Context:
         self.poll_seconds, self.clock = poll_seconds, clock
         # Rows an account claims ahead, per connection, and at least.
         self.claim_depth, self.claim_min = claim_depth, 8
+        self.settling_per_connection = settling_per_connection
         self.sandbox = sandbox or ContentSandbox()  # its processes start when first needed
         # Composing holds the GIL, so more threads would not go faster; its own executor
         # keeps it from queueing behind the Gmail transport's blocking calls.

@@ -50,7 +50,8 @@ class AccountWorker:
         self.wake = asyncio.Event()
         concurrency = account.smtp.connections if account.smtp else 2
         self._slots = asyncio.Semaphore(concurrency)  # held only while handing over
-        self._unsettled = asyncio.Semaphore(2 * concurrency)  # handing over or being settled
+        # Handing over or awaiting its settle: bounds what a crash may send twice.
+        self._unsettled = asyncio.Semaphore(concurrency * (1 + ctx.settling_per_connection))
         # Rows claimed ahead of the free connections, so one claim statement
         # feeds many sends: claiming row by row would cost a round trip each.
         self._depth = max(ctx.claim_min, concurrency * ctx.claim_depth)
@@ -185,7 +186,7 @@ class AccountWorker:
         # A connection slot is held for the hand-over, an unsettled slot from then until
         # the outcome is committed: the connection sends the next message meanwhile, and
         # what the server took but the ledger does not know yet (what a crash may send
-        # twice) stays within twice the account's connections.
+        # twice) stays within connections * (1 + settling_per_connection).
         async with self._unsettled:
             await self._hand_over(row, request, outgoing, via, transport, now)
 
