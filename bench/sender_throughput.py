@@ -155,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--settling", type=int, default=1,
+    parser.add_argument("--settling", type=int, default=0,
                         help="MAILBUS_SETTLING_PER_CONNECTION of the sender")
     args = parser.parse_args()
     admin = ServiceSettings(service_name="admin")

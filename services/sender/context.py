@@ -60,7 +60,7 @@ class Context:
                  capacity: Callable[[], dict[str, int]],
                  topic: Callable[[str], str], max_attempts: int, retry_base: float,
                  retry_cap: float, poll_seconds: float, claim_depth: int = 16,
-                 settling_per_connection: int = 1,
+                 settling_per_connection: int = 0,
                  clock: Callable[[], datetime] = handlers.utcnow,
                  sandbox: ContentSandbox | None = None):
         self.pool, self.outbox, self.settler, self.registry = pool, outbox, settler, registry
