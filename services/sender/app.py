@@ -175,14 +175,14 @@ class Sender:
         self.admission.stop()
         with suppress(Exception):
             await asyncio.wait_for(self._admission_task, 10)
-        for worker in self.workers.values():
-            await worker.drain(timeout=20)
+        # Every account's in-flight messages finish at once, not one account after another.
+        await asyncio.gather(*(w.drain(timeout=20) for w in self.workers.values()))
         for task in [*self._tasks, *self._worker_tasks.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._worker_tasks.values(),
                              return_exceptions=True)
         ctx.close()
-        await self.settler.flush(timeout=20)
+        await self.settler.flush(timeout=10)
         self._settler_task.cancel()
         await asyncio.gather(self._settler_task, return_exceptions=True)
         await self.outbox.drain()
