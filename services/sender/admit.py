@@ -85,6 +85,10 @@ class Admission:
     def _assigned(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         new = [p.partition for p in parts]
         assert self._loop is not None
+        if self._stopping.is_set():
+            # Leaving the group: close() runs on the event loop, which cannot take the
+            # partitions over meanwhile (waiting for it would hang the close a minute).
+            return
         self._unsettled |= set(new)
         try:
             asyncio.run_coroutine_threadsafe(self._on_assign(new), self._loop).result(60)

@@ -20,15 +20,17 @@ from mailbus.producer import AsyncProducer
 from mailbus.sender import metrics
 from mailbus.sender.admit import Admission
 from mailbus.sender.compose import ComposeFailed, tagged_reply_address
+from mailbus.sender.context import Context
 from mailbus.sender.dkim import DkimSigner
 from mailbus.sender.handlers import utcnow
 from mailbus.sender.outbox import Outbox
 from mailbus.sender.quota import Budget, Exhausted
 from mailbus.sender.settings import SenderSettings
+from mailbus.sender.settle import Settler
 from mailbus.sender.smtp import SmtpTransport
 from mailbus.sender.suppressions import SuppressionFeed, SuppressionReader, Suppressions
 from mailbus.sender.transport import Transport
-from mailbus.sender.worker import AccountWorker, Context
+from mailbus.sender.worker import AccountWorker
 from mailbus.tokens import LinkBuilder, load_keyring
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,11 @@ class Sender:
                 except ComposeFailed as exc:
                     raise ConfigError(f"account {account.id}: {exc}") from exc
         self.suppressions = Suppressions()
+        # This instance, as the owner of the partitions it takes over, and the
+        # ownership epoch of each (migration 0013): claims and settles carry it.
+        self.instance = str(uuid.uuid4())
+        self.epochs: dict[int, int] = {}
+        self._settler_task: asyncio.Task[None] | None = None
         self.workers: dict[str, AccountWorker] = {}
         self._worker_tasks: dict[str, asyncio.Task[None]] = {}
         self._admission_task: asyncio.Task[None] | None = None
@@ -125,7 +132,10 @@ class Sender:
         self.pool = open_pool(s.postgres)
         await self.pool.open(wait=True, timeout=30)
         self.producer = AsyncProducer(kafka, **{"client.id": "mailbus-sender"})
-        self.outbox = Outbox(self.pool, self.producer, s.kafka.topic_prefix)
+        self.outbox = Outbox(self.pool, self.producer, s.kafka.topic_prefix, self.instance)
+        self.settler = Settler(self.pool, s.kafka.topic_prefix, self.instance, self.outbox.emit,
+                               window=s.settle_window_seconds)
+        self._settler_task = asyncio.create_task(self.settler.run())
         self.feed = SuppressionFeed(lambda: SuppressionReader(
             kafka, self.topic(topics.SUPPRESSIONS), self.registry, self.suppressions))
         self.admission = Admission(
@@ -135,12 +145,15 @@ class Sender:
             producer=self.producer, on_change=self._wake_all, on_assign=self._take_over)
         # Workers see no partition, so claim nothing, while the suppression
         # list is not loaded or not followed: who may be mailed is unknown.
-        ctx = Context(pool=self.pool, outbox=self.outbox, registry=self.registry,
+        ctx = Context(pool=self.pool, outbox=self.outbox, settler=self.settler,
+                      registry=self.registry,
                       directory=self.directory, suppressions=self.suppressions,
                       links=self.links, owned=self._sendable,
                       capacity=self._capacity, topic=self.topic,
                       max_attempts=s.max_attempts, retry_base=s.retry_base_seconds,
-                      retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds)
+                      retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds,
+                      claim_depth=s.claim_depth,
+                      settling_per_connection=s.settling_per_connection)
         now = utcnow()
         for account in self.directory.by_id.values():
             budget = Budget(account.daily_quota, account.rate_per_second)
@@ -162,13 +175,16 @@ class Sender:
         self.admission.stop()
         with suppress(Exception):
             await asyncio.wait_for(self._admission_task, 10)
-        for worker in self.workers.values():
-            await worker.drain(timeout=20)
+        # Every account's in-flight messages finish at once, not one account after another.
+        await asyncio.gather(*(w.drain(timeout=20) for w in self.workers.values()))
         for task in [*self._tasks, *self._worker_tasks.values()]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._worker_tasks.values(),
                              return_exceptions=True)
         ctx.close()
+        await self.settler.flush(timeout=10)
+        self._settler_task.cancel()
+        await asyncio.gather(self._settler_task, return_exceptions=True)
         await self.outbox.drain()
         for worker in self.workers.values():
             await worker.transport.close()
@@ -182,9 +198,12 @@ class Sender:
             probes.server_close()
         log.info("sender stopped")
 
-    def _sendable(self) -> list[int]:
-        """The partitions workers may claim from: none while suppressions are not ready."""
-        return self.admission.partitions() if self.feed.ready() else []
+    def _sendable(self) -> dict[int, int]:
+        """Partitions workers may claim from, with their epochs: none while suppressions
+        are not ready."""
+        if not self.feed.ready():
+            return {}
+        return {p: self.epochs[p] for p in self.admission.partitions() if p in self.epochs}
 
     def readiness(self) -> dict[str, Any]:
         """What /readyz answers (called from the probe server's thread)."""
@@ -195,7 +214,8 @@ class Sender:
             admission=admission is not None and admission.healthy
             and task is not None and not task.done(),
             workers=[bool(self._worker_tasks)]
-            + [not t.done() for t in self._worker_tasks.values()])
+            + [not t.done() for t in self._worker_tasks.values()]
+            + [self._settler_task is not None and not self._settler_task.done()])
 
     async def _watch(self) -> None:
         """Restart a part that ended on its own; publish and log readiness changes."""
@@ -253,7 +273,8 @@ class Sender:
 
     async def _take_over(self, partitions: list[int]) -> None:
         """Before working newly assigned partitions: settle what a previous owner left."""
-        recovered = await self.outbox.ledger.recover(partitions)
+        epochs, recovered = await self.outbox.ledger.take_over(partitions)
+        self.epochs.update(epochs)
         if recovered:
             log.warning("partitions %s: %d message(s) left mid-send re-queued as possible"
                         " duplicates", partitions, recovered)

@@ -44,6 +44,7 @@ from mailbus.errors import ConfigError
 from mailbus.sender.transport import (
     Accepted,
     AccountExhausted,
+    Ambiguous,
     Outgoing,
     PermanentError,
     SendError,
@@ -126,7 +127,16 @@ class GmailTransport:
     async def send(self, message: Outgoing) -> Accepted:
         raw = base64.urlsafe_b64encode(_with_bcc(message)).decode()
         users = self.service.users()
-        result = await self._run(lambda: users.messages().send(userId="me", body={"raw": raw}))
+        try:
+            result = await self._run(lambda: users.messages().send(userId="me",
+                                                                   body={"raw": raw}))
+        except TransientError as exc:
+            if isinstance(exc.__cause__, (TimeoutError, OSError, httplib2.HttpLib2Error,
+                                          google.auth.exceptions.TransportError)):
+                # The request may have reached Gmail: the retry looks the message up by
+                # its Message-ID first (find_sent) and is flagged if it sends again.
+                raise Ambiguous(exc.reason, code=exc.code) from exc
+            raise
         return Accepted(recipients=list(message.recipients), response=None,
                         provider_message_id=result.get("id"))
 

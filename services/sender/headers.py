@@ -30,6 +30,7 @@ from email.header import decode_header, make_header
 from email.headerregistry import Address
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
+from functools import lru_cache
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -72,8 +73,13 @@ def header_text(value: str, field: str, limit: int) -> str:
     return value
 
 
+@lru_cache(maxsize=4096)
 def mailbox(email: str, name: str | None, field: str, name_limit: int) -> Address:
-    """Re-validate one address (ASCII form, IDN domains as punycode) with its display name."""
+    """Re-validate one address (ASCII form, IDN domains as punycode) with its display name.
+
+    Cached: the same sender and recipients come again and again, and validation is
+    the dearest part of composing. Address is immutable; a refusal is not cached.
+    """
     if not isinstance(email, str) or _CONTROL.search(email):
         raise ComposeFailed(f"{field}: address contains a line break or control character")
     if has_encoded_word(email):

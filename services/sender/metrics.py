@@ -35,6 +35,15 @@ SEND_SECONDS = Histogram(
 )
 SMTP_CONNECTIONS = Gauge("mailbus_sender_smtp_connections", "Open SMTP connections",
                          ["account"])
+SETTLE_ERRORS = Counter("mailbus_sender_settle_errors_total",
+                        "Settle transactions that failed and are retried (PostgreSQL)")
+SETTLES_FENCED = Counter("mailbus_sender_settles_fenced_total",
+                         "Outcomes not settled: the row or its partition is another sender's")
+SETTLE_BATCH = Histogram("mailbus_sender_settle_batch_size", "Outcomes per settle transaction",
+                         buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500))
+SETTLE_SECONDS = Histogram("mailbus_sender_settle_duration_seconds",
+                           "Time of one settle transaction",
+                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5))
 ADMITTED = Counter("mailbus_sender_admitted_total", "email.requested records admitted")
 ADMISSION_ERRORS = Counter("mailbus_sender_admission_errors_total",
                            "Admission rounds that failed and are retried (PostgreSQL or Kafka)")

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from mailbus import queries
@@ -34,8 +33,10 @@ class Record:
 class Ledger:
     """send_ledger, through the statements in queries.sql."""
 
-    def __init__(self, pool: AsyncConnectionPool, namespace: str):
-        self.pool, self.namespace = pool, namespace
+    def __init__(self, pool: AsyncConnectionPool, namespace: str, owner: str | None = None):
+        # owner: this instance's id in sender_partitions; None for a ledger that only
+        # admits, prunes or reads (take_over and claim need one).
+        self.pool, self.namespace, self.owner = pool, namespace, owner
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn:
@@ -51,20 +52,26 @@ class Ledger:
             await cur.executemany(SQL["admit"], [{**r, "namespace": self.namespace}
                                                  for r in rows])
 
-    async def recover(self, partitions: list[int]) -> int:
-        """Re-queue rows a dead sender left `sending`; they become ambiguous."""
-        return len(await self._rows("recover_sending", {"partitions": partitions}))
+    async def take_over(self, partitions: list[int]) -> tuple[dict[int, int], int]:
+        """Own these partitions under a new epoch; re-queue what was left `sending`.
 
-    async def claim(self, account_id: str, partitions: list[int], limit: int,
+        Returns each partition's epoch and how many rows were re-queued (they
+        become ambiguous: sent again flagged as possible duplicates).
+        """
+        params = {"namespace": self.namespace, "owner": self.owner, "partitions": partitions}
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(SQL["take_over"], params)
+            epochs = {int(r[0]): int(r[1]) for r in await cur.fetchall()}
+            cur = await conn.execute(SQL["recover_sending"], params)
+            return epochs, cur.rowcount
+
+    async def claim(self, account_id: str, epochs: dict[int, int], limit: int,
                     pool_only: bool) -> list[dict[str, Any]]:
-        """Due rows of an account, taken into `sending`."""
-        return await self._rows("claim", {"account_id": account_id, "partitions": partitions,
-                                          "limit": limit, "pool_only": pool_only})
-
-    async def requeue(self, message_id: str, due_at: datetime, error: str, refund: int) -> None:
-        """Back to `queued` until due_at."""
-        await self._rows("mark_retry", {"message_id": message_id, "due_at": due_at,
-                                        "error": error[:2000], "refund": refund})
+        """Due rows of an account in the partitions owned at these epochs, taken into `sending`."""
+        parts = sorted(epochs)
+        return await self._rows("claim", {
+            "account_id": account_id, "owner": self.owner, "partitions": parts,
+            "epochs": [epochs[p] for p in parts], "limit": limit, "pool_only": pool_only})
 
     async def prune(self, *, keep_seconds: float, payload_seconds: float,
                     batch: int) -> tuple[int, int]:
@@ -90,49 +97,20 @@ class Ledger:
 
 
 class Outbox:
-    """Settles a row and its events in one transaction, then emits the events."""
+    """Emits the events settles stored (see settle.py), and what a crash or outage left."""
 
-    def __init__(self, pool: AsyncConnectionPool, producer: AsyncProducer, namespace: str):
+    def __init__(self, pool: AsyncConnectionPool, producer: AsyncProducer, namespace: str,
+                 owner: str):
         self.pool, self.producer, self.namespace = pool, producer, namespace
-        self.ledger = Ledger(pool, namespace)
+        self.ledger = Ledger(pool, namespace, owner)
         self._emitting: set[asyncio.Task[None]] = set()
-
-    async def settle(self, message_id: str, partition: int, state: str,
-                     records: Sequence[Record], *, sent_at: datetime | None = None,
-                     error: str | None = None, due_at: datetime | None = None,
-                     pending: Sequence[str] | None = None) -> None:
-        """Mark the row and store its events atomically; then produce them in the background.
-
-        The worker does not wait for Kafka's acks: the events are safe in the
-        outbox from the commit on, and the delivery slot is free for the next
-        message meanwhile.
-        """
-        statement = {"sent": "mark_sent", "failed": "mark_failed",
-                     "rerouted": "mark_rerouted", "partial": "mark_partial"}[state]
-        params = {"message_id": message_id, "namespace": self.namespace, "sent_at": sent_at,
-                  "error": (error or "")[:2000], "due_at": due_at,
-                  "pending": list(pending) if pending is not None else None}
-        ids: list[int] = []
-        async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute(SQL[statement], params)
-            for rec in records:
-                cur = await conn.execute(SQL["outbox_add"], {
-                    "message_id": message_id, "namespace": self.namespace,
-                    "partition": partition, "topic": rec.topic,
-                    "key": rec.key, "value": rec.value, "headers": Jsonb(rec.headers)})
-                row = await cur.fetchone()
-                assert row is not None
-                ids.append(row[0])
-        task = asyncio.create_task(self._emit(list(zip(ids, records, strict=True))))
-        self._emitting.add(task)
-        task.add_done_callback(self._emitting.discard)
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait for background emissions (on shutdown); what is left stays in the outbox."""
         if self._emitting:
             await asyncio.wait(self._emitting, timeout=timeout)
 
-    async def _emit(self, items: list[tuple[int, Record]]) -> None:
+    async def emit(self, items: list[tuple[int, Record]]) -> None:
         results = await asyncio.gather(*(
             self.producer.produce(rec.topic, rec.value, key=rec.key,
                                   headers=[(k, v.encode()) for k, v in rec.headers] or None)
@@ -160,5 +138,5 @@ class Outbox:
         items = [(r[0], Record(r[1], bytes(r[2]), bytes(r[3]), [tuple(h) for h in r[4]]))
                  for r in rows]
         if items:
-            await self._emit(items)
+            await self.emit(items)
         return len(items)

@@ -13,13 +13,34 @@ SET account_id = EXCLUDED.account_id, pool = EXCLUDED.pool,
     due_at = EXCLUDED.due_at, state = 'queued', settled_at = NULL
 WHERE send_ledger.state = 'rerouted' AND send_ledger.account_id <> EXCLUDED.account_id;
 
+-- name: take_over
+-- A new epoch for each partition this instance was assigned (migration 0013).
+-- The UPDATE waits for claims and settles that hold the partition's row FOR
+-- SHARE under the old epoch; after it commits, theirs match nothing.
+INSERT INTO sender_partitions (namespace, partition, owner)
+SELECT %(namespace)s, p, %(owner)s FROM unnest(%(partitions)s::integer[]) AS p
+ON CONFLICT (namespace, partition) DO UPDATE
+SET owner = EXCLUDED.owner, epoch = sender_partitions.epoch + 1, taken_at = now()
+RETURNING partition, epoch;
+
 -- name: recover_sending
--- Rows a dead sender left mid-send in partitions this instance now owns: the
--- transport may or may not have taken them.
+-- Rows a previous owner left mid-send in partitions this instance now owns
+-- (run in the take-over's transaction, after take_over): the transport may or
+-- may not have taken them, and a live previous owner may still be sending
+-- them (its settle is fenced off), so they go again flagged as possible
+-- duplicates.
 UPDATE send_ledger SET state = 'queued', ambiguous = true, due_at = now()
 WHERE state = 'sending' AND namespace = %(namespace)s
   AND source_partition = ANY(%(partitions)s)
 RETURNING message_id;
+
+-- name: fence
+-- The partitions a settle batch may still write to: this instance's, at the
+-- epoch its rows were claimed under. FOR SHARE holds off a take-over until
+-- the batch commits (and makes the batch wait for one in progress).
+SELECT partition, epoch FROM sender_partitions
+WHERE namespace = %(namespace)s AND owner = %(owner)s AND partition = ANY(%(partitions)s)
+FOR SHARE;
 
 -- name: claim
 -- FOR UPDATE SKIP LOCKED: concurrent claimers never take the same row and
@@ -28,10 +49,22 @@ RETURNING message_id;
 -- joins, and a rescan skips the rows this statement just updated and takes
 -- the next ones, claiming more than LIMIT (and sending past the account's
 -- quota, which counts only what it asked for).
-WITH due AS MATERIALIZED (
+--
+-- Fenced (migration 0013): only partitions this instance still owns at the
+-- epoch it knows; FOR SHARE on their ownership rows holds off a take-over
+-- until this claim commits, so the take-over's recover_sending sees the rows
+-- it claimed. ARRAY(...) is computed once, so the due scan keeps its plan.
+WITH mine AS MATERIALIZED (
+    SELECT partition FROM sender_partitions
+    WHERE namespace = %(namespace)s AND owner = %(owner)s
+      AND (partition, epoch) IN (
+          SELECT * FROM unnest(%(partitions)s::integer[], %(epochs)s::bigint[]))
+    FOR SHARE
+),
+due AS MATERIALIZED (
     SELECT message_id FROM send_ledger
     WHERE state = 'queued' AND namespace = %(namespace)s AND account_id = %(account_id)s
-      AND due_at <= now() AND source_partition = ANY(%(partitions)s)
+      AND due_at <= now() AND source_partition = ANY(ARRAY(SELECT partition FROM mine))
       -- pool_only: an exhausted account hands on only messages that have a pool
       -- and were not handed over already for some of their recipients.
       AND (NOT %(pool_only)s OR (pool IS NOT NULL AND pending_recipients IS NULL))
@@ -46,12 +79,15 @@ RETURNING l.message_id, l.payload, l.attempts, l.ambiguous, l.reroutes, l.source
           l.requested_at, l.pool, l.pending_recipients, l.replayed;
 
 -- name: mark_sent
+-- Every mark_* returns the row it matched: a settle writes the outcome's
+-- events only when its row was still `sending` (else another owner has it).
 -- A row sent before for some recipients keeps that first hand-over's time.
 -- settled_at (here and in mark_failed, mark_rerouted) starts the row's
 -- retention clock: see prune_settled.
 UPDATE send_ledger SET state = 'sent', sent_at = coalesce(sent_at, %(sent_at)s),
     last_error = NULL, settled_at = now()
-WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending';
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending'
+RETURNING message_id;
 
 -- name: mark_partial
 -- Handed over for some recipients, refused for now for the others: back to
@@ -59,24 +95,30 @@ WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sen
 UPDATE send_ledger
 SET state = 'queued', due_at = %(due_at)s, pending_recipients = %(pending)s,
     sent_at = coalesce(sent_at, %(sent_at)s), last_error = %(error)s
-WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending';
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending'
+RETURNING message_id;
 
 -- name: mark_failed
 UPDATE send_ledger SET state = 'failed', last_error = %(error)s, settled_at = now()
-WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending';
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending'
+RETURNING message_id;
 
 -- name: mark_retry
 -- Back to the queue. `attempts` counts hand-over attempts; a requeue that
--- tried nothing (quota, rate) gives its attempt back.
+-- tried nothing (quota, rate) gives its attempt back. %(ambiguous)s: the
+-- attempt timed out or lost its connection after the message was handed
+-- over, so the next one goes flagged as a possible duplicate.
 UPDATE send_ledger
 SET state = 'queued', due_at = %(due_at)s, last_error = %(error)s,
-    attempts = attempts - %(refund)s
-WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending';
+    attempts = attempts - %(refund)s, ambiguous = ambiguous OR %(ambiguous)s
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending'
+RETURNING message_id;
 
 -- name: mark_rerouted
 UPDATE send_ledger SET state = 'rerouted', reroutes = reroutes + 1, last_error = %(error)s,
     settled_at = now()
-WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending';
+WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending'
+RETURNING message_id;
 
 -- name: sent_in_window
 -- Sends in the last 24 h: the account's quota survives restarts. Rows still

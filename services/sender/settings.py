@@ -22,6 +22,15 @@ class SenderSettings(ServiceSettings):
     # How often an idle account worker looks for due messages; new arrivals
     # wake it at once, so this only bounds how late a scheduled send starts.
     poll_seconds: float = Field(default=1.0, gt=0)
+    # Rows an account claims per connection ahead of sending them (one claim
+    # statement feeds many sends), and how long the settler lets outcomes
+    # gather before committing them in one transaction.
+    claim_depth: int = Field(default=16, ge=1, le=1000)
+    settle_window_seconds: float = Field(default=0.0, ge=0, le=1)
+    # Messages per connection the server took that may await their settle while
+    # the connection sends the next: more is faster, and is what a crash may send
+    # twice (flagged possible_duplicate) on top of one per connection.
+    settling_per_connection: int = Field(default=0, ge=0, le=1000)
     # Public base URL of the hooks service, where action and unsubscribe links point.
     hooks_base_url: str = "http://127.0.0.1:8081"
     link_keys_file: Path | None = None

@@ -14,11 +14,13 @@ from aiosmtplib import (
     SMTPRecipientRefused,
     SMTPResponseException,
     SMTPServerDisconnected,
+    SMTPTimeoutError,
 )
 
 from mailbus.accounts import Account
 from mailbus.sender.transport import (
     Accepted,
+    Ambiguous,
     Outgoing,
     PermanentError,
     TransientError,
@@ -110,6 +112,9 @@ class SmtpTransport:
                                          f" {exc}") from exc
             try:
                 refused, response = await self._transaction(client, message)
+            except Ambiguous:
+                await self._discard(client)
+                raise
             except SMTPServerDisconnected as exc:
                 await self._discard(client)
                 raise TransientError(f"server disconnected: {exc}") from exc
@@ -143,7 +148,11 @@ class SmtpTransport:
         if first_error is not None and len(refused) == len(message.recipients):
             await client.rset()
             raise classify(first_error.code, first_error.message, first_error.recipient)
-        reply = await client.data(message.raw)
+        try:
+            reply = await client.data(message.raw)
+        except (TimeoutError, SMTPServerDisconnected, SMTPTimeoutError, OSError) as exc:
+            # The message may be on the server already: its reply was lost.
+            raise Ambiguous(f"no reply to DATA: {type(exc).__name__}: {exc}") from exc
         return refused, f"{reply.code} {reply.message}"
 
     async def _release(self, client: aiosmtplib.SMTP) -> None:

@@ -55,6 +55,12 @@ class TransientError(SendError):
         self.reason, self.code, self.retry_after = reason, code, retry_after
 
 
+class Ambiguous(TransientError):
+    """Lost after the message was handed over (a timeout or a drop after SMTP DATA, an
+    HTTP call cut short): it may have been taken. The retry is flagged possible_duplicate
+    (Gmail looks the message up first)."""
+
+
 class PermanentError(SendError):
     """Will never succeed as it is (5xx SMTP reply, invalid message); the message fails."""
 

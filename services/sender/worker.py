@@ -10,55 +10,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
-
-from mailbus import topics
-from mailbus.accounts import Account, Directory
-from mailbus.codec import Registry
+from mailbus.accounts import Account
 from mailbus.errors import MailbusError
 from mailbus.sender import handlers, metrics
-from mailbus.sender.compose import compose, needs_sandbox
+from mailbus.sender.compose import compose, compose_inline, needs_sandbox
+from mailbus.sender.context import Claimed, Context
 from mailbus.sender.dkim import DkimSigner
 from mailbus.sender.handlers import Fail, Reroute, Retry
-from mailbus.sender.outbox import Outbox, Record
 from mailbus.sender.quota import Budget, Exhausted, Wait
-from mailbus.sender.sandbox import ContentSandbox, SandboxUnavailable, compose_failure
-from mailbus.sender.suppressions import Suppressions
+from mailbus.sender.sandbox import SandboxUnavailable, compose_failure
 from mailbus.sender.transport import (
-    Accepted,
     AccountExhausted,
+    Ambiguous,
+    Outgoing,
     SendError,
     TransientError,
     Transport,
 )
-from mailbus.tokens import LinkBuilder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Claimed:
-    """A ledger row a worker holds in state `sending`."""
-
-    message_id: str
-    payload: bytes
-    attempts: int
-    ambiguous: bool
-    reroutes: int
-    partition: int
-    pool: str | None
-    # Set once the message was handed over for its other recipients: the ones
-    # still to send to (refused for now at RCPT). None: all of them.
-    pending: tuple[str, ...] | None = None
-    # Admitted from a `mailbus replay` record: goes to the replay sink.
-    replayed: bool = False
 
 
 class AccountWorker:
@@ -74,8 +49,12 @@ class AccountWorker:
         self.replay = replay
         self.wake = asyncio.Event()
         concurrency = account.smtp.connections if account.smtp else 2
-        self._slots = asyncio.Semaphore(concurrency)
-        self._concurrency = concurrency
+        self._slots = asyncio.Semaphore(concurrency)  # held only while handing over
+        # Handing over or awaiting its settle: bounds what a crash may send twice.
+        self._unsettled = asyncio.Semaphore(concurrency * (1 + ctx.settling_per_connection))
+        # Rows claimed ahead of the free connections, so one claim statement
+        # feeds many sends: claiming row by row would cost a round trip each.
+        self._depth = max(ctx.claim_min, concurrency * ctx.claim_depth)
         self._inflight: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -104,11 +83,12 @@ class AccountWorker:
             await self._fail_over_exhausted(owned, decision.until)
             await self._sleep(min(ctx.poll_seconds * 5, (decision.until - now).total_seconds()))
             return
-        free = self._concurrency - len(self._inflight)
-        if free <= 0:
+        free = self._depth - len(self._inflight)
+        if free < self._depth // 2:
+            # Claim again once half the depth is free: one claim, many rows.
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
             return
-        # Claim at most what the rate and the free connections allow right now.
+        # Claim at most what the rate and the free depth allow right now.
         limit = max(1, min(free, self.budget.allowance(now)))
         rows = await ctx.claim(self.account.id, owned, limit=limit, pool_only=False)
         if not rows:
@@ -127,7 +107,7 @@ class AccountWorker:
         except TimeoutError:
             pass
 
-    async def _fail_over_exhausted(self, owned: list[int], until: datetime) -> None:
+    async def _fail_over_exhausted(self, owned: dict[int, int], until: datetime) -> None:
         """Move this account's pool messages to another pool member while it is exhausted."""
         rows = await self.ctx.claim(self.account.id, owned, limit=100, pool_only=True)
         for row in rows:
@@ -140,12 +120,13 @@ class AccountWorker:
                 await self.ctx.reroute(row, request, Reroute(target, "account quota exhausted"))
 
     async def _deliver(self, row: Claimed) -> None:
-        async with self._slots:
-            try:
-                await self._deliver_one(row)
-            except Exception:
-                log.exception("account %s: delivering %s failed unexpectedly",
-                              self.account.id, row.message_id)
+        # No slot held here: rows claimed ahead compose meanwhile, and the
+        # transport lets as many through as the account has connections.
+        try:
+            await self._deliver_one(row)
+        except Exception:
+            log.exception("account %s: delivering %s failed unexpectedly",
+                          self.account.id, row.message_id)
 
     async def _deliver_one(self, row: Claimed) -> None:
         ctx, account = self.ctx, self.account
@@ -155,9 +136,13 @@ class AccountWorker:
             # Templates and html-only bodies are hostile work: a process with a hard
             # deadline does it. Composing is bounded and runs in a thread, off the loop.
             body = await ctx.sandbox.content(request) if needs_sandbox(request) else None
-            outgoing = await asyncio.get_running_loop().run_in_executor(
-                ctx.composer, partial(compose, request, account, ctx.links, now=now,
-                                      dkim=self.dkim, body=body))
+            build = partial(compose, request, account, ctx.links, now=now, dkim=self.dkim,
+                            body=body)
+            # A small message composes in well under a millisecond: on the loop, that
+            # costs less than the hop to a thread and back. A large one goes to a thread.
+            outgoing = (build() if compose_inline(request, body, signed=self.dkim is not None)
+                        else await asyncio.get_running_loop().run_in_executor(ctx.composer,
+                                                                              build))
         except SandboxUnavailable as exc:
             await self._retry(row, request, now, f"content sandbox: {exc}")
             return
@@ -175,7 +160,7 @@ class AccountWorker:
                                                      if r.lower() in wanted])
             if not outgoing.recipients:  # a request that changed under the row: nothing left
                 self.budget.give_back(now)
-                await ctx.outbox.settle(row.message_id, row.partition, "sent", [])
+                await ctx.settle(row, "sent", [])
                 return
         blocked = [r for r in outgoing.recipients if ctx.suppressions.blocked(r, account.id)]
         if blocked:
@@ -191,15 +176,27 @@ class AccountWorker:
         via, transport = (self.replay if row.replayed and self.replay is not None
                           else (account, self.transport))
         if row.ambiguous:
-            earlier = await transport.find_sent(outgoing.message_id_header)
+            async with self._slots:
+                earlier = await transport.find_sent(outgoing.message_id_header)
             if earlier is not None:
                 # It did leave before the crash: that send keeps its place in the quota.
                 await ctx.sent(row, request, via, earlier, outgoing.message_id_header,
                                possible_duplicate=False, latency_us=None)
                 return
+        # A connection slot is held for the hand-over, an unsettled slot from then until
+        # the outcome is committed: the connection sends the next message meanwhile, and
+        # what the server took but the ledger does not know yet (what a crash may send
+        # twice) stays within connections * (1 + settling_per_connection).
+        async with self._unsettled:
+            await self._hand_over(row, request, outgoing, via, transport, now)
+
+    async def _hand_over(self, row: Claimed, request: dict[str, Any], outgoing: Outgoing,
+                         via: Account, transport: Transport, now: datetime) -> None:
+        ctx, account = self.ctx, self.account
         start = time.perf_counter()
         try:
-            accepted = await transport.send(outgoing)
+            async with self._slots:
+                accepted = await transport.send(outgoing)
         except SendError as exc:
             if isinstance(exc, AccountExhausted):
                 self.budget.give_back(now)
@@ -215,7 +212,8 @@ class AccountWorker:
                                            retry_base=ctx.retry_base, retry_cap=ctx.retry_cap)
             if isinstance(verdict, Retry):
                 metrics.RETRIES.labels(account.id).inc()
-                await ctx.requeue(row, verdict)
+                # Lost after DATA went out: the server may have taken it.
+                await ctx.requeue(row, verdict, ambiguous=isinstance(exc, Ambiguous))
             elif isinstance(verdict, Fail):
                 await ctx.fail(row, request, account.id, verdict)
             return
@@ -241,121 +239,3 @@ class AccountWorker:
         """Let in-flight deliveries finish (on shutdown)."""
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=timeout)
-
-
-class Context:
-    """What the workers share: the ledger, the outbox, the clock, the settings."""
-
-    def __init__(self, *, pool: AsyncConnectionPool, outbox: Outbox, registry: Registry,
-                 directory: Directory, suppressions: Suppressions, links: LinkBuilder | None,
-                 owned: Callable[[], list[int]], capacity: Callable[[], dict[str, int]],
-                 topic: Callable[[str], str], max_attempts: int, retry_base: float,
-                 retry_cap: float, poll_seconds: float,
-                 clock: Callable[[], datetime] = handlers.utcnow,
-                 sandbox: ContentSandbox | None = None):
-        self.pool, self.outbox, self.registry = pool, outbox, registry
-        self.directory, self.suppressions, self.links = directory, suppressions, links
-        self.owned, self.capacity, self.topic = owned, capacity, topic
-        self.max_attempts, self.retry_base, self.retry_cap = max_attempts, retry_base, retry_cap
-        self.poll_seconds, self.clock = poll_seconds, clock
-        self.sandbox = sandbox or ContentSandbox()  # its processes start when first needed
-        # Composing holds the GIL, so more threads would not go faster; its own executor
-        # keeps it from queueing behind the Gmail transport's blocking calls.
-        self.composer = ThreadPoolExecutor(2, thread_name_prefix="mailbus-compose")
-
-    def close(self) -> None:
-        """Stop what the workers started beside the event loop."""
-        self.sandbox.close()
-        self.composer.shutdown(wait=False, cancel_futures=True)
-
-    def decode(self, row: Claimed) -> dict[str, Any]:
-        """The request a ledger row holds (it was decoded once already on admission)."""
-        return self.registry.decode(row.payload, "mailbus.EmailRequested")[1]
-
-    async def claim(self, account_id: str, partitions: list[int], *, limit: int,
-                    pool_only: bool) -> list[Claimed]:
-        """Take due rows into `sending`."""
-        rows = await self.outbox.ledger.claim(account_id, partitions, limit, pool_only)
-        return [Claimed(str(r["message_id"]), bytes(r["payload"]), r["attempts"],
-                        r["ambiguous"], r["reroutes"], r["source_partition"], r["pool"],
-                        tuple(r["pending_recipients"]) if r["pending_recipients"] is not None
-                        else None, r["replayed"])
-                for r in rows]
-
-    async def requeue(self, row: Claimed, retry: Retry) -> None:
-        """Back to the queue until `retry.due_at`."""
-        await self.outbox.ledger.requeue(row.message_id, retry.due_at, retry.reason, retry.refund)
-
-    async def sent(self, row: Claimed, request: dict[str, Any], account: Account,
-                   accepted: Accepted, header: str, *, possible_duplicate: bool,
-                   latency_us: int | None) -> None:
-        """Record the hand-over and emit email.sent (and what follows from it)."""
-        now = self.clock()
-        key = row.message_id.encode()
-        records = [Record(self.topic(topics.SENT), key, self.registry.encode(
-            topics.SENT, handlers.sent_event(
-                request, account, accepted, message_id_header=header, attempt=row.attempts,
-                possible_duplicate=possible_duplicate, latency_us=latency_us, now=now)))]
-        if account.evidence == "smtp_final":
-            records += [Record(self.topic(topics.DELIVERED), key, self.registry.encode(
-                topics.DELIVERED, handlers.delivered_event(request, account, r,
-                                                           accepted.response, now)))
-                        for r in accepted.recipients]
-        refused = handlers.refused(accepted.rejected, attempts=row.attempts,
-                                   max_attempts=self.max_attempts, now=now,
-                                   retry_base=self.retry_base, retry_cap=self.retry_cap)
-        records += self._failed_records(row, request, account.id, refused.failed, now)
-        if refused.retry is not None:
-            # Taken for the others, refused for now for these: the same message again,
-            # to them only, when the retry is due.
-            await self.outbox.settle(row.message_id, row.partition, "partial", records,
-                                     sent_at=now, due_at=refused.retry.due_at,
-                                     pending=refused.again, error=refused.retry.reason)
-            metrics.RETRIES.labels(account.id).inc()
-        else:
-            await self.outbox.settle(row.message_id, row.partition, "sent", records,
-                                     sent_at=now)
-        metrics.SENT.labels(account.id, account.kind).inc()
-
-    def _failed_records(self, row: Claimed, request: dict[str, Any], account_id: str,
-                        fails: list[Fail], now: datetime) -> list[Record]:
-        return [Record(self.topic(topics.FAILED), row.message_id.encode(), self.registry.encode(
-            topics.FAILED, handlers.failed_event(request, account_id, fail,
-                                                 attempt=row.attempts, now=now)))
-            for fail in fails]
-
-    async def fail(self, row: Claimed, request: dict[str, Any], account_id: str,
-                   fail: Fail) -> None:
-        """Record the failure, emit email.failed, and dead-letter when retries ran out."""
-        if row.pending is not None:
-            # Handed over for its other recipients already: only these failed, the
-            # row stays sent, and nothing is dead-lettered (a replay would mail everyone).
-            fails = [replace(fail, recipient=r, dead_letter=False) for r in row.pending]
-            await self.outbox.settle(row.message_id, row.partition, "sent",
-                                     self._failed_records(row, request, account_id, fails,
-                                                          self.clock()))
-            for fail in fails:
-                metrics.FAILED.labels(account_id, metrics.reason_class(fail.reason),
-                                      str(fail.permanent).lower()).inc()
-            return
-        key = row.message_id.encode()
-        records = [Record(self.topic(topics.FAILED), key, self.registry.encode(
-            topics.FAILED, handlers.failed_event(request, account_id, fail,
-                                                 attempt=row.attempts, now=self.clock())))]
-        if fail.dead_letter:
-            records.append(Record(self.topic(topics.REQUESTED_DLQ), account_id.encode(),
-                                  row.payload, [("mailbus.reason", fail.reason)]))
-            metrics.DEAD_LETTERED.labels("retries_exhausted").inc()
-        await self.outbox.settle(row.message_id, row.partition, "failed", records,
-                                 error=fail.reason)
-        metrics.FAILED.labels(account_id, metrics.reason_class(fail.reason),
-                              str(fail.permanent).lower()).inc()
-
-    async def reroute(self, row: Claimed, request: dict[str, Any], reroute: Reroute) -> None:
-        """Hand the message to another pool account through a new email.requested record."""
-        moved = handlers.rerouted_request(request, reroute.account_id, self.clock())
-        records = [Record(self.topic(topics.REQUESTED), reroute.account_id.encode(),
-                          self.registry.encode(topics.REQUESTED, moved))]
-        await self.outbox.settle(row.message_id, row.partition, "rerouted", records,
-                                 error=reroute.reason)
-        metrics.REROUTED.labels(moved["account_id"]).inc()

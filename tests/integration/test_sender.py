@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import socket
+import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,12 +17,13 @@ from typing import Any
 import psycopg
 import pytest
 from confluent_kafka import Producer
+from prometheus_client import REGISTRY
 
 from mailbus.sender.settings import SenderSettings
 from mailbus.tokens import Keyring, verify
 from tests.support.kafka import read_all
 from tests.support.sender import SenderThread, produce, request, smtp_account
-from tests.support.smtp import SmtpServer
+from tests.support.smtp import SmtpServer, free_port
 
 
 @pytest.fixture
@@ -310,3 +316,147 @@ def test_exhausted_account_fails_over_within_its_pool(sender_env, smtp):
     assert accounts == ["large", "large", "small"]
     assert {e["message_id"] for e in sent} == {e["message_id"] for e in events}
     assert len(smtp.handler.received) == 3
+
+
+# PostgreSQL unreachable while messages are handed over: the sender reaches it through
+# a TCP proxy in the test; cutting it drops every open connection and refuses new ones.
+RETRY_COUNT = 400
+
+
+class Proxy:
+    """Forwards 127.0.0.1:port to PostgreSQL until cut; then refuses and drops everything."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target, self.port = target, free_port()
+        self.open = True
+        self._socks: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._socks |= {client, upstream}
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self.open = False
+        with self._lock:
+            socks, self._socks = self._socks, set()
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.cut()
+        self._server.close()
+
+
+def test_settles_that_fail_are_retried_until_they_land(namespace, tmp_path: Path, admin_kafka,
+                                                       registry, admin):
+    base = SenderSettings()
+    proxy = Proxy((base.postgres.host, base.postgres.port))
+    events = [request(to=f"r{i}@example.com", subject=f"n{i}") for i in range(RETRY_COUNT)]
+    wanted = {e["message_id"] for e in events}
+    failed_before = REGISTRY.get_sample_value("mailbus_sender_settle_errors_total") or 0.0
+    try:
+        with SmtpServer() as smtp:
+            accounts = tmp_path / "accounts.toml"
+            accounts.write_text(smtp_account("dev", smtp.port, rate=100, connections=3))
+            settings = SenderSettings(
+                accounts_file=accounts, kafka={"topic_prefix": namespace}, metrics_port=0,
+                poll_seconds=0.2, link_keys_file=tmp_path / "keys.json",
+                postgres={"host": "127.0.0.1", "port": proxy.port}, log_level="WARNING")
+            with SenderThread(settings) as thread:
+                produce(admin_kafka, namespace + "email.requested", registry, events)
+                deadline = time.monotonic() + 120
+                while len(smtp.handler.received) < RETRY_COUNT // 4:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                proxy.cut()
+                at_cut = len(smtp.handler.received)
+                time.sleep(4)
+                proxy.open = True
+                assert at_cut < RETRY_COUNT, "every message went before the cut; nothing was tested"
+                with psycopg.connect(admin.postgres.conninfo()) as conn:
+                    while True:
+                        states = Counter(dict(conn.execute(
+                            "SELECT state, count(*) FROM send_ledger WHERE namespace = %s"
+                            " GROUP BY state", (namespace,)).fetchall()))
+                        if states["sent"] == RETRY_COUNT:
+                            break
+                        assert time.monotonic() < deadline, states
+                        time.sleep(0.2)
+                assert thread.sender is not None
+            sent = [registry.decode(m.value())[1]
+                    for m in read_all(admin_kafka, namespace + "email.sent", settle=3.0,
+                                      timeout=60)]
+            received = Counter(m["X-Mailbus-Message-Id"] for m in smtp.handler.messages())
+    finally:
+        proxy.close()
+    # Settles did fail during the cut (and were retried): the fault was real.
+    assert (REGISTRY.get_sample_value("mailbus_sender_settle_errors_total") or 0) > failed_before
+    assert set(received) == wanted
+    assert {e["message_id"] for e in sent} == wanted
+    flagged = {e["message_id"] for e in sent if e["possible_duplicate"]}
+    assert {m for m, n in received.items() if n > 1} <= flagged
+
+
+def test_a_timeout_after_data_is_retried_as_a_possible_duplicate(namespace, tmp_path: Path,
+                                                                  admin_kafka, registry):
+    with SmtpServer() as smtp:
+        handler = smtp.handler
+        plain = handler.handle_DATA
+        slow = {"left": 1}
+
+        async def handle_DATA(server: Any, session: Any, envelope: Any) -> str:
+            reply = await plain(server, session, envelope)  # taken: it is on the server
+            if slow["left"]:
+                slow["left"] -= 1
+                await asyncio.sleep(3)  # and the reply comes after the client gave up
+            return reply
+
+        handler.handle_DATA = handle_DATA  # type: ignore[method-assign]
+        accounts = tmp_path / "accounts.toml"
+        accounts.write_text(smtp_account("dev", smtp.port, connections=1)
+                            + "timeout_seconds = 1\n")
+        settings = SenderSettings(accounts_file=accounts, kafka={"topic_prefix": namespace},
+                                  metrics_port=0, poll_seconds=0.2, retry_base_seconds=0.2,
+                                  retry_cap_seconds=0.5, link_keys_file=tmp_path / "k.json")
+        event = request(subject="slow reply")
+        with SenderThread(settings):
+            produce(admin_kafka, namespace + "email.requested", registry, [event])
+            deadline = time.monotonic() + 60
+            while len(handler.received) < 2:
+                assert time.monotonic() < deadline, len(handler.received)
+                time.sleep(0.1)
+            sent = [registry.decode(m.value())[1]
+                    for m in read_all(admin_kafka, namespace + "email.sent", settle=2.0,
+                                      timeout=30)]
+    ids = [m["X-Mailbus-Message-Id"] for m in handler.messages()]
+    assert ids == [event["message_id"]] * 2  # it did reach the server twice
+    assert [e["possible_duplicate"] for e in sent] == [True]  # and its email.sent says so
