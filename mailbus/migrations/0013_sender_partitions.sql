@@ -15,4 +15,4 @@ CREATE TABLE IF NOT EXISTS sender_partitions (
     PRIMARY KEY (namespace, partition)
 );
 
-GRANT SELECT, INSERT, UPDATE, DELETE ON sender_partitions TO mailbus_sender;
+GRANT SELECT, INSERT, UPDATE ON sender_partitions TO mailbus_sender;

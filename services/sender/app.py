@@ -137,7 +137,8 @@ class Sender:
                                window=s.settle_window_seconds)
         self._settler_task = asyncio.create_task(self.settler.run())
         self.feed = SuppressionFeed(lambda: SuppressionReader(
-            kafka, self.topic(topics.SUPPRESSIONS), self.registry, self.suppressions))
+            kafka, self.topic(topics.SUPPRESSIONS), self.registry, self.suppressions,
+            s.kafka.topic_prefix + s.group_id))
         self.admission = Admission(
             config=kafka, group_id=s.kafka.topic_prefix + s.group_id,
             topic=self.topic(topics.REQUESTED), dlq_topic=self.topic(topics.REQUESTED_DLQ),

@@ -426,6 +426,8 @@ TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
         # DELETE: settled rows are pruned (0010).
         "send_ledger": Rights(insert=True, update=True, delete=True),
         "sender_outbox": Rights(insert=True, delete=True),
+        # Fenced ownership (0013): a take-over inserts or bumps its partition's epoch.
+        "sender_partitions": Rights(insert=True, update=True),
     },
     # The Faust join keeps its state in Kafka; it has no business in the database.
     "confirm": {},
