@@ -300,5 +300,13 @@ class LinkBuilder:
         """The mailto: unsubscribe link, or None when no mailbox is configured."""
         if self.mailto is None:
             return None
-        token = self._token(message_id, recipient, UNSUBSCRIBE, None, now)
+        return self._mailto(self._token(message_id, recipient, UNSUBSCRIBE, None, now))
+
+    def _mailto(self, token: str) -> str:
         return f"mailto:{self.mailto}?subject={quote('unsubscribe-' + token, safe='')}"
+
+    def unsubscribe_links(self, message_id: str, recipient: str, *, now: datetime) -> list[str]:
+        """List-Unsubscribe's links: the one-click URL, and the mailto: link when a mailbox
+        is configured; one token signed for both (they carry the same claims)."""
+        token = self._token(message_id, recipient, UNSUBSCRIBE, None, now)
+        return [f"{self.base_url}/u/{token}"] + ([self._mailto(token)] if self.mailto else [])

@@ -22,12 +22,11 @@ Decisions:
 
 from __future__ import annotations
 
+import binascii
 import re
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email import policy
-from email.headerregistry import Address
-from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
 from html import escape
 from typing import Any
@@ -36,16 +35,12 @@ from mailbus.accounts import Account
 from mailbus.replytag import make_tag, tagged_address
 from mailbus.sender import headers
 from mailbus.sender.dkim import DkimSigner
-from mailbus.sender.headers import ComposeFailed, Intended, header_text
+from mailbus.sender.headers import ComposeFailed, Intended, Mailbox, header_text
 from mailbus.sender.htmltext import html_to_text
 from mailbus.sender.templates import render
 from mailbus.sender.transport import Outgoing
 from mailbus.tokens import Keyring, LinkBuilder, TokenError
 
-# Python folds long unstructured headers by turning long words into RFC 2047
-# encoded words, which would break the URIs of List-Unsubscribe; with
-# refold_source="none" a header stored pre-folded with set_raw() stays as written.
-POLICY = policy.SMTP.clone(refold_source="none")
 MAX_NAME = 256
 MAX_SUBJECT = 998
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -61,16 +56,16 @@ _BUTTON = ("display:inline-block;margin:0 8px 8px 0;padding:12px 20px;border-rad
            "font-weight:bold;line-height:1.2;text-decoration:none")
 
 
-def mailbox(email: str, name: str | None, field: str) -> Address:
+def mailbox(email: str, name: str | None, field: str) -> Mailbox:
     """Re-validate one address (ASCII form, IDN domains as punycode) with its display name."""
     return headers.mailbox(email, name, field, MAX_NAME)
 
 
-def _mailboxes(entries: list[dict[str, Any]] | None, field: str) -> list[Address]:
+def _mailboxes(entries: list[dict[str, Any]] | None, field: str) -> list[Mailbox]:
     return [mailbox(e.get("email", ""), e.get("name"), field) for e in entries or ()]
 
 
-def envelope(*groups: list[Address]) -> list[str]:
+def envelope(*groups: list[Mailbox]) -> list[str]:
     """Recipient addresses in order, without case-insensitive duplicates."""
     seen: set[str] = set()
     out = []
@@ -117,13 +112,48 @@ def with_pixel(html: str, url: str) -> str:
     return html[:at] + img + html[at:] if at >= 0 else html + img
 
 
-def _set_body(part: MIMEPart, content: str, subtype: str) -> None:
-    lines = content.splitlines()
-    # 7bit needs ASCII, no NUL and lines of at most 998 octets (RFC 5322 2.1.1);
-    # anything else goes quoted-printable, which also keeps HTML readable.
-    plain = content.isascii() and "\0" not in content and all(len(x) <= 998 for x in lines)
-    part.set_content(content, subtype=subtype, charset="utf-8",
-                     cte="7bit" if plain else "quoted-printable")
+def _body(content: str) -> tuple[str, bytes]:
+    """(Content-Transfer-Encoding, wire bytes with CRLF line ends) of a UTF-8 text body.
+
+    7bit needs ASCII, no NUL and lines of at most 998 octets (RFC 5322 2.1.1);
+    anything else goes quoted-printable (binascii's encoder: every byte outside
+    printable ASCII, "=" and trailing whitespace encoded, lines of at most 76
+    characters), which also keeps HTML readable. Line breaks are CR, LF or CRLF,
+    as RFC 5322 and Python's parser read them; the body ends with one.
+    """
+    lines = content.encode("utf-8").splitlines()
+    if content.isascii() and b"\0" not in content.encode("ascii") and all(
+            len(x) <= 998 for x in lines):
+        return "7bit", b"\r\n".join(lines) + b"\r\n"
+    encoded = binascii.b2a_qp(b"\n".join(lines) + b"\n", istext=True)
+    return "quoted-printable", encoded.replace(b"\n", b"\r\n")
+
+
+def _part_head(subtype: str, cte: str) -> bytes:
+    return (f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+            f"Content-Transfer-Encoding: {cte}\r\n").encode("ascii")
+
+
+def _mime(text: str, html: str | None) -> tuple[list[str], bytes, bytes]:
+    """(header names, MIME header lines, body) of the text part, or of text and html in
+    multipart/alternative (RFC 2046: least faithful first)."""
+    text_cte, text_body = _body(text)
+    if html is None:
+        return (["MIME-Version", "Content-Type", "Content-Transfer-Encoding"],
+                b"MIME-Version: 1.0\r\n" + _part_head("plain", text_cte), text_body)
+    html_cte, html_body = _body(html)
+    while True:
+        # "=_" never occurs in quoted-printable output ("=" is always followed by hex
+        # digits or a line break); a 7bit body is searched.
+        boundary = b"=_mailbus_" + secrets.token_hex(16).encode("ascii")
+        if boundary not in text_body and boundary not in html_body:
+            break
+    head = (b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative;\r\n"
+            b' boundary="' + boundary + b'"\r\n')
+    body = b"".join((b"--", boundary, b"\r\n", _part_head("plain", text_cte), b"\r\n",
+                     text_body, b"\r\n--", boundary, b"\r\n", _part_head("html", html_cte),
+                     b"\r\n", html_body, b"\r\n--", boundary, b"--\r\n"))
+    return ["MIME-Version", "Content-Type"], head, body
 
 
 def _domain(domain: str | None, from_address: str) -> str:
@@ -193,17 +223,8 @@ def tagged_reply_address(account: Account, keyring: Keyring, message_id: str) ->
         raise ComposeFailed(f"reply tag: {exc}") from exc
 
 
-def _pairs(addresses: list[Address]) -> list[tuple[str, str]]:
+def _pairs(addresses: list[Mailbox]) -> list[tuple[str, str]]:
     return [(a.display_name, a.addr_spec) for a in addresses]
-
-
-def _headers(msg: EmailMessage, intended: Intended, name: str, mailboxes: list[Address]
-             ) -> None:
-    # Written pre-folded (headers.mailbox_list), not by Python's folder, which loses
-    # spaces in long non-ASCII names; remembered, so the parse-back check knows what
-    # the message was built with.
-    msg.set_raw(name, headers.mailbox_list(mailboxes))
-    intended.mailboxes[name] = _pairs(mailboxes)
 
 
 def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, *,
@@ -239,34 +260,41 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
     only = recipients[0] if len(recipients) == 1 else None  # whom a link may name
     try:
         actions = _actions(event, links, only, now)
-        unsubscribe = ([links.unsubscribe_url(message_id, only, now=now),
-                        links.unsubscribe_mailto(message_id, only, now=now)]
+        unsubscribe = (links.unsubscribe_links(message_id, only, now=now)
                        if links is not None and only is not None else [])
         pixel = (links.open_url(message_id, only, now=now)
                  if links is not None and links.open_tracking and html is not None else None)
     except TokenError as exc:
         raise ComposeFailed(f"links: {exc}") from exc
 
-    msg, intended = EmailMessage(policy=POLICY), Intended(subject=subject)
-    _headers(msg, intended, "From", [sender])
+    # Every header is written here, pre-folded, from values checked above or built
+    # from checked parts (message_id and the domain matched their patterns); the
+    # parse-back check below reads the finished bytes as a receiver would.
+    intended = Intended(subject=subject)
+    head: list[tuple[str, str]] = []
+
+    def mailboxes(name: str, addresses: list[Mailbox]) -> None:
+        # Folded here (headers.mailbox_list), not by Python's folder, which loses
+        # spaces in long non-ASCII names; remembered, so the check knows what was built.
+        head.append((name, headers.mailbox_list(addresses)))
+        intended.mailboxes[name] = _pairs(addresses)
+
+    mailboxes("From", [sender])
     if to:
-        _headers(msg, intended, "To", to)
+        mailboxes("To", to)
     if cc:
-        _headers(msg, intended, "Cc", cc)
+        mailboxes("Cc", cc)
     if reply_to:
-        _headers(msg, intended, "Reply-To", [reply_to])
+        mailboxes("Reply-To", [reply_to])
     if subject:
-        msg.set_raw("Subject", headers.unstructured(subject))
-    # Values built here from checked parts (message_id and the domain matched their
-    # patterns above): stored raw, without a trip through Python's header registry,
-    # which costs more than the rest of the message. The parse-back check still reads them.
-    msg.set_raw("Date", format_datetime(now.astimezone(UTC)))
-    msg.set_raw("Message-ID", msgid)
+        head.append(("Subject", headers.unstructured(subject)))
+    head.append(("Date", format_datetime(now.astimezone(UTC))))
+    head.append(("Message-ID", msgid))
     if unsubscribe:
         # One URI per line: each stays whole, whatever its length (under 998).
-        msg.set_raw("List-Unsubscribe", ",\r\n ".join(f"<{u}>" for u in unsubscribe if u))
-        msg.set_raw("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")  # RFC 8058
-    msg.set_raw("X-Mailbus-Message-Id", message_id)
+        head.append(("List-Unsubscribe", ",\r\n ".join(f"<{u}>" for u in unsubscribe)))
+        head.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))  # RFC 8058
+    head.append(("X-Mailbus-Message-Id", message_id))
 
     text = text or ""
     if actions:
@@ -275,17 +303,13 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
         html = with_buttons(html, actions) if html is not None else None
     if pixel is not None and html is not None:
         html = with_pixel(html, pixel)
-    _set_body(msg, text, "plain")
-    if html is not None:
-        msg.make_alternative()
-        # A MIMEPart, not EmailMessage.add_alternative(): that would repeat
-        # MIME-Version inside the part.
-        html_part = MIMEPart(policy=POLICY)
-        _set_body(html_part, html, "html")
-        msg.attach(html_part)  # type: ignore[arg-type]  # stubs want EmailMessage; MIMEPart is right
-
-    intended.names = list(msg.keys())
-    raw = msg.as_bytes(policy=POLICY)
+    mime_names, mime_head, body_bytes = _mime(text, html)
+    intended.names = [name for name, _ in head] + mime_names
+    try:
+        raw = b"".join((*(f"{name}: {value}\r\n".encode("ascii") for name, value in head),
+                        mime_head, b"\r\n", body_bytes))
+    except UnicodeEncodeError as exc:  # every value above is ASCII by construction
+        raise ComposeFailed("headers: a header value is not ASCII") from exc
     if dkim is not None:
         raw = dkim.sign(raw)
         intended.names.insert(0, "DKIM-Signature")

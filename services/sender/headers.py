@@ -27,10 +27,10 @@ import re
 from dataclasses import dataclass, field
 from email import policy
 from email.header import decode_header, make_header
-from email.headerregistry import Address
 from email.parser import BytesHeaderParser
-from email.utils import getaddresses
+from email.utils import formataddr, getaddresses
 from functools import lru_cache
+from typing import NamedTuple
 
 from email_validator import EmailNotValidError, validate_email
 
@@ -43,7 +43,11 @@ _FIELD_NAME = re.compile(rb"[!-9;-~]+")  # RFC 5322 ftext
 # What a header failing the check is called in email.failed: the request's field.
 _FIELDS = {"from": "from", "to": "to", "cc": "cc", "reply-to": "reply_to",
            "subject": "subject"}
-_PARSER = BytesHeaderParser(policy=policy.default)
+# Python's parser splits the block into fields (compat32: raw values, no header
+# registry, the same splitting as every policy); the registry reads a value only
+# when RFC 2047's reading of it differs from the intended one.
+_PARSER = BytesHeaderParser(policy=policy.compat32)
+_REGISTRY = BytesHeaderParser(policy=policy.default)
 FOLD = "\r\n "  # a line break before whitespace: unfolded, it is that whitespace
 
 
@@ -73,12 +77,19 @@ def header_text(value: str, field: str, limit: int) -> str:
     return value
 
 
+class Mailbox(NamedTuple):
+    """A checked address (ASCII form) and its display name ("" for none)."""
+
+    display_name: str
+    addr_spec: str
+
+
 @lru_cache(maxsize=4096)
-def mailbox(email: str, name: str | None, field: str, name_limit: int) -> Address:
+def mailbox(email: str, name: str | None, field: str, name_limit: int) -> Mailbox:
     """Re-validate one address (ASCII form, IDN domains as punycode) with its display name.
 
     Cached: the same sender and recipients come again and again, and validation is
-    the dearest part of composing. Address is immutable; a refusal is not cached.
+    the dearest part of composing. Mailbox is immutable; a refusal is not cached.
     """
     if not isinstance(email, str) or _CONTROL.search(email):
         raise ComposeFailed(f"{field}: address contains a line break or control character")
@@ -92,7 +103,7 @@ def mailbox(email: str, name: str | None, field: str, name_limit: int) -> Addres
     except EmailNotValidError as exc:
         raise ComposeFailed(f"{field}: {email!r} is not a valid address: {exc}") from exc
     display = header_text(name, f"{field} name", name_limit) if name else ""
-    return Address(display_name=display, addr_spec=valid.ascii_email)
+    return Mailbox(display, valid.ascii_email)
 
 
 def encoded_words(text: str) -> list[str]:
@@ -131,13 +142,15 @@ def unstructured(text: str) -> str:
     return FOLD.join(lines)
 
 
-def mailbox_list(addresses: list[Address]) -> str:
+def mailbox_list(addresses: list[Mailbox]) -> str:
     """An address header's value, one mailbox per line; non-ASCII names as encoded words."""
     out = []
     for address in addresses:
         name = address.display_name
         if not name or name.isascii():
-            out.append(str(address))  # Python quotes what needs quoting
+            # formataddr quotes a name holding specials; email_validator's ASCII
+            # form of the address needs no quoting.
+            out.append(formataddr(address))
         else:
             out.append(f"{FOLD.join(encoded_words(name))} <{address.addr_spec}>")
     return ("," + FOLD).join(out)
@@ -193,22 +206,27 @@ def check(raw: bytes, intended: Intended) -> None:
                         {m.lower() for m in intended.names}})
         raise ComposeFailed(f"{_culprit(written, intended.names)}: the message would leave "
                             f"with headers it was not built with {extra or written}")
-    parsed = _PARSER.parsebytes(head + b"\r\n\r\n")
+    block = head + b"\r\n\r\n"
+    parsed = _PARSER.parsebytes(block)
     raw_values = {n.lower(): v for n, v in parsed.raw_items()}
     if [n.lower() for n in parsed.keys()] != [n.lower() for n in written]:
         raise ComposeFailed(f"{_culprit(parsed.keys(), written)}: the header block parses "
                             "into other headers than were written")
+    registry = None
     # Two readings: RFC 2047's (email.header, quick) and Python's header registry
     # (slow, and it keeps the space between adjacent encoded words of a display
     # name, which RFC 2047 drops). Either must give exactly the intended value.
     subject = intended.subject
-    if subject is not None and _rfc2047_text(raw_values.get("subject", "")) != subject and (
-            str(parsed["Subject"]) != subject):
-        raise ComposeFailed("subject: does not decode back to the intended text")
+    if subject is not None and _rfc2047_text(raw_values.get("subject", "")) != subject:
+        registry = _REGISTRY.parsebytes(block)
+        if str(registry["Subject"]) != subject:
+            raise ComposeFailed("subject: does not decode back to the intended text")
     for name, pairs in intended.mailboxes.items():
         if _rfc2047_pairs(raw_values.get(name.lower(), "")) == pairs:
             continue
-        decoded = [(a.display_name, a.addr_spec) for a in getattr(parsed[name], "addresses", ())]
+        registry = registry or _REGISTRY.parsebytes(block)
+        decoded = [(a.display_name, a.addr_spec)
+                   for a in getattr(registry[name], "addresses", ())]
         if decoded != pairs:
             raise ComposeFailed(f"{_FIELDS[name.lower()]}: does not decode back to the "
                                 "intended addresses")

@@ -83,11 +83,13 @@ RETURNING l.message_id, l.payload, l.attempts, l.ambiguous, l.reroutes, l.source
 -- events only when its row was still `sending` (else another owner has it).
 -- A row sent before for some recipients keeps that first hand-over's time.
 -- settled_at (here and in mark_failed, mark_rerouted) starts the row's
--- retention clock: see prune_settled.
-UPDATE send_ledger SET state = 'sent', sent_at = coalesce(sent_at, %(sent_at)s),
+-- retention clock: see prune_settled. The hot path: one statement for a whole
+-- settle batch; the rarer outcomes below run once per row.
+UPDATE send_ledger l SET state = 'sent', sent_at = coalesce(l.sent_at, v.sent_at),
     last_error = NULL, settled_at = now()
-WHERE namespace = %(namespace)s AND message_id = %(message_id)s AND state = 'sending'
-RETURNING message_id;
+FROM unnest(%(message_ids)s::uuid[], %(sent_at)s::timestamptz[]) AS v(message_id, sent_at)
+WHERE l.namespace = %(namespace)s AND l.message_id = v.message_id AND l.state = 'sending'
+RETURNING l.message_id;
 
 -- name: mark_partial
 -- Handed over for some recipients, refused for now for the others: back to
@@ -132,9 +134,15 @@ WHERE namespace = %(namespace)s AND account_id = %(account_id)s AND state <> 'se
   AND sent_at IS NOT NULL AND sent_at > now() - interval '24 hours';
 
 -- name: outbox_add
+-- A settle batch's events in one statement. Inserted in the order given, so
+-- their ids (one sequence) ascend in that order: the caller sorts the ids it
+-- gets back to pair them with its records.
 INSERT INTO sender_outbox (message_id, namespace, source_partition, topic, key, value, headers)
-VALUES (%(message_id)s, %(namespace)s, %(partition)s, %(topic)s, %(key)s, %(value)s,
-        %(headers)s)
+SELECT v.message_id, %(namespace)s, v.source_partition, v.topic, v.key, v.value, v.headers
+FROM unnest(%(message_ids)s::uuid[], %(partitions)s::integer[], %(topics)s::text[],
+            %(keys)s::bytea[], %(values)s::bytea[], %(headers)s::jsonb[])
+     WITH ORDINALITY AS v(message_id, source_partition, topic, key, value, headers, n)
+ORDER BY v.n
 RETURNING id;
 
 -- name: outbox_pending

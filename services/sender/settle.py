@@ -136,27 +136,34 @@ class Settler:
             keep, drop = fenced(batch, owned)
             for state in STATEMENTS:
                 mine = [o for o in keep if o.state == state]
-                if mine:
-                    await cur.executemany(SQL[STATEMENTS[state]],
-                                          [statement_params(o, self.namespace) for o in mine],
-                                          returning=True)
-                    while True:
-                        matched.update(str(r[0]) for r in await cur.fetchall())
-                        if not cur.nextset():
-                            break
+                if not mine:
+                    continue
+                if state == "sent":  # the hot path: one statement for the batch
+                    await cur.execute(SQL["mark_sent"], {
+                        "namespace": self.namespace,
+                        "message_ids": [o.message_id for o in mine],
+                        "sent_at": [o.params.get("sent_at") for o in mine]})
+                    matched.update(str(r[0]) for r in await cur.fetchall())
+                    continue
+                await cur.executemany(SQL[STATEMENTS[state]],
+                                      [statement_params(o, self.namespace) for o in mine],
+                                      returning=True)
+                while True:
+                    matched.update(str(r[0]) for r in await cur.fetchall())
+                    if not cur.nextset():
+                        break
             drop += [o for o in keep if o.message_id not in matched]
             items = [(o, rec) for o in keep if o.message_id in matched for rec in o.records]
             if items:
-                await cur.executemany(SQL["outbox_add"], [{
-                    "message_id": o.message_id, "namespace": self.namespace,
-                    "partition": o.partition, "topic": rec.topic, "key": rec.key,
-                    "value": rec.value, "headers": Jsonb(rec.headers)} for o, rec in items],
-                    returning=True)
-                ids: list[int] = []
-                while True:
-                    ids.extend(int(r[0]) for r in await cur.fetchall())
-                    if not cur.nextset():
-                        break
+                await cur.execute(SQL["outbox_add"], {
+                    "namespace": self.namespace,
+                    "message_ids": [o.message_id for o, _ in items],
+                    "partitions": [o.partition for o, _ in items],
+                    "topics": [rec.topic for _, rec in items],
+                    "keys": [rec.key for _, rec in items],
+                    "values": [rec.value for _, rec in items],
+                    "headers": [Jsonb(rec.headers) for _, rec in items]})
+                ids = sorted(int(r[0]) for r in await cur.fetchall())
                 emitted = list(zip(ids, (rec for _, rec in items), strict=True))
         for o in drop:
             metrics.SETTLES_FENCED.inc()

@@ -14,6 +14,8 @@ from urllib.parse import unquote
 
 import dkim as dkimpy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -434,3 +436,35 @@ def test_a_from_address_too_long_to_tag_fails_clearly() -> None:
                          reply_tags=True, smtp=SmtpAccount(host="127.0.0.1"))
     with pytest.raises(ComposeFailed, match="reply tag"):
         compose(event(), long_local, LINKS, now=NOW)
+
+
+# Bodies are written by compose itself (7bit or quoted-printable, CRLF, its own
+# boundary): whatever the text, the wire stays well-formed and the stdlib parser,
+# as a receiver reads it, gives back the same text, line breaks read as newlines.
+_BODY_TEXT = st.lists(st.one_of(
+    st.sampled_from(["\n", "\r\n", "\r", ".", "=", " ", "\t", "\x0b", "\x0c", "\x85",
+                     "\u2028", "--", "=_mailbus_", "é", "日", "\U0001f600", "From "]),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)),
+    max_size=30).map("".join)
+
+
+def _normal(text: str) -> str:
+    # What a receiver can tell apart: CR, LF and CRLF are all one line break.
+    return "\n".join(text.encode("utf-8").decode("utf-8").replace("\r\n", "\n")
+                     .replace("\r", "\n").split("\n")).rstrip("\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_BODY_TEXT, html=st.one_of(st.none(), _BODY_TEXT),
+       long_line=st.integers(min_value=0, max_value=2500))
+def test_property_bodies_leave_well_formed_and_decode_back(text: str, html: str | None,
+                                                          long_line: int) -> None:
+    text = text + "x" * long_line  # past 998 octets a line must go quoted-printable
+    raw = compose(event(text=text, html=html), ACCOUNT, None, now=NOW).raw
+    well_formed(raw)
+    message = parse(raw)
+    got = bodies(message)
+    want = [("text/plain", text)] + ([("text/html", html)] if html is not None else [])
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, got_text), (_, want_text) in zip(got, want, strict=True):
+        assert _normal(got_text) == _normal(want_text)
