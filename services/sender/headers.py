@@ -102,6 +102,8 @@ def mailbox(email: str, name: str | None, field: str, name_limit: int) -> Mailbo
                                test_environment=True)
     except EmailNotValidError as exc:
         raise ComposeFailed(f"{field}: {email!r} is not a valid address: {exc}") from exc
+    if valid.ascii_email is None:  # not with allow_smtputf8=False; never sent unchecked
+        raise ComposeFailed(f"{field}: {email!r} has no ASCII form")
     display = header_text(name, f"{field} name", name_limit) if name else ""
     return Mailbox(display, valid.ascii_email)
 

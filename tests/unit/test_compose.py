@@ -14,10 +14,10 @@ from urllib.parse import unquote
 
 import dkim as dkimpy
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailbus.accounts import Account, SmtpAccount
 from mailbus.sender.compose import ComposeFailed, compose, html_to_text
