@@ -22,6 +22,7 @@ from mailbus.producer import AsyncProducer
 from mailbus.sender import metrics
 from mailbus.sender.admit import Admission
 from mailbus.sender.compose import ComposeFailed, tagged_reply_address
+from mailbus.sender.composer import Composer, Setup
 from mailbus.sender.context import Context
 from mailbus.sender.dkim import DkimSigner
 from mailbus.sender.handlers import utcnow
@@ -108,7 +109,7 @@ class Sender:
         self.workers: dict[str, AccountWorker] = {}
         self._worker_tasks: dict[str, asyncio.Task[None]] = {}
         self._admission_task: asyncio.Task[None] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
 
     def topic(self, name: str) -> str:
@@ -120,6 +121,19 @@ class Sender:
         now = utcnow()
         return {a: 0 if isinstance(w.budget.decide(now), Exhausted) else w.budget.left(now)
                 for a, w in self.workers.items()}
+
+    def _composer(self) -> Composer | None:
+        """The composer processes, started now so the first batch does not wait for them."""
+        if not self.settings.compose_processes:
+            return None
+        accounts = self.directory.by_id
+        composer = Composer(Setup(dict(accounts), {a: dkim_for(acc) for a, acc in
+                                                   accounts.items()}, self.links),
+                            processes=self.settings.compose_processes)
+        if accounts:
+            warm = asyncio.create_task(composer.compose(next(iter(accounts)), [], utcnow()))
+            self._tasks.append(warm)
+        return composer
 
     def _wake_all(self) -> None:
         for worker in self.workers.values():
@@ -156,7 +170,8 @@ class Sender:
                       max_attempts=s.max_attempts, retry_base=s.retry_base_seconds,
                       retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds,
                       claim_depth=s.claim_depth,
-                      settling_per_connection=s.settling_per_connection)
+                      settling_per_connection=s.settling_per_connection,
+                      composer=self._composer())
         now = utcnow()
         for account in self.directory.by_id.values():
             budget = Budget(account.daily_quota, account.rate_per_second)
@@ -169,7 +184,7 @@ class Sender:
         self.lag = LagReporter(kafka, s.kafka.topic_prefix + s.group_id,
                                [self.topic(topics.REQUESTED)])
         self._admission_task = asyncio.create_task(self.admission.run())
-        self._tasks = [asyncio.create_task(t) for t in (
+        self._tasks += [asyncio.create_task(t) for t in (
             self.feed.run(), self._sweep(), self._gauges(), self._prune(), self._watch())]
         log.info("sender started: %d account(s); sending waits for the suppression list",
                  len(self.workers))

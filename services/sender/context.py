@@ -19,6 +19,7 @@ from mailbus import topics
 from mailbus.accounts import Account, Directory
 from mailbus.codec import Registry
 from mailbus.sender import handlers, metrics
+from mailbus.sender.composer import Composer
 from mailbus.sender.handlers import Fail, Reroute, Retry
 from mailbus.sender.outbox import Outbox, Record
 from mailbus.sender.sandbox import ContentSandbox
@@ -62,7 +63,7 @@ class Context:
                  retry_cap: float, poll_seconds: float, claim_depth: int = 16,
                  settling_per_connection: int = 0,
                  clock: Callable[[], datetime] = handlers.utcnow,
-                 sandbox: ContentSandbox | None = None):
+                 sandbox: ContentSandbox | None = None, composer: Composer | None = None):
         self.pool, self.outbox, self.settler, self.registry = pool, outbox, settler, registry
         self.directory, self.suppressions, self.links = directory, suppressions, links
         self.owned, self.capacity, self.topic = owned, capacity, topic
@@ -72,14 +73,18 @@ class Context:
         self.claim_depth, self.claim_min = claim_depth, 8
         self.settling_per_connection = settling_per_connection
         self.sandbox = sandbox or ContentSandbox()  # its processes start when first needed
+        # Composes claimed batches in a worker process; None: on the loop (composer.py).
+        self.composer = composer
         # Composing holds the GIL, so more threads would not go faster; its own executor
         # keeps it from queueing behind the Gmail transport's blocking calls.
-        self.composer = ThreadPoolExecutor(2, thread_name_prefix="mailbus-compose")
+        self.composer_threads = ThreadPoolExecutor(2, thread_name_prefix="mailbus-compose")
 
     def close(self) -> None:
         """Stop what the workers started beside the event loop."""
         self.sandbox.close()
-        self.composer.shutdown(wait=False, cancel_futures=True)
+        if self.composer is not None:
+            self.composer.close()
+        self.composer_threads.shutdown(wait=False, cancel_futures=True)
 
     def decode(self, row: Claimed) -> dict[str, Any]:
         """The request a ledger row holds (it was decoded once already on admission)."""

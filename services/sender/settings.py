@@ -31,6 +31,9 @@ class SenderSettings(ServiceSettings):
     # the connection sends the next: more is faster, and is what a crash may send
     # twice (flagged possible_duplicate) on top of one per connection.
     settling_per_connection: int = Field(default=0, ge=0, le=1000)
+    # Worker processes that compose claimed batches off the event loop
+    # (services/sender/composer.py); 0: compose on the loop.
+    compose_processes: int = Field(default=1, ge=0, le=16)
     # Public base URL of the hooks service, where action and unsubscribe links point.
     hooks_base_url: str = "http://127.0.0.1:8081"
     link_keys_file: Path | None = None

@@ -1,4 +1,4 @@
-"""The SMTP transport: a pool of reused connections per account (aiosmtplib)."""
+"""The SMTP transport: a pool of reused, pipelining sessions per account (smtpwire.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,14 @@ import logging
 import ssl
 from pathlib import Path
 
-import aiosmtplib
-from aiosmtplib import (
-    SMTPAuthenticationError,
-    SMTPException,
-    SMTPRecipientRefused,
-    SMTPResponseException,
-    SMTPServerDisconnected,
-    SMTPTimeoutError,
-)
-
 from mailbus.accounts import Account
+from mailbus.sender.smtpwire import (
+    AuthError,
+    Disconnected,
+    LostAfterData,
+    ReplyError,
+    Session,
+)
 from mailbus.sender.transport import (
     Accepted,
     Ambiguous,
@@ -58,7 +55,7 @@ class SmtpTransport:
         if tls_context is None and self.cfg.ca_file is not None:
             tls_context = ssl.create_default_context(cafile=str(self.cfg.ca_file))
         self._tls_context = tls_context
-        self._idle: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
+        self._idle: asyncio.Queue[Session] = asyncio.Queue()
         self._slots = asyncio.Semaphore(self.cfg.connections)
         self._open = 0
         self._password = (Path(self.cfg.password_file).expanduser().read_text().strip()
@@ -69,108 +66,72 @@ class SmtpTransport:
         """Sessions currently connected."""
         return self._open
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self) -> Session:
         cfg = self.cfg
-        client = aiosmtplib.SMTP(
-            hostname=cfg.host, port=cfg.port, timeout=cfg.timeout_seconds,
-            use_tls=cfg.tls == "implicit",
-            # STARTTLS is required when configured: never fall back to plain text.
-            start_tls=True if cfg.tls == "starttls" else False,
-            tls_context=self._tls_context,
-        )
-        await client.connect()
-        if cfg.username:
-            await client.login(cfg.username, self._password or "")
+        session = await Session.open(
+            cfg.host, cfg.port, tls=cfg.tls, context=self._tls_context,
+            timeout=cfg.timeout_seconds, username=cfg.username,
+            password=self._password if cfg.username else None)
         self._open += 1
-        return client
+        return session
 
-    async def _discard(self, client: aiosmtplib.SMTP) -> None:
+    def _discard(self, session: Session) -> None:
         self._open -= 1
-        try:
-            client.close()
-        except Exception:
-            log.debug("closing a broken SMTP connection failed", exc_info=True)
+        session.close()
 
     async def send(self, message: Outgoing) -> Accepted:
-        """One SMTP transaction on a pooled connection."""
+        """One SMTP transaction on a pooled session."""
         async with self._slots:
             try:
-                client = self._idle.get_nowait()
+                session = self._idle.get_nowait()
             except asyncio.QueueEmpty:
                 try:
-                    client = await self._connect()
-                except SMTPAuthenticationError as exc:
+                    session = await self._connect()
+                except AuthError as exc:
                     # The account's credentials, not the message, are wrong:
                     # retried (and visible in the reason) until someone fixes them.
-                    raise TransientError(f"{exc.code} authentication failed for account"
-                                         f" {self.account.id}: {exc.message}",
-                                         code=exc.code) from exc
-                except SMTPResponseException as exc:
-                    raise classify(exc.code, exc.message) from exc
-                except (TimeoutError, SMTPException, OSError) as exc:
+                    raise TransientError(f"{exc.reply.code} authentication failed for account"
+                                         f" {self.account.id}: {exc.reply.text}",
+                                         code=exc.reply.code) from exc
+                except ReplyError as exc:
+                    raise classify(exc.reply.code, exc.reply.text) from exc
+                except (TimeoutError, Disconnected, ssl.SSLError, OSError) as exc:
                     raise TransientError(f"cannot connect to {self.cfg.host}:{self.cfg.port}:"
-                                         f" {exc}") from exc
+                                         f" {type(exc).__name__}: {exc}") from exc
             try:
-                refused, response = await self._transaction(client, message)
-            except Ambiguous:
-                await self._discard(client)
+                refused, final = await session.send(message.envelope_from,
+                                                    message.recipients, message.raw)
+            except LostAfterData as exc:
+                # The message may be on the server already: its reply was lost.
+                self._discard(session)
+                raise Ambiguous(f"no reply to DATA: {exc}") from exc
+            except ReplyError as exc:
+                if session.connected:
+                    self._idle.put_nowait(session)
+                else:
+                    self._discard(session)
+                raise classify(exc.reply.code, exc.reply.text, exc.recipient) from exc
+            except (TimeoutError, Disconnected, OSError) as exc:
+                self._discard(session)
+                raise TransientError(f"SMTP error: {type(exc).__name__}: {exc}") from exc
+            except BaseException:
+                self._discard(session)
                 raise
-            except SMTPServerDisconnected as exc:
-                await self._discard(client)
-                raise TransientError(f"server disconnected: {exc}") from exc
-            except SMTPResponseException as exc:
-                await self._discard(client)
-                raise classify(exc.code, exc.message) from exc
-            except (TimeoutError, SMTPException, OSError) as exc:
-                await self._discard(client)
-                raise TransientError(f"SMTP error: {exc}") from exc
-            await self._release(client)
-        accepted = [r for r in message.recipients if r not in refused]
-        return Accepted(recipients=accepted, response=response, rejected=refused)
-
-    @staticmethod
-    async def _transaction(client: aiosmtplib.SMTP, message: Outgoing
-                           ) -> tuple[dict[str, str], str]:
-        """MAIL, RCPT per recipient, DATA; returns the refused recipients and the final reply.
-
-        Done step by step rather than with sendmail(), which drops the reply
-        code: the event records the server's whole final reply.
-        """
-        await client.mail(message.envelope_from)
-        refused: dict[str, str] = {}
-        first_error: SMTPRecipientRefused | None = None
-        for rcpt in message.recipients:
-            try:
-                await client.rcpt(rcpt)
-            except SMTPRecipientRefused as exc:
-                refused[rcpt] = f"{exc.code} {exc.message}"
-                first_error = first_error or exc
-        if first_error is not None and len(refused) == len(message.recipients):
-            await client.rset()
-            raise classify(first_error.code, first_error.message, first_error.recipient)
-        try:
-            reply = await client.data(message.raw)
-        except (TimeoutError, SMTPServerDisconnected, SMTPTimeoutError, OSError) as exc:
-            # The message may be on the server already: its reply was lost.
-            raise Ambiguous(f"no reply to DATA: {type(exc).__name__}: {exc}") from exc
-        return refused, f"{reply.code} {reply.message}"
-
-    async def _release(self, client: aiosmtplib.SMTP) -> None:
-        if client.is_connected:
-            self._idle.put_nowait(client)
-        else:
-            await self._discard(client)
+            if session.connected:
+                self._idle.put_nowait(session)
+            else:
+                self._discard(session)
+        return Accepted(recipients=[r for r in message.recipients if r not in refused],
+                        response=str(final),
+                        rejected={r: str(reply) for r, reply in refused.items()})
 
     async def find_sent(self, message_id_header: str) -> Accepted | None:
         """SMTP cannot tell whether an earlier session delivered a message."""
         return None
 
     async def close(self) -> None:
-        """QUIT every idle connection."""
+        """QUIT every idle session."""
         while not self._idle.empty():
-            client = self._idle.get_nowait()
-            try:
-                await client.quit()
-            except (TimeoutError, SMTPException, OSError):
-                client.close()
+            session = self._idle.get_nowait()
+            await session.quit()
             self._open -= 1

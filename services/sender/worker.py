@@ -19,6 +19,7 @@ from mailbus.accounts import Account
 from mailbus.errors import MailbusError
 from mailbus.sender import handlers, metrics
 from mailbus.sender.compose import compose, compose_inline, needs_sandbox
+from mailbus.sender.composer import Composed, Failure
 from mailbus.sender.context import Claimed, Context
 from mailbus.sender.dkim import DkimSigner
 from mailbus.sender.handlers import Fail, Reroute, Retry
@@ -94,9 +95,14 @@ class AccountWorker:
         if not rows:
             await self._sleep(ctx.poll_seconds)
             return
-        for row in rows:
+        composed: list[Composed] | None = None
+        if ctx.composer is not None:
+            # One round trip to the composer process for the whole batch.
+            composed = await ctx.composer.compose(self.account.id, [r.payload for r in rows],
+                                                  now)
+        for row, pre in zip(rows, composed or [None] * len(rows), strict=True):
             self.budget.take(now)
-            task = asyncio.create_task(self._deliver(row))
+            task = asyncio.create_task(self._deliver(row, pre, now))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
@@ -119,19 +125,40 @@ class AccountWorker:
             else:
                 await self.ctx.reroute(row, request, Reroute(target, "account quota exhausted"))
 
-    async def _deliver(self, row: Claimed) -> None:
+    async def _deliver(self, row: Claimed, pre: Composed, now: datetime) -> None:
         # No slot held here: rows claimed ahead compose meanwhile, and the
         # transport lets as many through as the account has connections.
         try:
-            await self._deliver_one(row)
+            await self._deliver_one(row, pre, now)
         except Exception:
             log.exception("account %s: delivering %s failed unexpectedly",
                           self.account.id, row.message_id)
 
-    async def _deliver_one(self, row: Claimed) -> None:
+    async def _deliver_one(self, row: Claimed, pre: Composed, now: datetime) -> None:
+        """`pre`: the message the composer process made of the row (or why it failed);
+        None: compose it here, through the sandbox when its content needs one."""
         ctx, account = self.ctx, self.account
-        now = ctx.clock()
         request = ctx.decode(row)
+        if isinstance(pre, Failure):
+            self.budget.give_back(now)  # nothing left the account
+            if pre.unexpected:
+                log.error("account %s: composing %s failed: %s", account.id, row.message_id,
+                          pre.reason)
+            await ctx.fail(row, request, account.id, Fail(pre.reason, True))
+            return
+        if pre is not None:
+            outgoing = pre
+        else:
+            composed = await self._compose_here(row, request, now)
+            if composed is None:
+                return
+            outgoing = composed
+        await self._deliver_composed(row, request, outgoing, now)
+
+    async def _compose_here(self, row: Claimed, request: dict[str, Any], now: datetime
+                            ) -> Outgoing | None:
+        """Compose on the loop (a thread for large ones); None: the row was settled."""
+        ctx, account = self.ctx, self.account
         try:
             # Templates and html-only bodies are hostile work: a process with a hard
             # deadline does it. Composing is bounded and runs in a thread, off the loop.
@@ -141,11 +168,11 @@ class AccountWorker:
             # A small message composes in well under a millisecond: on the loop, that
             # costs less than the hop to a thread and back. A large one goes to a thread.
             outgoing = (build() if compose_inline(request, body, signed=self.dkim is not None)
-                        else await asyncio.get_running_loop().run_in_executor(ctx.composer,
+                        else await asyncio.get_running_loop().run_in_executor(ctx.composer_threads,
                                                                               build))
         except SandboxUnavailable as exc:
             await self._retry(row, request, now, f"content sandbox: {exc}")
-            return
+            return None
         except Exception as exc:  # whatever it is, this message fails alone
             # Nothing left the account: its send counts against neither rate nor quota.
             self.budget.give_back(now)
@@ -153,7 +180,12 @@ class AccountWorker:
                 log.error("account %s: composing %s raised %s", account.id, row.message_id,
                           type(exc).__name__, exc_info=exc)
             await ctx.fail(row, request, account.id, Fail(compose_failure(exc), True))
-            return
+            return None
+        return outgoing
+
+    async def _deliver_composed(self, row: Claimed, request: dict[str, Any],
+                                outgoing: Outgoing, now: datetime) -> None:
+        ctx, account = self.ctx, self.account
         if row.pending is not None:
             wanted = {r.lower() for r in row.pending}
             outgoing = replace(outgoing, recipients=[r for r in outgoing.recipients

@@ -56,10 +56,10 @@ def authenticator(server, session, envelope, mechanism, auth_data) -> AuthResult
 
 
 class TlsServer:
-    def __init__(self, certificate: tuple[Path, Path], implicit: bool):
+    def __init__(self, certificate: tuple[Path, Path], implicit: bool, pipelining: bool):
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(*map(str, certificate))
-        self.handler = ScriptedHandler()
+        self.handler = ScriptedHandler(pipelining=pipelining)
         self.port = free_port()
         # With implicit TLS the whole session is encrypted, and aiosmtpd only
         # tracks TLS it negotiated itself (STARTTLS): require it there alone.
@@ -77,10 +77,11 @@ class TlsServer:
         self.controller.stop()
 
 
-@pytest.fixture(params=["starttls", "implicit"])
+@pytest.fixture(params=["starttls", "implicit", "starttls, no pipelining"])
 def server(request, certificate) -> Iterator[tuple[TlsServer, str]]:
-    with TlsServer(certificate, implicit=request.param == "implicit") as srv:
-        yield srv, request.param
+    tls, _, rest = request.param.partition(",")
+    with TlsServer(certificate, implicit=tls == "implicit", pipelining=not rest) as srv:
+        yield srv, tls
 
 
 def account(port: int, tls: str, ca_file: Path | None, tmp_path: Path,

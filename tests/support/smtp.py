@@ -32,7 +32,10 @@ class Received:
 class ScriptedHandler:
     """Accepts mail unless a rule says otherwise; records what it accepted."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipelining: bool = True) -> None:
+        # Offer PIPELINING (RFC 2920), as Postfix and the large providers do:
+        # aiosmtpd reads commands line by line, so pipelined ones are answered in order.
+        self.pipelining = pipelining
         self.received: list[Received] = []
         self.rcpt_rule: Callable[[str], str | None] = lambda _addr: None
         self.data_rule: Callable[[bytes], str | None] = lambda _data: None
@@ -48,6 +51,8 @@ class ScriptedHandler:
             self._peers.add(session.peer)
             self.connections = len(self._peers)
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,

@@ -1,0 +1,309 @@
+"""One SMTP client session on an asyncio protocol, with command pipelining (RFC 2920).
+
+A transaction is MAIL, one RCPT per recipient, DATA, then the message. Sent
+one command at a time that is four round trips and four writes and wakeups
+for each message, which is most of what a sender spends per message on a
+fast relay. When the server offers PIPELINING (Postfix, Exim, Gmail's and
+every large provider's submission servers do), the commands up to DATA go in
+one write and their replies are read together: two writes and two waits a
+message. Without it, one command at a time.
+
+What this client does, and no more: the greeting, EHLO, STARTTLS (required
+when configured: never a fall back to plain text), implicit TLS, AUTH PLAIN or
+LOGIN, the transaction, RSET and QUIT. The envelope addresses must be plain
+(no space, control character or angle bracket: they come from validated
+addresses, and anything else is refused before a byte is written); the
+message must have CRLF line ends (compose writes them) and is dot-stuffed
+here. Replies are capped in length and line count, so a hostile server cannot
+make the client buffer without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import socket
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from functools import cache
+from typing import cast
+
+MAX_LINE = 4096  # octets of one reply line (RFC 5321 asks 512 of the server)
+MAX_LINES = 100  # lines of one reply
+_PLAIN_ADDRESS = re.compile(r"[!-;=?-~]{1,512}")  # printable ASCII but < and >
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: its code and text (lines joined by newlines)."""
+
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".strip()
+
+
+class ReplyError(Exception):
+    """The server answered a command with an unexpected reply."""
+
+    def __init__(self, reply: Reply, command: str, recipient: str | None = None):
+        super().__init__(f"{command}: {reply}")
+        self.reply, self.command, self.recipient = reply, command, recipient
+
+
+class AuthError(ReplyError):
+    """The server refused the account's credentials."""
+
+
+class Disconnected(ConnectionError):
+    """The connection closed, or broke the protocol, while a reply was awaited."""
+
+
+class LostAfterData(Exception):
+    """The message went out, and its reply was lost: the server may have taken it."""
+
+
+class _Protocol(asyncio.Protocol):
+    """Turns received bytes into replies, each handed to the oldest waiter."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._lines: list[tuple[int, str]] = []
+        self._replies: deque[Reply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio's and uvloop's (which does not subclass asyncio.Transport) alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while self._error is None:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_LINE:
+                    self._fail(Disconnected("a reply line longer than the cap"))
+                break
+            line = bytes(self._buffer[:end]).rstrip(b"\r")
+            del self._buffer[:end + 1]
+            if len(line) > MAX_LINE or len(line) < 3 or not line[:3].isdigit() or (
+                    line[3:4] not in (b"", b" ", b"-")):
+                self._fail(Disconnected(f"not an SMTP reply line: {line[:80]!r}"))
+                break
+            code = int(line[:3])
+            self._lines.append((code, line[4:].decode("utf-8", "replace")))
+            if len(self._lines) > MAX_LINES:
+                self._fail(Disconnected("a reply of more lines than the cap"))
+                break
+            if line[3:4] != b"-":
+                self._replies.append(Reply(code, "\n".join(t for _, t in self._lines)))
+                self._lines = []
+        self._wake()
+
+    def _fail(self, error: Exception) -> None:
+        self._error = error
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._error is None:
+            self._error = Disconnected(f"connection closed{f': {exc}' if exc else ''}")
+        self.transport = None
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def reply(self) -> Reply:
+        """The next reply, waiting for it to arrive."""
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._replies.popleft()
+
+
+@cache
+def local_hostname() -> str:
+    """The name said in EHLO (looked up once: getfqdn may ask DNS)."""
+    return socket.getfqdn()
+
+
+class Session:
+    """One connected, greeted (and, if configured, encrypted and logged-in) session."""
+
+    def __init__(self, protocol: _Protocol, timeout: float):
+        self._protocol, self.timeout = protocol, timeout
+        self.extensions: dict[str, str] = {}
+        self.broken = False  # set once anything failed: the session is not reused
+
+    @classmethod
+    async def open(cls, host: str, port: int, *, tls: str, context: ssl.SSLContext | None,
+                   timeout: float, username: str | None = None, password: str | None = None,
+                   helo: str | None = None) -> Session:
+        """Connect, read the greeting, EHLO, STARTTLS and EHLO again, AUTH."""
+        loop = asyncio.get_running_loop()
+        context = context or ssl.create_default_context()
+        helo = helo or local_hostname()
+        async with asyncio.timeout(timeout):
+            _, protocol = await loop.create_connection(
+                _Protocol, host, port, ssl=context if tls == "implicit" else None,
+                server_hostname=host if tls == "implicit" else None)
+        session = cls(protocol, timeout)
+        try:
+            await session._expect(await session._read(), 220, "greeting")
+            await session._ehlo(helo)
+            if tls == "starttls":
+                if "starttls" not in session.extensions:
+                    raise ReplyError(Reply(502, "the server does not offer STARTTLS"),
+                                     "STARTTLS")
+                await session._command(b"STARTTLS\r\n", 220, "STARTTLS")
+                transport = protocol.transport
+                assert transport is not None
+                async with asyncio.timeout(timeout):
+                    new = await loop.start_tls(transport, protocol, context,
+                                               server_hostname=host)
+                protocol.transport = cast(asyncio.Transport, new)
+                await session._ehlo(helo)
+            if username:
+                await session._login(username, password or "")
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    @property
+    def connected(self) -> bool:
+        return not self.broken and self._protocol.transport is not None
+
+    def _write(self, data: bytes) -> None:
+        transport = self._protocol.transport
+        if transport is None or transport.is_closing():
+            self.broken = True
+            raise Disconnected("connection closed")
+        transport.write(data)
+
+    async def _read(self) -> Reply:
+        try:
+            async with asyncio.timeout(self.timeout):
+                reply = await self._protocol.reply()
+        except BaseException:
+            self.broken = True
+            raise
+        if reply.code == 421:  # the server is closing this session (RFC 5321 3.8)
+            self.broken = True
+        return reply
+
+    @staticmethod
+    async def _expect(reply: Reply, code: int, command: str) -> Reply:
+        if reply.code != code:
+            raise ReplyError(reply, command)
+        return reply
+
+    async def _command(self, line: bytes, code: int, command: str) -> Reply:
+        self._write(line)
+        return await self._expect(await self._read(), code, command)
+
+    async def _ehlo(self, helo: str) -> None:
+        reply = await self._command(f"EHLO {helo}\r\n".encode("ascii"), 250, "EHLO")
+        self.extensions = {}
+        for line in reply.text.split("\n")[1:]:
+            keyword, _, params = line.strip().partition(" ")
+            self.extensions[keyword.lower()] = params
+
+    async def _login(self, username: str, password: str) -> None:
+        mechanisms = self.extensions.get("auth", "").upper().split()
+        try:
+            if "PLAIN" in mechanisms or "LOGIN" not in mechanisms:
+                token = base64.b64encode(f"\0{username}\0{password}".encode()).decode("ascii")
+                await self._command(f"AUTH PLAIN {token}\r\n".encode("ascii"), 235, "AUTH")
+                return
+            await self._command(b"AUTH LOGIN\r\n", 334, "AUTH")
+            await self._command(base64.b64encode(username.encode()) + b"\r\n", 334, "AUTH")
+            await self._command(base64.b64encode(password.encode()) + b"\r\n", 235, "AUTH")
+        except ReplyError as exc:
+            raise AuthError(exc.reply, "AUTH") from None
+
+    async def send(self, sender: str, recipients: list[str], message: bytes
+                   ) -> tuple[dict[str, Reply], Reply]:
+        """One transaction: (the recipients refused and their replies, the final reply).
+
+        Raises ReplyError for MAIL refused, every recipient refused, or DATA
+        refused (the transaction is reset where it can be); Disconnected or
+        TimeoutError when the connection failed before the message went out;
+        LostAfterData when it failed after.
+        """
+        for address in (sender, *recipients):
+            if not _PLAIN_ADDRESS.fullmatch(address):
+                raise ValueError(f"envelope address {address!r} is not plain")
+        commands = [f"MAIL FROM:<{sender}>\r\n".encode("ascii")] + [
+            f"RCPT TO:<{r}>\r\n".encode("ascii") for r in recipients] + [b"DATA\r\n"]
+        if "pipelining" in self.extensions:
+            self._write(b"".join(commands))
+            replies = [await self._read() for _ in commands]
+        else:
+            replies = []
+            for command in commands:
+                self._write(command)
+                replies.append(await self._read())
+                if replies[0].code != 250:
+                    break
+        mail = replies[0]
+        if mail.code != 250:
+            await self._reset()
+            raise ReplyError(mail, "MAIL")
+        refused = {r: reply for r, reply in zip(recipients, replies[1:-1], strict=True)
+                   if reply.code not in (250, 251)}
+        data = replies[-1]
+        if len(refused) == len(recipients):
+            if data.code == 354:  # RFC 2920 3.1: end the empty message; it is refused
+                self._write(b".\r\n")
+                await self._read()
+            await self._reset()
+            first = next(iter(refused))
+            raise ReplyError(refused[first], "RCPT", first)
+        if data.code != 354:
+            await self._reset()
+            raise ReplyError(data, "DATA")
+        body = _LEADING_DOT.sub(b"..", message)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        try:
+            self._write(body + b".\r\n")
+            final = await self._read()
+        except (Disconnected, TimeoutError, OSError) as exc:
+            raise LostAfterData(f"{type(exc).__name__}: {exc}") from exc
+        if final.code != 250:
+            raise ReplyError(final, "DATA")
+        return refused, final
+
+    async def _reset(self) -> None:
+        try:
+            await self._command(b"RSET\r\n", 250, "RSET")
+        except (ReplyError, Disconnected, TimeoutError):
+            self.broken = True
+
+    async def quit(self) -> None:
+        """QUIT politely (best effort), then close."""
+        try:
+            self._write(b"QUIT\r\n")
+            async with asyncio.timeout(min(self.timeout, 5.0)):
+                await self._protocol.reply()
+        except (Disconnected, TimeoutError, OSError):
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.broken = True
+        transport = self._protocol.transport
+        if transport is not None:
+            transport.close()
