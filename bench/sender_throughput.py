@@ -12,7 +12,8 @@ and discards mail as fast as a real server's protocol allows. Rows:
                 email.sent out) with an account of 1 and of N connections, its
                 email.requested filled before it starts; timed from the first
                 message recorded sent to the last, so the group join and the
-                suppression-list load stay out. Its peak RSS (VmHWM) is printed.
+                suppression-list load stay out. Its peak RSS (VmHWM) is printed,
+                and that of its composer process beside it.
 
 Usage: .venv/bin/python bench/sender_throughput.py [--messages 4000] [--connections 4]
 Needs `make infra` (Kafka and PostgreSQL running) and /usr/sbin/smtp-sink.
@@ -107,9 +108,18 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def children(pid: int) -> list[int]:
+    """The process's children (the sender's composer and sandbox processes)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettings,
-                workdir: Path, settling: int) -> tuple[float, float]:
-    """(msg/s from the first message sent to the last, peak RSS MiB of the sender)."""
+                workdir: Path, settling: int) -> tuple[float, float, float]:
+    """(msg/s from the first message sent to the last, peak RSS MiB of the sender and
+    of its child processes, the composer's)."""
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     config = admin.kafka.client_config()
     provision(config, admin.var_dir / "secrets", prefix, users=False)
@@ -126,7 +136,7 @@ def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettin
     sender = subprocess.Popen([sys.executable, "-m", "mailbus", "sender"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first: float | None = None
-    rss = float("nan")
+    rss = child_rss = float("nan")
     try:
         with psycopg.connect(admin.postgres.conninfo(), autocommit=True) as conn:
             deadline = time.monotonic() + 600
@@ -144,11 +154,12 @@ def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettin
                 raise SystemExit("the sender stopped or stalled")
             elapsed = time.perf_counter() - (first or 0.0)
             rss = peak_rss_mib(sender.pid)
+            child_rss = sum(peak_rss_mib(c) for c in children(sender.pid))
     finally:
         sender.terminate()
         sender.wait(60)
         drop_namespace(config, prefix)
-    return (messages - at_first) / elapsed, rss
+    return (messages - at_first) / elapsed, rss, child_rss
 
 
 def main() -> None:
@@ -162,23 +173,28 @@ def main() -> None:
     port = free_port()
     sink = start_sink(port)
     workdir = Path(tempfile.mkdtemp(prefix="mailbus-bench-"))
-    rows: list[tuple[str, int, float, float | None]] = []
+    rows: list[tuple[str, int, float, tuple[float, float] | None]] = []
     try:
         rows.append(("bare smtplib", 1, bare_smtplib(port, args.messages), None))
         for n in (1, args.connections):
             rows.append(("bare loop", n, asyncio.run(bare_loop(port, args.messages, n)), None))
         for n in (1, args.connections):
-            rate, rss = mailbus_run(port, args.messages, n, admin, workdir, args.settling)
-            rows.append(("mailbus", n, rate, rss))
+            rate, rss, child = mailbus_run(port, args.messages, n, admin, workdir,
+                                           args.settling)
+            rows.append(("mailbus", n, rate, (rss, child)))
     finally:
         sink.terminate()
         sink.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nsender to smtp-sink, {args.messages} messages of {len(BODY)} B body per row,"
           f" {os.cpu_count()} cores, settling per connection {args.settling}")
-    print(f"{'path':<12} {'connections':>11} {'msg/s':>9} {'peak RSS MiB':>13}")
-    for path, n, rate, rss in rows:
-        print(f"{path:<12} {n:>11} {rate:>9.1f} {'' if rss is None else f'{rss:.1f}':>13}")
+    print(f"{'path':<12} {'connections':>11} {'msg/s':>9} {'peak RSS MiB':>13}"
+          f" {'composer MiB':>13}")
+    for path, n, rate, memory in rows:
+        line = f"{path:<12} {n:>11} {rate:>9.1f}"
+        if memory is not None:
+            line += f" {memory[0]:>13.1f} {memory[1]:>13.1f}"
+        print(line)
     bare = rows[0][2]
     for path, n, rate, _ in rows:
         if path == "mailbus":
