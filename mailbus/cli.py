@@ -184,6 +184,30 @@ def devmail(
     console.print(table)
 
 
+@app.command()
+def doctor(
+    dns_server: Annotated[str | None, typer.Option(
+        help="Resolve SPF, DKIM and DMARC through this server (HOST or HOST:PORT);"
+             " default: the system's resolver.")] = None,
+    service: Annotated[list[str] | None, typer.Option(
+        help="Check Kafka and PostgreSQL as this service (repeat); default: all.")] = None,
+    skip_infra: Annotated[bool, typer.Option(
+        help="Check only the accounts and their domains.")] = False,
+) -> None:
+    """Check the installation: every row a verdict and a fix; exit 1 if any row fails."""
+    from mailbus import doctor as d
+    from mailbus.doctor_infra import SETTINGS
+
+    unknown = set(service or ()) - set(SETTINGS)
+    if unknown:
+        raise typer.BadParameter(f"--service must be among {', '.join(SETTINGS)}")
+    checks = d.run(services=tuple(service or SETTINGS), dns_server=dns_server,
+                   check_infra=not skip_infra)
+    wide = Console(width=max(console.width, 160))
+    if not d.render(checks, wide):
+        raise typer.Exit(1)
+
+
 accounts_app = typer.Typer(help="Sender accounts.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
 
