@@ -18,6 +18,7 @@ from mailbus.accounts import Account, load_accounts
 from mailbus.db import OWNER_ROLE
 from mailbus.errors import ConfigError
 from mailbus.findings import Check, Finding
+from mailbus.sender.settings import SenderSettings
 from mailbus.settings import ServiceSettings
 
 STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
@@ -40,7 +41,7 @@ def infrastructure(services: tuple[str, ...]) -> Iterator[Check]:
         if settings.uses_postgres:
             yield Check("postgres", service, doctor_infra.postgres(settings))
     yield Check("postgres", "migrations", doctor_infra.migrations(owner()))
-    sender = doctor_infra.service_settings("sender")
+    sender = SenderSettings()
     yield Check("links", "link keys", doctor_infra.link_keys(sender))
     yield Check("links", "hooks base URL",
                 doctor_infra.hooks_url(sender.hooks_base_url))
@@ -94,7 +95,7 @@ def run(*, services: tuple[str, ...], dns_server: str | None, check_infra: bool 
         return checks
     checks.append(Check("accounts", str(admin.accounts_file),
                         Finding("ok", f"{len(directory)} account(s)")))
-    sender = doctor_infra.service_settings("sender")
+    sender = SenderSettings()
     checks += accounts(directory, gmail_api_endpoint=sender.gmail_api_endpoint,
                        gmail_token_uri=sender.gmail_token_uri)
     checks += domains(directory, dns_server)
