@@ -3,8 +3,9 @@
 DNS goes through dnspython, against the system's resolver or one named
 server (`mailbus doctor --dns-server`); tag lists (DKIM, DMARC) are parsed
 with dkimpy's own parser. checkdmarc does more (it follows SPF includes and
-counts lookups) but resolves only on port 53, so a check that a test can run
-against a local server is written here: what it decides is small and pure.
+counts lookups), but its documented options take name servers by address
+only, with no port, so a test's DNS server on an unprivileged port could not
+answer it; what is decided here is small and pure, and unit-tested.
 
 Alignment is DMARC's relaxed alignment judged without the Public Suffix
 List: two names align when one is the other or a subdomain of it, which is
