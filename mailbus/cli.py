@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mailbus import apikeys, db, replay_cli
+from mailbus import apikeys, db, logs, replay_cli
 from mailbus.errors import MailbusError
 from mailbus.settings import PostgresSettings, ServiceSettings
 
@@ -24,8 +23,8 @@ app.add_typer(setup_app, name="setup")
 console = Console()
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(settings: ServiceSettings) -> None:
+    logs.setup(settings.log_level, settings.log_format)
 
 
 def _admin() -> ServiceSettings:
@@ -41,7 +40,7 @@ def ingest() -> None:
     from mailbus.ingest.settings import IngestSettings
 
     settings = IngestSettings()
-    _logging(settings.log_level)
+    _logging(settings)
     uvicorn.Server(server_config(settings)).run()
 
 
@@ -52,7 +51,7 @@ def sender() -> None:
     from mailbus.sender.settings import SenderSettings
 
     settings = SenderSettings()
-    _logging(settings.log_level)
+    _logging(settings)
     run(settings)
 
 
@@ -63,7 +62,7 @@ def confirm() -> None:
     from mailbus.confirm.stream import main as run
 
     settings = ConfirmSettings()
-    _logging(settings.log_level)
+    _logging(settings)
     run(settings)
 
 
@@ -74,7 +73,7 @@ def projector() -> None:
     from mailbus.confirm.projector import main as run
 
     settings = ProjectorSettings()
-    _logging(settings.log_level)
+    _logging(settings)
     run(settings)
 
 
@@ -85,7 +84,7 @@ def hooks() -> None:
     from mailbus.hooks.settings import HooksSettings
 
     settings = HooksSettings()
-    _logging(settings.log_level)
+    _logging(settings)
     run(settings)
 
 
@@ -96,7 +95,7 @@ def replies() -> None:
     from mailbus.replies.settings import RepliesSettings
 
     settings = RepliesSettings()
-    _logging(settings.log_level)
+    _logging(settings)
     run(settings)
 
 
@@ -156,7 +155,7 @@ def devsmtp(
     from mailbus import devsmtp as dev
 
     settings = _admin()
-    _logging(settings.log_level)
+    _logging(settings)
     dev.serve(settings.var_dir / "devmail", port=port)
 
 
@@ -182,6 +181,30 @@ def devmail(
         head = dev.summary(path)
         table.add_row(path.name, head["Date"], head["From"], head["To"], head["Subject"])
     console.print(table)
+
+
+@app.command()
+def doctor(
+    dns_server: Annotated[str | None, typer.Option(
+        help="Resolve SPF, DKIM and DMARC through this server (HOST or HOST:PORT);"
+             " default: the system's resolver.")] = None,
+    service: Annotated[list[str] | None, typer.Option(
+        help="Check Kafka and PostgreSQL as this service (repeat); default: all.")] = None,
+    skip_infra: Annotated[bool, typer.Option(
+        help="Check only the accounts and their domains.")] = False,
+) -> None:
+    """Check the installation: every row a verdict and a fix; exit 1 if any row fails."""
+    from mailbus import doctor as d
+    from mailbus.doctor_infra import SETTINGS
+
+    unknown = set(service or ()) - set(SETTINGS)
+    if unknown:
+        raise typer.BadParameter(f"--service must be among {', '.join(SETTINGS)}")
+    checks = d.run(services=tuple(service or SETTINGS), dns_server=dns_server,
+                   check_infra=not skip_infra)
+    wide = Console(width=max(console.width, 160))
+    if not d.render(checks, wide):
+        raise typer.Exit(1)
 
 
 accounts_app = typer.Typer(help="Sender accounts.", no_args_is_help=True)
@@ -222,7 +245,7 @@ def setup_kafka(
     from mailbus.provision import provision
 
     settings = _admin()
-    _logging(settings.log_level)
+    _logging(settings)
     result = provision(settings.kafka.client_config(), settings.var_dir / "secrets", prefix)
     console.print(f"kafka: topics created {result['topics_created'] or 'none'}, "
                   f"{result['acls']} ACL bindings in place")
@@ -232,7 +255,7 @@ def setup_kafka(
 def setup_db() -> None:
     """Create roles and database (as the superuser), then apply migrations (as the owner)."""
     settings = _admin()
-    _logging(settings.log_level)
+    _logging(settings)
     secrets = settings.var_dir / "secrets"
     base = settings.postgres
     superuser = PostgresSettings(

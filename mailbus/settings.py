@@ -139,9 +139,14 @@ class ServiceSettings(BaseSettings):
     env: Literal["local", "production"] = "local"
     var_dir: Path = DEFAULT_VAR
     accounts_file: Path | None = None
+    # How often a service that reads the accounts file looks for a new version
+    # of it (SIGHUP reloads at once).
+    accounts_poll_seconds: float = Field(default=2.0, gt=0, le=3600)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     log_level: str = "INFO"
+    # text: `time level logger: message key=value ...`; json: one object per line.
+    log_format: Literal["text", "json"] = "text"
     # False for a service that never opens a database connection: its
     # container is given no database password, so none is checked.
     uses_postgres: ClassVar[bool] = True

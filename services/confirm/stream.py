@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import faust
@@ -27,6 +28,7 @@ from mailbus.confirm import join, metrics
 from mailbus.confirm.settings import ConfirmSettings
 from mailbus.errors import ConfigError, DecodeError
 from mailbus.lag import LagReporter
+from mailbus.reload import AccountsReloader
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,7 @@ class ConfirmApp:
         self.agent = self.app.agent(self.sources, name="confirm-join")(self._join)
         self.app.timer(settings.timer_seconds, name="confirm-deadlines")(self.tick)
         self.app.task(self._check_partitions)
+        self.app.task(self._reload_accounts)
 
     async def _join(self, stream: StreamT[bytes]) -> None:
         # take_events is take with the events (for partition and offset);
@@ -273,6 +276,15 @@ class ConfirmApp:
         changelog = self.table.changelog_topic_name
         return {tp.partition for tp in self.app.assignor.assigned_actives()
                 if tp.topic == changelog}
+
+    async def _reload_accounts(self) -> None:
+        # Deadlines follow the accounts file as it is now: a new version (on
+        # SIGHUP or when the file changes) is swapped in whole, or refused.
+        path = self.settings.accounts_file
+        if path is not None:
+            await AccountsReloader(path, self.accounts, partial(setattr, self, "accounts"),
+                                   service="confirm",
+                                   poll_seconds=self.settings.accounts_poll_seconds).run()
 
     async def _check_partitions(self) -> None:
         # The join is only right when every source topic has the table's

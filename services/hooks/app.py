@@ -53,6 +53,8 @@ def server_config(settings: HooksSettings, keyring: Keyring) -> uvicorn.Config:
     return uvicorn.Config(
         create_app(settings, keyring), host=settings.host, port=settings.port,
         log_level=settings.log_level.lower(), access_log=False,
+        # uvicorn's lines go through the process's handler: text or JSON as configured.
+        log_config=None,
         # X-Forwarded-For is read by the Guard, from trusted proxies only; and
         # the access log would write bearer tokens and addresses.
         proxy_headers=False, server_header=False, lifespan="on",

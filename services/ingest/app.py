@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any
 
 import uvicorn
@@ -40,6 +41,7 @@ from mailbus.ingest.retention import prune_forever
 from mailbus.ingest.service import Ingestor, Planned
 from mailbus.ingest.settings import IngestSettings
 from mailbus.producer import AsyncProducer
+from mailbus.reload import AccountsReloader
 
 log = logging.getLogger(__name__)
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -51,6 +53,8 @@ def server_config(settings: IngestSettings, producer_factory: ProducerFactory | 
     return uvicorn.Config(
         create_app(settings, producer_factory), host=settings.host, port=settings.port,
         log_level=settings.log_level.lower(), access_log=False,
+        # uvicorn's lines go through the process's handler: text or JSON as configured.
+        log_config=None,
         # No proxy is trusted by default and the server does not name itself.
         proxy_headers=False, server_header=False, lifespan="on",
     )
@@ -83,11 +87,18 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
             settings.idempotency_retention_seconds)
         pruner = asyncio.create_task(prune_forever(
             ingestor, settings.idempotency_prune_seconds, settings.idempotency_prune_batch))
+        # A request routes with whichever directory is in force when it starts:
+        # the swap is one assignment, never half an edit.
+        reloader = AccountsReloader(settings.accounts_file, directory,
+                                    partial(setattr, ingestor, "directory"), service="ingest",
+                                    poll_seconds=settings.accounts_poll_seconds)
+        reloader.start()
         log.info("ingest ready: %d account(s), topic %s", len(directory),
                  settings.kafka.topic(topics.REQUESTED))
         try:
             yield
         finally:
+            await reloader.stop()
             pruner.cancel()
             left = producer.close()
             if left:

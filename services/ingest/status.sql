@@ -19,10 +19,13 @@ FROM message_status
 WHERE namespace = %(namespace)s AND message_id = %(id)s;
 
 -- name: timeline
--- Oldest first; events of the same instant in the order they were projected.
+-- Oldest first. Events of the same instant (a final SMTP server's acceptance is
+-- sent and delivered at once; clocks are coarse) follow the pipeline's causal
+-- order, whatever order they were projected in; then the order of projection.
 -- A DSN saying delivery is delayed is no event of any topic (the remote
 -- server is still trying): the replies service's inbound_messages row is its
 -- record, one timeline entry per delayed recipient, at the report's arrival.
+SELECT * FROM (
 SELECT kind, occurred_at, account_id, detail, projected_at, event_id::text AS tiebreak
 FROM message_events
 WHERE namespace = %(namespace)s AND message_id = %(id)s
@@ -38,7 +41,11 @@ CROSS JOIN LATERAL jsonb_array_elements(
     ELSE '[]' END) WITH ORDINALITY AS r(value, ordinality)
 WHERE i.namespace = %(namespace)s AND i.message_id = %(id)s AND i.kind = 'dsn'
   AND r.value ->> 'action' = 'delayed'
-ORDER BY occurred_at, projected_at, tiebreak;
+) AS events
+ORDER BY occurred_at,
+         array_position(ARRAY['requested', 'sent', 'failed', 'delayed', 'delivered', 'bounced',
+                              'response', 'confirmed', 'unconfirmed', 'unknown'], kind),
+         projected_at, tiebreak;
 
 -- name: list_for_key
 -- Keyset pagination on (requested_at, id), newest first: the cursor is the

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import signal
 import uuid
+from collections import Counter
 from contextlib import suppress
 from datetime import UTC, datetime
 from functools import partial
@@ -34,7 +35,9 @@ from mailbus import tokens
 from mailbus.accounts import Account, Directory, load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
+from mailbus.logs import event
 from mailbus.producer import AsyncProducer
+from mailbus.reload import AccountsReloader, changes
 from mailbus.replies import metrics
 from mailbus.replies.classify import Inbound, classify
 from mailbus.replies.events import Plan, plan
@@ -81,6 +84,8 @@ class Replies:
         self.classifier = classifier  # what the workers run; tests put a slow one here
         self.readers: dict[str, ImapReader | GmailReader] = {}
         self.handled = 0  # messages newly handled, since start
+        self.kinds: Counter[str] = Counter()  # by kind, since the last summary
+        self.tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
 
     async def handle(self, account: Account, raw: bytes, ref: MailRef) -> None:
@@ -112,7 +117,11 @@ class Replies:
             for r in planned.records))
         await self.state.record_inbound(inbound_row(ref, inbound, planned))
         self.handled += 1
+        self.kinds[planned.kind] += 1
         _count(account.id, planned)
+        event(log, logging.INFO, f"account {account.id}: mail handled as {planned.kind}",
+              account=account.id, ref=ref.source_ref, kind=planned.kind,
+              message_id=planned.message_id or "-", events=len(planned.records))
 
     async def _classify(self, account: Account, raw: bytes, ref: MailRef) -> Inbound:
         """The verdict on one mail; unmatched with the reason when it is too big or too slow."""
@@ -150,19 +159,27 @@ class Replies:
                                target=self.classifier)
         self.sent = SentMessages(self.pool, s.kafka.topic_prefix)
         self.producer = AsyncProducer(s.kafka.client_config(), **{"client.id": "mailbus-replies"})
-        self.readers = {a.id: self._reader(a) for a in self.directory.by_id.values()
-                        if a.reads_mailbox}
+        for account in self.directory.by_id.values():
+            if account.reads_mailbox:
+                self._start(account)
         metrics.MAILBOXES.set(len(self.readers))
-        tasks = [asyncio.create_task(r.run(), name=f"reader-{a}")
-                 for a, r in self.readers.items()]
         log.info("replies running: %d mailbox(es) of %d account(s)", len(self.readers),
                  len(self.directory))
+        assert s.accounts_file is not None
+        reloader = AccountsReloader(s.accounts_file, self.directory, self.apply,
+                                    service="replies", poll_seconds=s.accounts_poll_seconds)
+        reloader.start()
+        summary = (asyncio.create_task(self._summaries(s.log_summary_seconds))
+                   if s.log_summary_seconds else None)
         try:
             await self._stop.wait()
         finally:
+            await reloader.stop()
+            if summary is not None:
+                summary.cancel()
             for reader in self.readers.values():
                 reader.stop()
-            for task in tasks:
+            for task in list(self.tasks.values()):
                 with suppress(Exception):
                     await asyncio.wait_for(task, 30)
             self.producer.close()
@@ -173,6 +190,57 @@ class Replies:
     def stop(self) -> None:
         """Ask run() to stop the readers (each finishes the message in hand) and return."""
         self._stop.set()
+
+    def _start(self, account: Account, after: asyncio.Task[None] | None = None) -> None:
+        reader = self.readers[account.id] = self._reader(account)
+
+        async def run() -> None:
+            if after is not None:  # the old reader of this mailbox finishes its message first
+                with suppress(Exception):
+                    await after
+            await reader.run()
+
+        self.tasks[account.id] = asyncio.create_task(run(), name=f"reader-{account.id}")
+
+    def apply(self, new: Directory) -> None:
+        """Put a reloaded accounts file in force: readers of changed mailboxes start afresh.
+
+        An unchanged account keeps its reader (and its connection); a removed or
+        changed one's reader stops after the message in hand, and a changed or
+        added one's starts once the old one has stopped, so one mailbox never
+        has two readers.
+        """
+        diff = changes(self.directory, new)
+        self.directory = new
+        for account_id in (*diff["removed"], *diff["changed"]):
+            reader = self.readers.pop(account_id, None)
+            if reader is not None:
+                reader.stop()
+        for account_id in (*diff["added"], *diff["changed"]):
+            account = new.by_id[account_id]
+            if account.reads_mailbox:
+                old = self.tasks.get(account_id)
+                self._start(account, after=old if old is not None and not old.done() else None)
+            else:
+                self.tasks.pop(account_id, None)
+        for account_id in diff["removed"]:
+            self.tasks.pop(account_id, None)
+        metrics.MAILBOXES.set(len(self.readers))
+
+    async def _summaries(self, every: float) -> None:
+        """One line per period: what was handled, and which mailboxes are failing."""
+        while True:
+            await asyncio.sleep(every)
+            kinds, self.kinds = self.kinds, Counter()
+            failing = sorted(a for a, r in self.readers.items() if not r.connected)
+            event(log, logging.INFO,
+                  f"replies summary: {sum(kinds.values())} mail(s) handled in the last "
+                  f"{every:g} s; {len(self.readers) - len(failing)} of {len(self.readers)} "
+                  "mailbox(es) reading", window_seconds=every, handled=sum(kinds.values()),
+                  **{f"handled_{k}": n for k, n in sorted(kinds.items())},
+                  mailboxes=len(self.readers), not_reading=",".join(failing) or "-",
+                  **{f"error_{a}": self.readers[a].last_error for a in failing
+                     if self.readers[a].last_error})
 
 
 def inbound_row(ref: MailRef, inbound: Inbound, planned: Plan) -> InboundMessage:

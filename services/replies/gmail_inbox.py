@@ -50,6 +50,7 @@ from google.oauth2 import service_account
 
 from mailbus.accounts import Account
 from mailbus.errors import ConfigError
+from mailbus.logs import event
 from mailbus.replies.state import Handler, HandlerFailed, MailboxState, MailRef
 from mailbus.sender.gmail import AUTH, GmailTransport
 from mailbus.sender.transport import (
@@ -103,6 +104,8 @@ class GmailReader:
         self.failures = 0
         self.last_error: str | None = None
         self.full_syncs = 0
+        self.connected = False
+        self._failing = 0  # failures since the last successful sync
 
     async def run(self) -> None:
         """Poll the mailbox's history until stop()."""
@@ -123,6 +126,8 @@ class GmailReader:
                     delay = min(delay * 2, self._backoff[1])
                     continue
                 delay = self._backoff[0]
+                if not self.connected:
+                    self._reading()
                 self.caught_up.set()
                 await self._sleep(self.config.poll_seconds)
         finally:
@@ -141,12 +146,24 @@ class GmailReader:
         except TimeoutError:
             pass
 
+    def _reading(self) -> None:
+        what = "mailbox connected" if not self._failing else \
+            f"mailbox recovered after {self._failing} failure(s)"
+        event(log, logging.INFO, f"account {self.account_id} {what}",
+              account=self.account_id, mailbox=f"gmail:{MAILBOX}",
+              poll_seconds=self.config.poll_seconds)
+        self.connected, self._failing = True, 0
+
     def _failed(self, level: int, text: str, wait: float, cause: BaseException | None = None
                 ) -> None:
         self.failures += 1
+        self._failing += 1
+        self.connected = False
         self.last_error = text
-        log.log(level, "account %s Gmail inbox: %s; retrying in %.1f s", self.account_id, text,
-                wait, exc_info=cause)
+        event(log, level, f"account {self.account_id} Gmail inbox failed: {text}; retrying "
+              f"in {wait:.1f} s", exc_info=cause, account=self.account_id,
+              mailbox=f"gmail:{MAILBOX}", reason=text, retry_in_seconds=wait,
+              failures_in_a_row=self._failing)
 
     async def _sync(self) -> None:
         users = self._gmail.service.users()

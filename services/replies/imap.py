@@ -53,6 +53,7 @@ from imapclient.exceptions import LoginError
 
 from mailbus.accounts import Account
 from mailbus.errors import ConfigError
+from mailbus.logs import event
 from mailbus.replies.state import Handler, HandlerFailed, MailboxState, MailRef
 from mailbus.settings import read_secret
 
@@ -94,6 +95,8 @@ class ImapReader:
         self.idling = threading.Event()
         self.failures = 0
         self.last_error: str | None = None
+        self.connected = False
+        self._failing = 0  # failures since the last successful login
 
     async def run(self) -> None:
         """Read until stop() (or cancellation); the IMAP work runs in its own thread."""
@@ -137,6 +140,7 @@ class ImapReader:
             client: IMAPClient | None = None
             try:
                 client = self._connect()
+                self._logged_in(client)
                 self._session(client)
             except LoginError as exc:
                 self._failed(logging.ERROR, f"IMAP login refused for {self.username!r} at "
@@ -157,11 +161,27 @@ class ImapReader:
                 self._stop.wait(self._delay)
                 self._delay = min(self._delay * 2, self._backoff[1])
 
+    def _where(self) -> dict[str, object]:
+        cfg = self.config
+        return {"account": self.account_id, "mailbox": self.mailbox, "host": cfg.host,
+                "port": cfg.port, "tls": cfg.tls, "user": self.username}
+
+    def _logged_in(self, client: IMAPClient) -> None:
+        idle = b"IDLE" in client.capabilities()
+        what = "mailbox connected" if not self._failing else \
+            f"mailbox recovered after {self._failing} failure(s)"
+        event(log, logging.INFO, f"account {self.account_id} {what}", **self._where(),
+              idle=idle and self.config.idle, poll_seconds=self.config.poll_seconds)
+        self.connected, self._failing = True, 0
+
     def _failed(self, level: int, text: str, cause: BaseException | None = None) -> None:
         self.failures += 1
+        self._failing += 1
+        self.connected = False
         self.last_error = text
-        log.log(level, "account %s mailbox %s: %s; retrying in %.1f s", self.account_id,
-                self.mailbox, text, self._delay, exc_info=cause)
+        event(log, level, f"account {self.account_id} mailbox failed: {text}; retrying in "
+              f"{self._delay:.1f} s", exc_info=cause, **self._where(), reason=text,
+              retry_in_seconds=self._delay, failures_in_a_row=self._failing)
 
     def _connect(self) -> IMAPClient:
         cfg = self.config

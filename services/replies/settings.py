@@ -28,6 +28,9 @@ class RepliesSettings(ServiceSettings):
     classify_workers: int = Field(default=2, ge=1, le=32)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9105, ge=0, le=65535)
+    # How often a summary line says what was handled since the last one and which
+    # mailboxes are failing; 0: never.
+    log_summary_seconds: float = Field(default=300.0, ge=0)
     # Gmail API endpoints: Google's unless overridden (the tests' emulator).
     gmail_api_endpoint: str | None = None
     gmail_token_uri: str | None = None

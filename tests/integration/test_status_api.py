@@ -95,6 +95,21 @@ def test_message_status_and_timeline(api, make_key, namespace, admin_kafka, regi
     problem(api.get(f"/v1/messages/{mid}", headers=auth(sender)), 403)
 
 
+def test_events_of_the_same_instant_follow_the_pipeline_not_the_projection(
+        api, make_key, namespace, admin_kafka, registry):
+    _, token = make_key()
+    msg = post(api, token)
+    mid, same = msg["id"], at(msg, 1)
+    # Projected in three runs, latest first: by projection order the timeline
+    # would read confirmed, delivered, sent.
+    for event in (confirmed(mid, same), delivered(mid, same, "ada@example.com"),
+                  sent(mid, same, recipients=["ada@example.com"])):
+        project_all(namespace, admin_kafka, registry, [event])
+    timeline = api.get(f"/v1/messages/{mid}", headers=auth(token)).json()["timeline"]
+    assert [e["kind"] for e in timeline] == ["requested", "sent", "delivered", "confirmed"]
+    assert len({e["at"] for e in timeline[1:]}) == 1
+
+
 def test_admin_sees_a_message_another_producer_wrote(api, make_key, namespace, admin_kafka,
                                                      registry):
     import uuid
