@@ -1,0 +1,169 @@
+"""Delivering queued events: one worker per (endpoint, lane), none waits on another.
+
+Every `dispatch_seconds` the dispatcher asks which (endpoint, lane) pairs
+have a due delivery nobody holds, and starts a worker for each it is not
+already running, up to `max_endpoints_in_flight`. A worker claims its
+lane's oldest due deliveries (a lease, so another instance leaves them
+alone), and sends them one at a time in event order; each attempt and its
+outcome are written in one transaction. At a failure the worker stops and
+hands the rest back; the failed delivery waits out its backoff while the
+others are tried again at once. A slow or failing endpoint so holds only
+its own worker, never another endpoint's deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from mailbus import queries
+from mailbus.webhooks import metrics, signing
+from mailbus.webhooks.client import Attempt, Limits, attempt, new_client
+from mailbus.webhooks.rules import after_attempt, should_disable, succeeded
+from mailbus.webhooks.settings import WebhooksSettings
+
+log = logging.getLogger(__name__)
+SQL = queries.load(Path(__file__).with_name("queries.sql"))
+
+
+class Dispatcher:
+    """Starts and tracks the workers of one namespace's endpoints."""
+
+    def __init__(self, settings: WebhooksSettings, pool: AsyncConnectionPool):
+        self.settings = settings
+        self.pool = pool
+        self.namespace = settings.kafka.topic_prefix
+        self.policy = settings.policy()
+        self.limits = Limits(settings.timeout_seconds, settings.max_response_bytes)
+        self.workers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.clients: dict[str, httpx.AsyncClient] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch until `stop` is set; running workers finish their attempt first."""
+        try:
+            while not stop.is_set():
+                try:
+                    await self.tick()
+                except Exception:  # the loop must outlive a database outage
+                    log.exception("webhooks: dispatch round failed")
+                try:
+                    await asyncio.wait_for(stop.wait(), self.settings.dispatch_seconds)
+                except TimeoutError:
+                    pass
+        finally:
+            if self.workers:
+                await asyncio.wait(list(self.workers.values()),
+                                   timeout=self.settings.timeout_seconds + 1)
+            for client in self.clients.values():
+                await client.aclose()
+
+    async def tick(self) -> None:
+        """One round: start a worker for every due lane that has none."""
+        free = self.settings.max_endpoints_in_flight - len(self.workers)
+        if free <= 0:
+            return
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(SQL["due_lanes"], {
+                "namespace": self.namespace,
+                "limit": free + len(self.workers)})).fetchall()
+        for endpoint_id, lane in rows:
+            key = (str(endpoint_id), str(lane))
+            if key in self.workers or len(self.workers) >= self.settings.max_endpoints_in_flight:
+                continue
+            task = asyncio.create_task(self.work(*key))
+            self.workers[key] = task
+            task.add_done_callback(self._forget(key))
+
+    def _forget(self, key: tuple[str, str]) -> Callable[[asyncio.Task[None]], None]:
+        def done(_: asyncio.Task[None]) -> None:
+            self.workers.pop(key, None)
+        return done
+
+    async def work(self, endpoint_id: str, lane: str) -> None:
+        """Deliver one lane's due deliveries in event order until none is due or one fails."""
+        ids = {"endpoint_id": endpoint_id, "lane": lane}
+        try:
+            while True:
+                async with self.pool.connection() as conn:
+                    cur = conn.cursor(row_factory=dict_row)
+                    await cur.execute(SQL["endpoint"], ids)
+                    endpoint = await cur.fetchone()
+                    if endpoint is None or not endpoint["enabled"]:
+                        return
+                    await cur.execute(SQL["claim"], ids | {
+                        "limit": self.settings.claim_batch,
+                        "lease": self.settings.lease_seconds})
+                    claimed = sorted(await cur.fetchall(),
+                                     key=lambda r: (r["occurred_at"], str(r["event_id"])))
+                if not claimed:
+                    return
+                for i, row in enumerate(claimed):
+                    if not await self.deliver(endpoint, ids, row):
+                        rest = [r["event_id"] for r in claimed[i + 1:]]
+                        if rest:
+                            async with self.pool.connection() as conn:
+                                await conn.execute(SQL["release"], ids | {"event_ids": rest})
+                        return
+        except Exception:  # its leases run out; the next round retries
+            log.exception("webhooks: worker for endpoint %s stopped", endpoint_id)
+
+    async def deliver(self, endpoint: dict[str, Any], ids: dict[str, str],
+                      row: dict[str, Any]) -> bool:
+        """One attempt of one delivery, recorded with its outcome; True when delivered."""
+        secrets_ = [endpoint["secret"]]
+        if endpoint["previous_secret"] and endpoint["previous_valid"]:
+            secrets_.append(endpoint["previous_secret"])
+        body = row["body"].encode()
+        now = datetime.now(UTC)
+        headers = signing.headers(secrets_, str(row["event_id"]), int(now.timestamp()), body)
+        client = self.clients.get(ids["endpoint_id"])
+        if client is None:
+            ca = str(self.settings.ca_file) if self.settings.ca_file else None
+            client = self.clients[ids["endpoint_id"]] = new_client(ca)
+        result = await attempt(client, endpoint["url"], self.policy, self.limits, headers, body)
+        number = row["attempts"] + 1
+        ok = succeeded(result.status_code)
+        outcome = after_attempt(number, ok, datetime.now(UTC),
+                                self.settings.retry_schedule_seconds)
+        metrics.ATTEMPTS.labels(_label(result, ok)).inc()
+        metrics.ATTEMPT_SECONDS.observe(result.latency_ms / 1000)
+        params = ids | {"event_id": row["event_id"], "attempt": number,
+                        "status_code": result.status_code, "latency_ms": result.latency_ms,
+                        "error": result.error, "response": _clean(result.response),
+                        "state": outcome.state, "next_attempt_at": outcome.next_attempt_at}
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(SQL["record_attempt"], params)
+            await conn.execute(SQL["settle"], params)
+            if outcome.state == "failed":
+                metrics.EXHAUSTED.inc()
+                last = await (await conn.execute(SQL["last_success"], ids)).fetchone()
+                if should_disable(last[0] if last else None, row["created_at"]):
+                    reason = (f"every attempt failed for {number} attempts since"
+                              f" {row['created_at'].isoformat()}")
+                    cur = await conn.execute(SQL["disable"], ids | {"reason": reason})
+                    if cur.rowcount:
+                        metrics.DISABLED.inc()
+                        log.warning("webhooks: endpoint %s disabled: %s",
+                                    ids["endpoint_id"], reason)
+        return ok
+
+
+def _label(result: Attempt, ok: bool) -> str:
+    if ok:
+        return "delivered"
+    if result.status_code is not None:
+        return "http_error"
+    return "refused" if (result.error or "").startswith("refused") else "error"
+
+
+def _clean(text: str | None) -> str | None:
+    # A text column refuses NUL; an endpoint's answer may hold one.
+    return text.replace("\x00", "\ufffd") if text is not None else None
