@@ -26,7 +26,7 @@ from mailbus.ingest.problems import Problem, invalid
 from mailbus.ingest.status import _namespace, _rows, page_of, position
 from mailbus.webhooks import signing
 from mailbus.webhooks.guard import Policy, Refused, check_url
-from mailbus.webhooks.rules import EVENT_TYPES, TEST_TYPE, test_event
+from mailbus.webhooks.rules import EVENT_TYPES, TEST_TYPE, ping_event
 
 SQL = queries.load(Path(__file__).with_name("webhooks.sql"))
 router = APIRouter(tags=["webhooks"])
@@ -209,7 +209,7 @@ async def send_test(request: Request, endpoint_id: str, key: Key) -> dict[str, A
     """Queue a `webhook.test` event for this endpoint, whatever types it asked for."""
     ids = _ids(request, key, endpoint_id)
     await _one(request, "get", ids)
-    event = test_event(str(uuid.uuid4()), ids["id"], datetime.now(UTC))
+    event = ping_event(str(uuid.uuid4()), ids["id"], datetime.now(UTC))
     async with _rows(request) as cur:
         await cur.execute(SQL["queue_test"], ids | {
             "event_id": event.event_id, "event_type": TEST_TYPE,

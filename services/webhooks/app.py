@@ -19,14 +19,10 @@ from mailbus.webhooks.settings import WebhooksSettings
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: WebhooksSettings) -> None:
-    """Run until SIGTERM or SIGINT: two Kafka threads queue, the event loop delivers."""
+async def serve(settings: WebhooksSettings, stop: asyncio.Event) -> None:
+    """Run until `stop` is set: two Kafka threads queue, the event loop delivers."""
     registry = Registry.load()
     stopping = threading.Event()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     intake = Intake(settings, registry, stopping)
     threads = [threading.Thread(target=intake.run, name="webhooks-intake", daemon=True),
                threading.Thread(target=Rewinds(settings, registry, stopping).run,
@@ -54,4 +50,12 @@ def main(settings: WebhooksSettings) -> None:
     settings.check_secrets()
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    asyncio.run(serve(settings))
+    asyncio.run(_until_signalled(settings))
+
+
+async def _until_signalled(settings: WebhooksSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(settings, stop)

@@ -62,7 +62,7 @@ def event_of(row: EventRow) -> Event | None:
                  payload(event_type, row.occurred_at, data))
 
 
-def test_event(event_id: str, endpoint_id: str, now: datetime) -> Event:
+def ping_event(event_id: str, endpoint_id: str, now: datetime) -> Event:
     """The event POST …/test queues: it names the endpoint and nothing else."""
     body = payload(TEST_TYPE, now, {"event_id": event_id, "endpoint_id": endpoint_id})
     return Event(event_id, "", TEST_TYPE, now, body)
