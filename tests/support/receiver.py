@@ -24,7 +24,8 @@ Answer = tuple[int, dict[str, str], bytes, float]
 
 
 class Receiver:
-    """Answers each POST as `answer(path, count so far on that path)` says; keeps every request."""
+    """Answers each POST as `answer(path, n)` says, n the requests that came before it on
+    that path with the same webhook-id (0 for the first try); keeps every request."""
 
     def __init__(self, answer: Callable[[str, int], Answer] | None = None):
         self.received: list[Received] = []
@@ -35,13 +36,14 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
+                headers = {k.lower(): v for k, v in self.headers.items()}
                 with receiver.lock:
-                    n = sum(1 for r in receiver.received if r.path == self.path)
-                    receiver.received.append(Received(
-                        self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                    n = sum(1 for r in receiver.received if r.path == self.path
+                            and r.headers.get("webhook-id") == headers.get("webhook-id"))
+                    receiver.received.append(Received(self.path, headers, body))
                 status, headers, content, delay = receiver.answer(self.path, n)
                 if delay:
                     time.sleep(delay)

@@ -21,9 +21,9 @@ from mailbus.webhooks.rules import (
     EVENT_TYPES,
     after_attempt,
     event_of,
+    ping_event,
     should_disable,
     succeeded,
-    ping_event,
 )
 from tests.support import projector as build
 
@@ -165,7 +165,7 @@ def test_urls_accepted_keep_host_port_and_query() -> None:
     "fd00:ec2::254", "100.100.100.200",                    # AWS v6 and Alibaba metadata
     "100.64.0.1",                                          # shared (CGNAT)
     "::ffff:127.0.0.1", "::ffff:10.1.2.3",                 # IPv4-mapped
-    "0.0.0.0", "::", "224.0.0.1", "ff02::1", "240.0.0.1",  # unspecified, multicast, reserved
+    "0.0.0.0", "::", "224.0.0.1", "ff02::1", "240.0.0.1",  # noqa: S104 - unspecified, multicast, reserved
     "192.0.2.10", "198.18.0.1",                            # documentation, benchmarking
 ])
 def test_non_public_addresses_are_refused(address: str) -> None:
@@ -182,7 +182,7 @@ def test_allowed_networks_open_only_what_they_name() -> None:
     # The unspecified address reaches this host on Linux: never, even if listed.
     everything = Policy(allowed_networks=(ipaddress.ip_network("0.0.0.0/0"),))
     with pytest.raises(Refused):
-        check_address(ipaddress.ip_address("0.0.0.0"), everything)
+        check_address(ipaddress.ip_address("0.0.0.0"), everything)  # noqa: S104
 
 
 def test_a_name_is_refused_if_any_of_its_addresses_is() -> None:
