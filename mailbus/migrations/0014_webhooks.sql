@@ -58,6 +58,9 @@ CREATE TABLE webhook_deliveries (
 -- The dispatcher's question: which endpoints have a delivery due?
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (namespace, next_attempt_at)
     WHERE state = 'pending';
+-- Settled deliveries by age, for the retention prune.
+CREATE INDEX webhook_deliveries_settled ON webhook_deliveries (namespace, settled_at)
+    WHERE state <> 'pending';
 -- An endpoint's due deliveries, oldest event first.
 CREATE INDEX webhook_deliveries_order ON webhook_deliveries
     (endpoint_id, lane, occurred_at, event_id) WHERE state = 'pending';
@@ -105,11 +108,12 @@ GRANT SELECT ON webhook_attempts TO mailbus_ingest;
 GRANT SELECT, INSERT ON webhook_replays TO mailbus_ingest;
 
 -- The webhooks service: reads endpoints (and disables one that keeps
--- failing), owns deliveries and attempts, works off replays, and learns
--- which key sent a message and whether that key still stands; nothing else.
+-- failing), owns deliveries and attempts (deleting settled ones past their
+-- retention), works off replays, and learns which key sent a message and
+-- whether that key still stands; nothing else.
 GRANT SELECT, UPDATE (enabled, disabled_reason, updated_at)
     ON webhook_endpoints TO mailbus_webhooks;
-GRANT SELECT, INSERT,
+GRANT SELECT, INSERT, DELETE,
     UPDATE (state, attempts, next_attempt_at, leased_until, settled_at)
     ON webhook_deliveries TO mailbus_webhooks;
 GRANT SELECT, INSERT ON webhook_attempts TO mailbus_webhooks;

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -32,6 +33,8 @@ from mailbus.webhooks.settings import WebhooksSettings
 
 log = logging.getLogger(__name__)
 SQL = queries.load(Path(__file__).with_name("queries.sql"))
+# Rows per delete statement: a backlog never holds many row locks at once.
+PRUNE_BATCH = 1000
 
 
 class Dispatcher:
@@ -48,10 +51,16 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch until `stop` is set; running workers finish their attempt first."""
+        pruned_at = 0.0
+        loop = asyncio.get_running_loop()
         try:
             while not stop.is_set():
                 try:
                     await self.tick()
+                    if loop.time() - pruned_at >= self.settings.prune_seconds:
+                        pruned_at = loop.time()
+                        if deleted := await self.prune():
+                            log.info("webhooks: pruned %d settled deliveries", deleted)
                 except Exception:  # the loop must outlive a database outage
                     log.exception("webhooks: dispatch round failed")
                 try:
@@ -139,21 +148,46 @@ class Dispatcher:
                         "status_code": result.status_code, "latency_ms": result.latency_ms,
                         "error": result.error, "response": _clean(result.response),
                         "state": outcome.state, "next_attempt_at": outcome.next_attempt_at}
+        try:
+            disabled = await self._settle(ids, row, params, outcome.state, number)
+        except psycopg.errors.ForeignKeyViolation:
+            # The endpoint was deleted during the attempt: nothing to record.
+            return False
+        if outcome.state == "failed":
+            metrics.EXHAUSTED.inc()
+        if disabled:
+            metrics.DISABLED.inc()
+            log.warning("webhooks: endpoint %s disabled: %s", ids["endpoint_id"], disabled)
+        return ok
+
+    async def _settle(self, ids: dict[str, str], row: dict[str, Any], params: dict[str, Any],
+                      state: str, number: int) -> str | None:
+        """Record the attempt and the delivery's state; the reason when the endpoint was
+        disabled by it."""
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(SQL["record_attempt"], params)
             await conn.execute(SQL["settle"], params)
-            if outcome.state == "failed":
-                metrics.EXHAUSTED.inc()
-                last = await (await conn.execute(SQL["last_success"], ids)).fetchone()
-                if should_disable(last[0] if last else None, row["created_at"]):
-                    reason = (f"every attempt failed for {number} attempts since"
-                              f" {row['created_at'].isoformat()}")
-                    cur = await conn.execute(SQL["disable"], ids | {"reason": reason})
-                    if cur.rowcount:
-                        metrics.DISABLED.inc()
-                        log.warning("webhooks: endpoint %s disabled: %s",
-                                    ids["endpoint_id"], reason)
-        return ok
+            if state != "failed":
+                return None
+            last = await (await conn.execute(SQL["last_success"], ids)).fetchone()
+            if not should_disable(last[0] if last else None, row["created_at"]):
+                return None
+            reason = (f"every attempt failed for {number} attempts since"
+                      f" {row['created_at'].isoformat()}")
+            cur = await conn.execute(SQL["disable"], ids | {"reason": reason})
+            return reason if cur.rowcount else None
+
+    async def prune(self) -> int:
+        """Delete settled deliveries (and their attempts) past the retention; how many."""
+        deleted = 0
+        while True:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(SQL["prune"], {
+                    "namespace": self.namespace, "days": self.settings.retention_days,
+                    "batch": PRUNE_BATCH})
+            deleted += max(cur.rowcount, 0)
+            if cur.rowcount < PRUNE_BATCH:
+                return deleted
 
 
 def _label(result: Attempt, ok: bool) -> str:

@@ -76,6 +76,16 @@ WHERE endpoint_id = %(endpoint_id)s AND state = 'delivered';
 UPDATE webhook_endpoints SET enabled = false, disabled_reason = %(reason)s, updated_at = now()
 WHERE id = %(endpoint_id)s AND enabled;
 
+-- name: prune
+-- Settled deliveries past the retention, a batch at a time; their attempts
+-- go with them (ON DELETE CASCADE). Served by webhook_deliveries_settled.
+DELETE FROM webhook_deliveries
+WHERE (endpoint_id, lane, event_id) IN (
+    SELECT endpoint_id, lane, event_id FROM webhook_deliveries
+    WHERE namespace = %(namespace)s AND state <> 'pending'
+      AND settled_at < now() - make_interval(days => %(days)s)
+    LIMIT %(batch)s);
+
 -- name: pending_replays
 SELECT r.id, r.endpoint_id, r.since FROM webhook_replays r
 WHERE r.namespace = %(namespace)s AND r.state = 'pending'

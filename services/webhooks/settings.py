@@ -36,6 +36,10 @@ class WebhooksSettings(ServiceSettings):
     # has failed. Production refuses a schedule shorter than a day.
     retry_schedule_seconds: list[float] = Field(
         default_factory=lambda: list(DEFAULT_SCHEDULE), min_length=1, max_length=50)
+    # Settled deliveries (delivered or given up) and their attempts are
+    # deleted this many days after they settled, checked every prune_seconds.
+    retention_days: int = Field(default=30, ge=1, le=3650)
+    prune_seconds: float = Field(default=300.0, gt=0, le=86_400)
     # Plain http:// endpoints (local use; production refuses it).
     allow_http: bool = False
     # Non-public networks webhooks may reach anyway (JSON list of CIDRs);

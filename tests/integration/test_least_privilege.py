@@ -465,7 +465,8 @@ TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
         "messages": Rights(),
         "api_keys": Rights(),
         "webhook_endpoints": Rights(update=("enabled", "disabled_reason", "updated_at")),
-        "webhook_deliveries": Rights(insert=True, update=(
+        # DELETE: settled deliveries are pruned after their retention.
+        "webhook_deliveries": Rights(insert=True, delete=True, update=(
             "state", "attempts", "next_attempt_at", "leased_until", "settled_at")),
         "webhook_attempts": Rights(insert=True),
         "webhook_replays": Rights(update=("state", "queued", "finished_at")),

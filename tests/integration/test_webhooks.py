@@ -324,3 +324,45 @@ def test_replay_delivers_again_in_order_with_the_same_ids_beside_live_deliveries
     assert [i for i in replayed if i != live_id] == mine
     assert replayed.count(live_id) <= 1
     assert all(x["status_code"] == 200 for x in live_lane + replay_lane)
+
+
+def _owner(admin: Any) -> Any:
+    import psycopg
+
+    owner = admin.postgres.model_copy(update={
+        "user": "mailbus_owner", "password": None,
+        "password_file": admin.var_dir / "secrets" / "postgres-mailbus_owner.password"})
+    return psycopg.connect(owner.conninfo(), autocommit=True)
+
+
+def test_settled_deliveries_are_pruned_after_their_retention_and_go_with_their_endpoint(
+        client, namespace: str, admin: Any) -> None:
+    a = client()
+    with Receiver() as receiver:
+        e = a.endpoint(receiver.url("/a"), ["message.sent"])
+        path = f"/v1/webhooks/endpoints/{e['id']}"
+        old = a.http.post(path + "/test").json()["event_id"]
+        with WebhooksService(settings_for(namespace)):
+            eventually(lambda: _attempts(a, e["id"], 1))
+        with _owner(admin) as conn:
+            conn.execute("UPDATE webhook_deliveries SET settled_at = now() - interval '31 days'"
+                         " WHERE event_id = %s", (old,))
+        recent = a.http.post(path + "/test").json()["event_id"]
+        with WebhooksService(settings_for(namespace, prune_seconds=0.2)):
+            def pruned() -> None:
+                found = _attempts(a, e["id"], 1)
+                assert found[0]["event_id"] == recent
+            eventually(pruned)
+        assert len(receiver.on("/a")) == 2
+    # Deleting the endpoint takes its queued deliveries and attempts along.
+    a.http.post(path + "/test")
+    with _owner(admin) as conn:
+        def rows() -> tuple[int, int]:
+            d = conn.execute("SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = %s",
+                             (e["id"],)).fetchone()[0]
+            t = conn.execute("SELECT count(*) FROM webhook_attempts WHERE endpoint_id = %s",
+                             (e["id"],)).fetchone()[0]
+            return d, t
+        assert rows() == (2, 1)
+        assert a.http.delete(path).status_code == 204
+        assert rows() == (0, 0)
