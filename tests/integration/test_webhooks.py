@@ -154,7 +154,13 @@ def test_every_event_reaches_its_keys_endpoint_signed_once_per_type_and_key(
             test_id = r.json()["event_id"]
             eventually(lambda: _count(receiver, "/a", 3))
             attempts = eventually(lambda: _attempts(a, ea["id"], 3))
-        got_a = [verified(x, ea["secret"]) for x in receiver.on("/a")]
+            # After a rotation, during the grace period, both secrets verify.
+            new = a.http.post(f"/v1/webhooks/endpoints/{ea['id']}/rotate-secret").json()
+            a.http.post(f"/v1/webhooks/endpoints/{ea['id']}/test")
+            eventually(lambda: _count(receiver, "/a", 4))
+        rotated = receiver.on("/a")[3]
+        assert verified(rotated, new["secret"]) == verified(rotated, ea["secret"])
+        got_a = [verified(x, ea["secret"]) for x in receiver.on("/a")[:3]]
         got_b = [verified(x, eb["secret"]) for x in receiver.on("/b")]
     assert [(d["type"], d["data"]["event_id"]) for d in got_a] == [
         ("message.sent", events[0][1]["event_id"]),
@@ -168,6 +174,18 @@ def test_every_event_reaches_its_keys_endpoint_signed_once_per_type_and_key(
     assert [x["status_code"] for x in attempts] == [200, 200, 200]
     assert attempts[0]["event_id"] == test_id and attempts[0]["response"] == "ok"
     assert all(x["latency_ms"] >= 0 and x["delivery_state"] == "delivered" for x in attempts)
+    # Walking the listing a row at a time visits each attempt once, newest first.
+    walked, cursor = [], None
+    while True:
+        page = a.http.get(f"/v1/webhooks/endpoints/{ea['id']}/attempts",
+                          params={"limit": 1, **({"cursor": cursor} if cursor else {})}).json()
+        walked += page["attempts"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert [x["event_id"] for x in walked][1:] == [x["event_id"] for x in attempts]
+    r = a.http.get(f"/v1/webhooks/endpoints/{ea['id']}/attempts", params={"cursor": "nonsense"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "cursor"
 
 
 def _count(receiver: Receiver, path: str, n: int) -> bool:

@@ -192,3 +192,18 @@ def test_a_name_is_refused_if_any_of_its_addresses_is() -> None:
         check_addresses(["93.184.216.34", "10.0.0.1"], STRICT)
     with pytest.raises(Refused):
         check_addresses([], STRICT)
+
+
+def test_production_refuses_plain_http_and_a_schedule_shorter_than_a_day() -> None:
+    from mailbus.errors import ConfigError
+    from mailbus.ingest.settings import IngestSettings
+    from mailbus.webhooks.settings import WebhooksSettings
+
+    WebhooksSettings(env="production")  # the defaults pass
+    with pytest.raises(ConfigError, match="MAILBUS_ALLOW_HTTP"):
+        WebhooksSettings(env="production", allow_http=True)
+    with pytest.raises(ConfigError, match="MAILBUS_RETRY_SCHEDULE_SECONDS"):
+        WebhooksSettings(env="production", retry_schedule_seconds=[60, 3600])
+    with pytest.raises(ConfigError, match="MAILBUS_WEBHOOKS_ALLOW_HTTP"):
+        IngestSettings(env="production", webhooks_allow_http=True)
+    WebhooksSettings(allow_http=True, retry_schedule_seconds=[0.1])  # local use may
