@@ -17,7 +17,15 @@ from dataclasses import dataclass
 
 import httpx
 
-from mailbus.webhooks.guard import Policy, Refused, Target, check_url, resolve
+from mailbus.webhooks.guard import (
+    Policy,
+    Refused,
+    Resolver,
+    Target,
+    check_url,
+    resolve,
+    system_resolver,
+)
 
 USER_AGENT = "mailbus-webhooks/1"
 # What an attempt keeps of the answer, for GET …/attempts.
@@ -52,7 +60,8 @@ def new_client(ca_file: str | None = None) -> httpx.AsyncClient:
 
 
 async def attempt(client: httpx.AsyncClient, url: str, policy: Policy, limits: Limits,
-                  headers: dict[str, str], body: bytes) -> Attempt:
+                  headers: dict[str, str], body: bytes,
+                  resolver: Resolver = system_resolver) -> Attempt:
     """POST the body to the endpoint once; never raises for the endpoint's faults."""
     start = time.monotonic()
 
@@ -61,7 +70,7 @@ async def attempt(client: httpx.AsyncClient, url: str, policy: Policy, limits: L
 
     try:
         target = check_url(url, policy)
-        address = await resolve(target, policy)
+        address = await resolve(target, policy, resolver)
     except Refused as exc:
         return Attempt(None, took(), f"refused: {exc}", None)
     try:

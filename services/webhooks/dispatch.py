@@ -19,6 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -47,7 +48,9 @@ class Dispatcher:
         self.policy = settings.policy()
         self.limits = Limits(settings.timeout_seconds, settings.max_response_bytes)
         self.workers: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self.clients: dict[str, httpx.AsyncClient] = {}
+        # One client per endpoint and host: a pooled connection (and the TLS
+        # session verified for one name) is never reused for another name.
+        self.clients: dict[tuple[str, str], httpx.AsyncClient] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch until `stop` is set; running workers finish their attempt first."""
@@ -133,10 +136,11 @@ class Dispatcher:
         body = row["body"].encode()
         now = datetime.now(UTC)
         headers = signing.headers(secrets_, str(row["event_id"]), int(now.timestamp()), body)
-        client = self.clients.get(ids["endpoint_id"])
+        client_key = (ids["endpoint_id"], urlsplit(endpoint["url"]).netloc)
+        client = self.clients.get(client_key)
         if client is None:
             ca = str(self.settings.ca_file) if self.settings.ca_file else None
-            client = self.clients[ids["endpoint_id"]] = new_client(ca)
+            client = self.clients[client_key] = new_client(ca)
         result = await attempt(client, endpoint["url"], self.policy, self.limits, headers, body)
         number = row["attempts"] + 1
         ok = succeeded(result.status_code)

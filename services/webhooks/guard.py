@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -114,18 +114,27 @@ def check_addresses(addresses: Sequence[str], policy: Policy) -> str:
     return addresses[0]
 
 
-async def resolve(target: Target, policy: Policy) -> str:
-    """Resolve the host once and check every address; the address to connect to."""
-    if _is_ip(target.host):
-        return check_addresses([target.host], policy)
+# host, port -> the addresses it resolves to, in the order to try them.
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """The addresses of a host name, from the system's resolver."""
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise Refused(f"cannot resolve {target.host}: {exc.strerror or exc}") from None
+        raise Refused(f"cannot resolve {host}: {exc.strerror or exc}") from None
     seen: list[str] = []
     for info in infos:
         text = str(info[4][0])
         if text not in seen:
             seen.append(text)
-    return check_addresses(seen, policy)
+    return seen
+
+
+async def resolve(target: Target, policy: Policy, resolver: Resolver = system_resolver) -> str:
+    """Resolve the host once and check every address; the address to connect to."""
+    if _is_ip(target.host):
+        return check_addresses([target.host], policy)
+    return check_addresses(await resolver(target.host, target.port), policy)

@@ -151,3 +151,34 @@ def test_https_is_verified_against_the_url_host_while_dialling_the_checked_addre
     untrusted = run(f"https://localhost:{receiver.port}/hook", Policy(allowed_networks=LOOPBACK))
     assert untrusted.status_code is None
     assert len(receiver.on("/hook")) == 1
+
+
+def test_the_name_is_resolved_once_and_the_checked_answer_is_the_one_dialled(
+        receiver: Receiver) -> None:
+    # DNS is out of reach here, so the resolver is a stand-in for it (the
+    # HTTP server is real). `rebind.invalid` cannot be resolved by the
+    # system at all: the request arrives only because the client dials the
+    # address the guard checked and never resolves the name itself.
+    answers = {"first": ["127.0.0.1"], "then": ["169.254.169.254"]}
+    asked: list[str] = []
+
+    async def rebinding(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return answers["first" if len(asked) == 1 else "then"]
+
+    async def go(url: str) -> Attempt:
+        async with new_client() as client:
+            return await attempt(client, url, LOCAL, Limits(timeout_seconds=5), HEADERS,
+                                 b"{}", rebinding)
+
+    url = f"http://rebind.invalid:{receiver.port}/hook"
+    first = asyncio.run(go(url))
+    assert (first.status_code, first.error) == (200, None)
+    assert asked == ["rebind.invalid"]
+    assert receiver.on("/hook")[0].headers["host"] == f"rebind.invalid:{receiver.port}"
+    # The next attempt resolves again; the new answer is checked, refused,
+    # and nothing is dialled.
+    second = asyncio.run(go(url))
+    assert second.error is not None and "169.254.169.254" in second.error
+    assert asked == ["rebind.invalid"] * 2
+    assert len(receiver.on("/hook")) == 1
