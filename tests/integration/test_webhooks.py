@@ -19,6 +19,7 @@ from standardwebhooks.webhooks import Webhook
 
 from mailbus.ingest.settings import IngestSettings
 from mailbus.settings import REPO_ROOT
+from mailbus.webhooks.intake import READ
 from tests.integration.conftest import LiveServer
 from tests.support import projector as build
 from tests.support.receiver import Received, Receiver
@@ -34,6 +35,7 @@ eventually = build.eventually
 @pytest.fixture
 def ingest_settings(namespace: str, accounts_file: Any) -> IngestSettings:
     return IngestSettings(accounts_file=accounts_file, webhooks_allow_http=True,
+                          webhooks_max_endpoints=3,
                           kafka={"topic_prefix": namespace, "delivery_timeout_ms": 5000})
 
 
@@ -131,6 +133,13 @@ def test_endpoints_are_an_api_resource_each_key_sees_only_its_own(client) -> Non
     assert timedelta(minutes=59) < until - datetime.now(UTC) <= timedelta(hours=1)
     assert a.http.delete(path).status_code == 204
     assert a.http.get(path).status_code == 404
+    # At most webhooks_max_endpoints (3 here) per key.
+    for i in range(3):
+        a.endpoint(f"https://example.com/{i}", ["message.sent"])
+    r = a.http.post("/v1/webhooks/endpoints",
+                    json={"url": "https://example.com/4", "event_types": ["message.sent"]})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "url"
+    assert "3 endpoints" in r.json()["errors"][0]["message"]
 
 
 def test_every_event_reaches_its_keys_endpoint_signed_once_per_type_and_key(
@@ -276,6 +285,36 @@ def test_an_endpoint_failing_for_the_whole_schedule_is_disabled_and_counted(
     assert len(receiver.on("/down")) == 3
     assert _metric("mailbus_webhooks_endpoints_disabled_total") == disabled_before + 1
     assert _metric("mailbus_webhooks_deliveries_failed_total") == failed_before + 1
+
+
+def test_a_revoked_key_gets_no_new_events(client, namespace: str, admin: Any,
+                                          admin_kafka: dict[str, Any], registry: Any) -> None:
+    import psycopg
+
+    a = client()
+    with Receiver() as receiver:
+        e = a.endpoint(receiver.url("/a"), ["message.sent", "message.delivered"])
+        m = a.message()
+        now = datetime.now(UTC)
+        build.produce(admin_kafka, namespace, registry, [build.sent(m, now)])
+        with WebhooksService(settings_for(namespace)):
+            eventually(lambda: _count(receiver, "/a", 1))
+            key_id = a.http.headers["Authorization"].removeprefix("Bearer mbk_").split(".")[0]
+            with psycopg.connect(admin.postgres.conninfo(), autocommit=True) as conn:
+                conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key_id,))
+            build.produce(admin_kafka, namespace, registry,
+                          [build.delivered(m, now), build.sent(m, now)])
+
+            def all_read() -> None:
+                # Offsets are committed once a batch's deliveries are queued.
+                assert build.lag(admin_kafka, namespace, "mailbus-webhooks", READ) == 0
+
+            eventually(all_read)
+        with _owner(admin) as conn:
+            queued = conn.execute("SELECT event_type FROM webhook_deliveries"
+                                  " WHERE endpoint_id = %s", (e["id"],)).fetchall()
+        assert queued == [("message.sent",)]
+        assert [verified(x, e["secret"])["type"] for x in receiver.on("/a")] == ["message.sent"]
 
 
 def test_a_refused_target_is_never_dialled_and_the_refusal_is_listed(
