@@ -54,12 +54,15 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch until `stop` is set; running workers finish their attempt first."""
-        pruned_at = 0.0
+        pruned_at = measured_at = 0.0
         loop = asyncio.get_running_loop()
         try:
             while not stop.is_set():
                 try:
                     await self.tick()
+                    if loop.time() - measured_at >= self.settings.lag_seconds:
+                        measured_at = loop.time()
+                        await self.measure()
                     if loop.time() - pruned_at >= self.settings.prune_seconds:
                         pruned_at = loop.time()
                         if deleted := await self.prune():
@@ -180,6 +183,15 @@ class Dispatcher:
                       f" {row['created_at'].isoformat()}")
             cur = await conn.execute(SQL["disable"], ids | {"reason": reason})
             return reason if cur.rowcount else None
+
+    async def measure(self) -> None:
+        """Set the pending gauge from the deliveries table."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(SQL["backlog"], {"namespace": self.namespace}
+                                            )).fetchone()
+        due, waiting = row if row is not None else (0, 0)
+        metrics.PENDING.labels("due").set(due)
+        metrics.PENDING.labels("waiting").set(waiting)
 
     async def prune(self) -> int:
         """Delete settled deliveries (and their attempts) past the retention; how many."""

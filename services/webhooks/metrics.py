@@ -1,6 +1,6 @@
 """Prometheus metrics of the webhooks service. Labels are bounded: event types, outcomes."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 QUEUED = Counter(
     "mailbus_webhooks_deliveries_queued_total",
@@ -18,3 +18,7 @@ DISABLED = Counter(
     "Endpoints disabled because they kept failing for the whole retry schedule")
 SKIPPED = Counter(
     "mailbus_webhooks_records_skipped_total", "Records that did not decode, skipped")
+PENDING = Gauge(
+    "mailbus_webhooks_deliveries_pending",
+    "Deliveries not settled yet, of enabled endpoints: due now, or waiting out a backoff",
+    ["when"])

@@ -28,6 +28,14 @@ WHERE d.namespace = %(namespace)s AND d.state = 'pending' AND d.next_attempt_at 
   AND (d.leased_until IS NULL OR d.leased_until < now())
 LIMIT %(limit)s;
 
+-- name: backlog
+-- For the pending gauge: deliveries of enabled endpoints not settled yet.
+SELECT count(*) FILTER (WHERE d.next_attempt_at <= now()) AS due,
+       count(*) FILTER (WHERE d.next_attempt_at > now()) AS waiting
+FROM webhook_deliveries d
+JOIN webhook_endpoints e ON e.id = d.endpoint_id AND e.enabled
+WHERE d.namespace = %(namespace)s AND d.state = 'pending';
+
 -- name: endpoint
 SELECT url, secret, previous_secret, previous_secret_until > now() AS previous_valid, enabled
 FROM webhook_endpoints WHERE id = %(endpoint_id)s;

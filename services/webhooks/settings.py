@@ -50,7 +50,7 @@ class WebhooksSettings(ServiceSettings):
     # Prometheus metrics on http://metrics_host:metrics_port/metrics; 0 disables.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9106, ge=0, le=65535)
-    # How often the group's consumer lag is measured.
+    # How often the group's consumer lag and the pending deliveries are measured.
     lag_seconds: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")

@@ -257,6 +257,11 @@ def test_failures_are_retried_under_the_same_id_and_a_hanging_endpoint_delays_no
         (1, 503, "busy"), (2, 503, "busy"), (3, 200, "ok")]
 
 
+def _gauge(when: str) -> float:
+    return REGISTRY.get_sample_value("mailbus_webhooks_deliveries_pending",
+                                     {"when": when}) or 0.0
+
+
 def _metric(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 
@@ -326,8 +331,16 @@ def test_a_refused_target_is_never_dialled_and_the_refusal_is_listed(
         e = a.endpoint(receiver.url("/hook"), ["message.sent"])
         build.produce(admin_kafka, namespace, registry, [build.sent(a.message(),
                                                                      datetime.now(UTC))])
-        with WebhooksService(settings_for(namespace, allowed_networks=[])):
+        settings = settings_for(namespace, allowed_networks=[], lag_seconds=0.2,
+                                retry_schedule_seconds=[3600])
+        with WebhooksService(settings):
             attempts = eventually(lambda: _attempts(a, e["id"], 1))
+
+            def backlog() -> None:
+                # Waiting out its backoff (an hour), not due.
+                assert _gauge("waiting") == 1 and _gauge("due") == 0
+
+            eventually(backlog)
         assert receiver.on("/hook") == []
     assert attempts[0]["status_code"] is None
     assert attempts[0]["error"].startswith("refused: address 127.0.0.1 is not public")
