@@ -168,6 +168,8 @@ class Rewinds:
             if self._stop.is_set():
                 return
             queued = self.replay(conn, str(replay_id), str(endpoint_id), since)
+            if self._stop.is_set():
+                return  # cut short: still pending, started over next time
             conn.execute(SQL["finish_replay"], {"id": replay_id, "queued": queued})
             log.info("webhooks: replay %s queued %d deliveries", replay_id, queued)
 
@@ -197,10 +199,11 @@ class Rewinds:
                          if (m.offset() or 0) < ends[(m.topic() or "", m.partition() or 0)][1]]
                 events = [e for m in batch if (e := decode(self.registry, m)) is not None]
                 queued += enqueue(conn, self.namespace, events, replay_id, endpoint_id)
-                for m in batch:
-                    tp = (m.topic() or "", m.partition() or 0)
-                    if (m.offset() or 0) + 1 >= ends[tp][1]:
-                        left.discard(tp)
+                # Done with a partition once its position passed the end, also
+                # when the last offsets hold no record to return.
+                for tp in consumer.position([TopicPartition(t, p) for t, p in left]):
+                    if tp.offset >= ends[(tp.topic, tp.partition)][1]:
+                        left.discard((tp.topic, tp.partition))
             return queued
         finally:
             consumer.close()
