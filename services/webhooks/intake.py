@@ -38,6 +38,11 @@ SQL = queries.load(Path(__file__).with_name("queries.sql"))
 READ = (topics.SENT, topics.FAILED, topics.DELIVERED, topics.BOUNCED, topics.RESPONSES,
         topics.CONFIRMED)
 REPLAY_CHECK_SECONDS = 1.0
+# How long the group waits for a member that stopped heartbeating (a killed
+# instance) before its partitions move: librdkafka's 45 s default would hold
+# a restarted instance's deliveries back that long. Heartbeats come from
+# librdkafka's own thread, so a busy Python loop does not miss them.
+SESSION_TIMEOUT_MS = 10_000
 
 
 def decode(registry: Registry, msg: Message) -> Event | None:
@@ -90,6 +95,7 @@ class Intake:
         consumer = Consumer({
             **s.kafka.client_config(), "group.id": self.group,
             "client.id": "mailbus-webhooks",
+            "session.timeout.ms": SESSION_TIMEOUT_MS,
             # Committed by hand, once the deliveries are in PostgreSQL.
             "enable.auto.commit": False,
             # A new installation's endpoints want what happens from now on,
