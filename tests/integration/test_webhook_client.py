@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 
 from mailbus.webhooks.client import SNIPPET_BYTES, Attempt, Limits, attempt, new_client
 from mailbus.webhooks.guard import Policy
-from tests.support.receiver import Receiver
+from tests.support.receiver import Receiver, https_receiver
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 LOCAL = Policy(allow_http=True, allowed_networks=LOOPBACK)
@@ -109,29 +107,10 @@ def test_a_slow_endpoint_times_out(receiver: Receiver) -> None:
     assert result.error == "timed out after 0.5 s"
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def tls_receiver(tmp_path: Path) -> Iterator[tuple[Receiver, Path]]:
-    """An HTTPS receiver whose certificate names `localhost` only, from a CA of the test's own."""
-    ca_key, ca, key, csr, crt = (tmp_path / n for n in (
-        "ca.key", "ca.crt", "leaf.key", "leaf.csr", "leaf.crt"))
-    ext = tmp_path / "ext.cnf"
-    ext.write_text("subjectAltName=DNS:localhost\n")
-    _openssl("req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-keyout", str(ca_key), "-days", "2", "-subj", "/CN=test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-out", str(ca))
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", str(key), "-subj", "/CN=localhost", "-out", str(csr))
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-             "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(crt))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(crt, key)
-    with Receiver() as r:
-        r.server.socket = context.wrap_socket(r.server.socket, server_side=True)
-        yield r, ca
+    with https_receiver(tmp_path) as pair:
+        yield pair
 
 
 def test_https_is_verified_against_the_url_host_while_dialling_the_checked_address(

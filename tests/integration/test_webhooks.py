@@ -22,7 +22,7 @@ from mailbus.settings import REPO_ROOT
 from mailbus.webhooks.intake import READ
 from tests.integration.conftest import LiveServer
 from tests.support import projector as build
-from tests.support.receiver import Received, Receiver
+from tests.support.receiver import Received, Receiver, https_receiver
 from tests.support.webhooks import WebhooksService, settings_for
 
 pytestmark = pytest.mark.integration
@@ -436,3 +436,17 @@ def test_settled_deliveries_are_pruned_after_their_retention_and_go_with_their_e
         assert rows() == (2, 1)
         assert a.http.delete(path).status_code == 204
         assert rows() == (0, 0)
+
+
+def test_https_endpoints_are_delivered_to_with_the_operators_ca(
+        client, namespace: str, tmp_path: Any) -> None:
+    a = client()
+    with https_receiver(tmp_path) as (receiver, ca):
+        e = a.endpoint(f"https://localhost:{receiver.port}/hook", ["message.sent"])
+        a.http.post(f"/v1/webhooks/endpoints/{e['id']}/test")
+        settings = settings_for(namespace, allow_http=False, ca_file=ca,
+                                allowed_networks=["127.0.0.0/8", "::1/128"])
+        with WebhooksService(settings):
+            found = eventually(lambda: _attempts(a, e["id"], 1))
+        assert (found[0]["status_code"], found[0]["error"]) == (200, None)
+        assert verified(receiver.on("/hook")[0], e["secret"])["type"] == "webhook.test"

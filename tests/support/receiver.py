@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from tests.support.tls import server_certificate
 
 
 @dataclass
@@ -79,3 +84,14 @@ class Receiver:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextmanager
+def https_receiver(folder: Path) -> Iterator[tuple[Receiver, Path]]:
+    """A Receiver over TLS whose certificate names `localhost` only; and the CA that signed it."""
+    crt, key, ca = server_certificate(folder)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(crt, key)
+    with Receiver() as r:
+        r.server.socket = context.wrap_socket(r.server.socket, server_side=True)
+        yield r, ca
