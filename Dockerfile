@@ -47,8 +47,8 @@ ENV PATH=/opt/mailbus/bin:$PATH \
     MAILBUS_METRICS_HOST=0.0.0.0
 USER mailbus:mailbus
 WORKDIR /var/lib/mailbus
-# ingest 8080, hooks 8081, metrics 9101-9105
-EXPOSE 8080 8081 9101 9102 9103 9104 9105
+# ingest 8080, hooks 8081, metrics 9101-9106
+EXPOSE 8080 8081 9101 9102 9103 9104 9105 9106
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
     CMD ["python", "/usr/local/bin/mailbus-healthcheck"]
 CMD ["mailbus", "ingest"]

@@ -7,7 +7,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-SCOPES = ("send", "read", "admin")
+SCOPES = ("send", "read", "admin", "webhooks")
 PREFIX = "mbk_"
 # mbk_<10 lowercase base32 chars>.<43 url-safe chars>: the id is public (it
 # names the key in logs and the CLI), the part after the dot is the secret.

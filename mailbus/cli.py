@@ -89,6 +89,17 @@ def hooks() -> None:
 
 
 @app.command()
+def webhooks() -> None:
+    """Run the webhooks service: every outcome, signed, to its key's HTTPS endpoints."""
+    from mailbus.webhooks.app import main as run
+    from mailbus.webhooks.settings import WebhooksSettings
+
+    settings = WebhooksSettings()
+    _logging(settings.log_level)
+    run(settings)
+
+
+@app.command()
 def replies() -> None:
     """Run the mailbox reader: replies, bounces, complaints into Kafka."""
     from mailbus.replies.app import main as run

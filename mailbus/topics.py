@@ -117,6 +117,13 @@ GRANTS: dict[str, Grant] = {
     "replies": Grant(write=(DELIVERED, BOUNCED, RESPONSES, SUPPRESSIONS)),
     # Link clicks and one-click unsubscribes.
     "hooks": Grant(write=(RESPONSES, SUPPRESSIONS)),
+    # Outbound webhooks: every outcome of a message, to the endpoints of the
+    # key that sent it. It writes nothing to Kafka; a rewind reads by
+    # assign(), outside the group.
+    "webhooks": Grant(
+        read=(SENT, FAILED, DELIVERED, BOUNCED, RESPONSES, CONFIRMED),
+        groups=("mailbus-webhooks",),
+    ),
 }
 
 SERVICES: tuple[str, ...] = tuple(GRANTS)

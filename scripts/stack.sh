@@ -20,7 +20,7 @@ API_PORT="${MAILBUS_PORT:-8080}"
 # scripts/kafka.sh's default: the client port + 2.
 KAFKA_TLS_PORT="${MAILBUS_KAFKA_TLS_PORT:-$(( ${MAILBUS_KAFKA_PORT:-9092} + 2 ))}"
 # Started in this order, stopped in reverse.
-SERVICES=(devsmtp ingest sender confirm projector hooks replies prometheus)
+SERVICES=(devsmtp ingest sender confirm projector hooks replies webhooks prometheus)
 
 install_python() {
     local stamp="$VENV/.installed" want
@@ -62,6 +62,15 @@ start_service() {
     if pid_alive "$pidfile"; then echo "$name: already running"; return 0; fi
     # setsid: the service outlives this shell and gets its own process group.
     local cmd=("$VENV/bin/mailbus" "$name")
+    # Locally, webhooks may go to plain-http receivers on this machine
+    # (docs/configuration.md); production refuses both.
+    if [[ "$name" == ingest ]]; then
+        cmd=(env "MAILBUS_WEBHOOKS_ALLOW_HTTP=${MAILBUS_WEBHOOKS_ALLOW_HTTP:-true}" "${cmd[@]}")
+    elif [[ "$name" == webhooks ]]; then
+        cmd=(env "MAILBUS_ALLOW_HTTP=${MAILBUS_ALLOW_HTTP:-true}"
+             "MAILBUS_ALLOWED_NETWORKS=${MAILBUS_ALLOWED_NETWORKS:-[\"127.0.0.0/8\",\"::1/128\"]}"
+             "${cmd[@]}")
+    fi
     if [[ "$name" == prometheus ]]; then
         mkdir -p "$MAILBUS_VAR/prometheus"
         cmd=(prometheus --config.file="$REPO/deploy/prometheus/prometheus.yml"
@@ -85,6 +94,7 @@ health() {
         projector) echo "http://127.0.0.1:9103/metrics" ;;
         hooks) echo "http://127.0.0.1:8081/readyz" ;;
         replies) echo "http://127.0.0.1:9105/metrics" ;;
+        webhooks) echo "http://127.0.0.1:9106/metrics" ;;
         prometheus) echo "http://127.0.0.1:9090/-/ready" ;;
     esac
 }
@@ -135,6 +145,8 @@ mailbus is up.
   Sender       metrics http://127.0.0.1:${MAILBUS_METRICS_PORT:-9101}/metrics; \`mailbus accounts list\`
   Hooks        http://127.0.0.1:8081 (action and unsubscribe links; metrics :9104)
   Replies      reads the mailboxes of accounts with an [accounts.imap] table (metrics :9105)
+  Webhooks     delivers events to the endpoints keys register (metrics :9106; http and
+               loopback allowed locally)
   Prometheus   http://127.0.0.1:9090 (rules in deploy/prometheus; Grafana dashboards in deploy/grafana)
   Dev mail     SMTP 127.0.0.1:2525, kept in $MAILBUS_VAR/devmail; \`mailbus devmail\` lists it
   Logs         $LOGS/

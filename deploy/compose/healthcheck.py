@@ -25,6 +25,7 @@ SERVICES: dict[str, tuple[str | None, int, str | None]] = {
     "projector": ("MAILBUS_METRICS_PORT", 9103, "/metrics"),
     "hooks": ("MAILBUS_METRICS_PORT", 9104, "/metrics"),
     "replies": ("MAILBUS_METRICS_PORT", 9105, "/metrics"),
+    "webhooks": ("MAILBUS_METRICS_PORT", 9106, "/metrics"),
     "devsmtp": (None, 2525, None),  # `mailbus devsmtp --port` (an option, not a setting)
 }
 TIMEOUT = 5.0

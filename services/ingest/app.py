@@ -121,13 +121,17 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
     app.middleware("http")(_observe)
     # Timelines, listings and reports read the projection of this namespace.
     app.state.namespace = settings.kafka.topic_prefix
+    app.state.webhooks_allow_http = settings.webhooks_allow_http
+    app.state.webhooks_max_endpoints = settings.webhooks_max_endpoints
     _routes(app)
     # Imported here: the status routes use this module's Key dependency.
     from mailbus.ingest.responses import router as responses_router
     from mailbus.ingest.status import router as status_router
+    from mailbus.ingest.webhooks import router as webhooks_router
 
     app.include_router(status_router)
     app.include_router(responses_router)
+    app.include_router(webhooks_router)
     openapi.install(app)
     return app
 

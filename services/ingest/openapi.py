@@ -120,7 +120,7 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
             continue
         for method, operation in operations.items():
             statuses = list(_EVERY)
-            if "{message_id}" in path:
+            if "{message_id}" in path or "{endpoint_id}" in path:
                 statuses += _WITH_ID
             if method == "post":
                 statuses += _POSTED

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from mailbus.errors import ConfigError
 from mailbus.ingest.rates import parse_rate
 from mailbus.settings import ServiceSettings
 
@@ -27,9 +28,20 @@ class IngestSettings(ServiceSettings):
     # statement (short statements: a backlog never holds many row locks).
     idempotency_prune_seconds: float = Field(default=300.0, gt=0, le=86_400)
     idempotency_prune_batch: int = Field(default=1000, ge=1, le=100_000)
+    # Webhook endpoints with a plain http:// URL (local use; production refuses it).
+    webhooks_allow_http: bool = False
+    # Endpoints one key may register.
+    webhooks_max_endpoints: int = Field(default=20, ge=1, le=1000)
 
     @field_validator("rate_limit")
     @classmethod
     def _rate(cls, value: str) -> str:
         parse_rate(value)
         return value
+
+    @model_validator(mode="after")
+    def _production(self) -> IngestSettings:
+        if self.env == "production" and self.webhooks_allow_http:
+            raise ConfigError(
+                "webhooks_allow_http (MAILBUS_WEBHOOKS_ALLOW_HTTP) must be false in production")
+        return self

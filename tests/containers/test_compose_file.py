@@ -30,6 +30,7 @@ from mailbus.ingest.settings import IngestSettings
 from mailbus.replies.settings import RepliesSettings
 from mailbus.sender.settings import SenderSettings
 from mailbus.settings import ServiceSettings
+from mailbus.webhooks.settings import WebhooksSettings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -38,6 +39,7 @@ SCHEMA = Path(__file__).with_name("compose-spec.json")
 SETTINGS: dict[str, type[ServiceSettings]] = {
     "ingest": IngestSettings, "sender": SenderSettings, "confirm": ConfirmSettings,
     "projector": ProjectorSettings, "hooks": HooksSettings, "replies": RepliesSettings,
+    "webhooks": WebhooksSettings,
 }
 # Read by `mailbus setup db` straight from the environment (cli.py), not by a settings class.
 CLI_VARIABLES = {"MAILBUS_PG_SUPERUSER", "MAILBUS_PG_SUPERUSER_PASSWORD_FILE"}
@@ -198,7 +200,7 @@ def test_start_up_order_is_by_health(services: dict[str, dict[str, Any]]) -> Non
 SECRETS_MOUNT = "/var/lib/mailbus/secrets"
 # The services that open a database connection; confirm (Faust) keeps its
 # state in Kafka and hooks answers from signed links alone.
-USES_POSTGRES = {"ingest", "sender", "projector", "replies"}
+USES_POSTGRES = {"ingest", "sender", "projector", "replies", "webhooks"}
 # Files no running service may hold: the database owner and superuser, the
 # operator's role, the broker's admin and controller, the development API key.
 NEVER_HANDED_OUT = re.compile(

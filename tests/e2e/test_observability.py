@@ -131,7 +131,8 @@ def test_promtool_accepts_the_config_and_the_rules():
                for c in shipped["scrape_configs"]}
     assert targets == {"ingest": ["127.0.0.1:8080"], "sender": ["127.0.0.1:9101"],
                        "confirm": ["127.0.0.1:9102"], "projector": ["127.0.0.1:9103"],
-                       "hooks": ["127.0.0.1:9104"], "replies": ["127.0.0.1:9105"]}
+                       "hooks": ["127.0.0.1:9104"], "replies": ["127.0.0.1:9105"],
+                       "webhooks": ["127.0.0.1:9106"]}
 
 
 class Prometheus:

@@ -42,7 +42,7 @@ from mailbus.topics import GRANTS, TOPICS
 from tests.support.kafka import drop_namespace, new_prefix
 
 REPO = Path(__file__).resolve().parents[2]
-PRINCIPALS = ("ingest", "sender", "confirm", "projector", "hooks", "replies")
+PRINCIPALS = ("ingest", "sender", "confirm", "projector", "hooks", "replies", "webhooks")
 TOPIC_NAMES = tuple(spec.name for spec in TOPICS)
 # Every group some grant names, one under confirm's owned prefix (a Faust
 # internal group), one that a grant named before (replies joined none) and
@@ -72,7 +72,8 @@ def test_every_service_has_a_principal() -> None:
 CODE = {"ingest": ("services/ingest",), "sender": ("services/sender",),
         "confirm": ("services/confirm/stream.py",),
         "projector": ("services/confirm/projector.py",),
-        "replies": ("services/replies",), "hooks": ("services/hooks",)}
+        "replies": ("services/replies",), "hooks": ("services/hooks",),
+        "webhooks": ("services/webhooks",)}
 CONSTANTS = {getattr(topics, n): n for n in dir(topics)
              if n.isupper() and isinstance(getattr(topics, n), str)}
 
@@ -165,6 +166,17 @@ BY_HAND: list[tuple[str, str, str, bool]] = [
     ("projector", "fetch", topics.REQUESTED, True),
     ("projector", "fetch", topics.CONFIRMED, True),
     ("projector", "join", "mailbus-projector", True),
+    # Webhooks reads every outcome, never a request (bodies, addresses) or
+    # the suppression list, and writes nothing.
+    ("webhooks", "fetch", topics.REQUESTED, False),
+    ("webhooks", "fetch", topics.SUPPRESSIONS, False),
+    ("webhooks", "produce", topics.SENT, False),
+    ("webhooks", "produce", topics.RESPONSES, False),
+    ("webhooks", "join", "mailbus-projector", False),
+    ("webhooks", "fetch", topics.SENT, True),
+    ("webhooks", "fetch", topics.RESPONSES, True),
+    ("webhooks", "fetch", topics.CONFIRMED, True),
+    ("webhooks", "join", "mailbus-webhooks", True),
 ]
 
 
@@ -421,6 +433,14 @@ TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
         "idempotency_keys": Rights(insert=True, update=True, delete=True),
         "message_events": Rights(), "message_status": Rights(), "daily_counts": Rights(),
         "suppressions": Rights(), "inbound_messages": Rights(),
+        # Endpoints are managed through the API (0014); it queues test
+        # events and replays, reads attempts, and settles nothing.
+        "webhook_endpoints": Rights(insert=True, delete=True, update=(
+            "url", "event_types", "description", "secret", "previous_secret",
+            "previous_secret_until", "enabled", "disabled_reason", "updated_at")),
+        "webhook_deliveries": Rights(insert=True),
+        "webhook_attempts": Rights(),
+        "webhook_replays": Rights(insert=True),
     },
     "sender": {
         # DELETE: settled rows are pruned (0010).
@@ -438,6 +458,19 @@ TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
     },
     # The public hooks service answers from signed links alone.
     "hooks": {},
+    # Which key sent a message and whether it still stands (column grants:
+    # no subject, no secret hash), endpoints to read and disable, its own
+    # deliveries, attempts and replays.
+    "webhooks": {
+        "messages": Rights(),
+        "api_keys": Rights(),
+        "webhook_endpoints": Rights(update=("enabled", "disabled_reason", "updated_at")),
+        # DELETE: settled deliveries are pruned after their retention.
+        "webhook_deliveries": Rights(insert=True, delete=True, update=(
+            "state", "attempts", "next_attempt_at", "leased_until", "settled_at")),
+        "webhook_attempts": Rights(insert=True),
+        "webhook_replays": Rights(update=("state", "queued", "finished_at")),
+    },
 }
 NOTHING = Rights(select=False)
 # Functions of the public schema a role may execute.
@@ -541,6 +574,21 @@ def test_no_role_may_truncate_create_or_draw_foreign_sequences(service: str) -> 
             " AND has_function_privilege(p.oid, 'EXECUTE')").fetchone()
         # The one function of the schema answers the replies role alone (0007).
         assert functions == ((FUNCTIONS.get(service, [])),)
+
+
+def test_webhooks_reads_only_who_sent_a_message() -> None:
+    # Column grants: the owner of a message and whether a key is revoked;
+    # never a subject, a key's secret hash or its scopes.
+    role = ServiceSettings(service_name="webhooks").postgres
+    with psycopg.connect(role.conninfo(), autocommit=True) as conn:
+        conn.execute("SELECT id, key_id FROM messages LIMIT 0")
+        conn.execute("SELECT id, revoked_at FROM api_keys LIMIT 0")
+        for statement in ("SELECT subject FROM messages", "SELECT secret_sha256 FROM api_keys",
+                          "SELECT scopes FROM api_keys", "SELECT * FROM messages",
+                          "SELECT * FROM send_ledger", "DELETE FROM webhook_endpoints",
+                          "UPDATE webhook_endpoints SET url = 'https://x.example/'"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[arg-type]
 
 
 def test_hooks_reads_no_key_and_replies_cannot_touch_the_ledger() -> None:

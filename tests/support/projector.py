@@ -117,12 +117,13 @@ def produce(config: dict[str, Any], namespace: str, registry: Registry,
     assert producer.flush(30) == 0
 
 
-def lag(config: dict[str, Any], namespace: str, group: str = "mailbus-projector") -> int:
-    """Records of the projected topics the projector's group has not committed yet."""
+def lag(config: dict[str, Any], namespace: str, group: str = "mailbus-projector",
+        topics: Iterable[str] = PROJECTED) -> int:
+    """Records of the topics (the projected ones) the group has not committed yet."""
     consumer = Consumer({**config, "group.id": namespace + group, "enable.auto.commit": False})
     try:
         parts = [TopicPartition(namespace + t, p)
-                 for t in PROJECTED
+                 for t in topics
                  for p in consumer.list_topics(namespace + t, timeout=10)
                  .topics[namespace + t].partitions]
         committed = consumer.committed(parts, timeout=10)

@@ -17,6 +17,7 @@ from mailbus.ingest.settings import IngestSettings
 from mailbus.replies.settings import RepliesSettings
 from mailbus.sender.settings import SenderSettings
 from mailbus.settings import REPO_ROOT
+from mailbus.webhooks.settings import WebhooksSettings
 
 DOC = (REPO_ROOT / "docs" / "configuration.md").read_text()
 NESTED = {"kafka": "MAILBUS_KAFKA__", "postgres": "MAILBUS_POSTGRES__"}
@@ -37,7 +38,7 @@ def env_names(model: type[BaseModel]) -> set[str]:
 
 
 MODELS = (IngestSettings, SenderSettings, ConfirmSettings, ProjectorSettings, HooksSettings,
-          RepliesSettings)
+          RepliesSettings, WebhooksSettings)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -11,7 +11,8 @@ from prometheus_client import REGISTRY
 from mailbus.settings import REPO_ROOT
 
 MODULES = ("mailbus.lag", "mailbus.ingest.metrics", "mailbus.sender.metrics",
-           "mailbus.confirm.metrics", "mailbus.hooks.metrics", "mailbus.replies.metrics")
+           "mailbus.confirm.metrics", "mailbus.hooks.metrics", "mailbus.replies.metrics",
+           "mailbus.webhooks.metrics")
 SOURCES = sorted([*(REPO_ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"),
                   REPO_ROOT / "deploy" / "prometheus" / "rules.yml"])
 NAME = re.compile(r"\b(mailbus_[a-z0-9_]+)")
