@@ -123,9 +123,23 @@ def project(conn: psycopg.Connection[Any], namespace: str, rows: list[EventRow],
         if events:
             # Sorted, as every lock taken here: concurrent batches cannot deadlock.
             events.sort(key=lambda e: str(e["event_id"]))
-            cur.executemany(SQL["insert_event"], events)
-            cur.executemany(SQL["update_status"], statuses)
-            cur.executemany(SQL["update_message"], statuses)
+            # One statement each for the batch: per-row statements cost the
+            # server a parse, bind and execute apiece, the bulk of its work here.
+            cur.execute(SQL["insert_event"], ns | {
+                "event_ids": [e["event_id"] for e in events],
+                "message_ids": [e["message_id"] for e in events],
+                "kinds": [e["kind"] for e in events],
+                "occurred": [e["occurred_at"] for e in events],
+                "accounts": [e["account_id"] for e in events],
+                "details": [e["detail"] for e in events],
+                "days": [e["counted_day"] for e in events],
+                "counted_accounts": [e["counted_account"] for e in events]})
+            columns = ns | {"ids": [s["message_id"] for s in statuses],
+                            "statuses": [s["status"] for s in statuses]}
+            cur.execute(SQL["update_status"], columns | {
+                "kinds": [",".join(s["kinds"]) for s in statuses],
+                "accounts": [s["account_id"] for s in statuses]})
+            cur.execute(SQL["update_message"], columns)
         if counted:
             cur.executemany(SQL["count"], [ns | row for row in increments(counted)])
     for kind, n in Counter(e["kind"] for e in events).items():  # once committed

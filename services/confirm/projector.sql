@@ -29,23 +29,38 @@ SELECT event_id::text FROM message_events
 WHERE namespace = %(namespace)s AND event_id = ANY(%(ids)s::uuid[]);
 
 -- name: insert_event
--- DO NOTHING is a second line of defence: known_events already left these out.
+-- The batch's new events in one statement (arrays in event_id order: the
+-- order every lock here is taken in). DO NOTHING is a second line of
+-- defence: known_events already left these out.
 INSERT INTO message_events (namespace, event_id, message_id, kind, occurred_at, account_id,
                             detail, counted_day, counted_account)
-VALUES (%(namespace)s, %(event_id)s, %(message_id)s, %(kind)s, %(occurred_at)s,
-        %(account_id)s, %(detail)s, %(counted_day)s, %(counted_account)s)
+SELECT %(namespace)s, v.event_id, v.message_id, v.kind, v.occurred_at, v.account_id,
+       v.detail, v.counted_day, v.counted_account
+FROM unnest(%(event_ids)s::uuid[], %(message_ids)s::uuid[], %(kinds)s::text[],
+            %(occurred)s::timestamptz[], %(accounts)s::text[], %(details)s::jsonb[],
+            %(days)s::date[], %(counted_accounts)s::text[])
+     WITH ORDINALITY AS v(event_id, message_id, kind, occurred_at, account_id, detail,
+                          counted_day, counted_account, n)
+ORDER BY v.n
 ON CONFLICT (namespace, event_id) DO NOTHING;
 
 -- name: update_status
-UPDATE message_status
-SET kinds = %(kinds)s, status = %(status)s, account_id = %(account_id)s, updated_at = now()
-WHERE namespace = %(namespace)s AND message_id = %(message_id)s;
+-- Every message of the batch in one statement; its kinds travel as one
+-- comma-separated text each (kind names have no comma), as arrays of
+-- arrays must all be one length.
+UPDATE message_status s
+SET kinds = string_to_array(v.kinds, ','), status = v.status, account_id = v.account_id,
+    updated_at = now()
+FROM unnest(%(ids)s::uuid[], %(kinds)s::text[], %(statuses)s::text[], %(accounts)s::text[])
+     AS v(message_id, kinds, status, account_id)
+WHERE s.namespace = %(namespace)s AND s.message_id = v.message_id;
 
 -- name: update_message
--- The API's own row, when the message came through the API. updated_at
+-- The API's own rows, when the messages came through the API. updated_at
 -- moves only when the status does.
-UPDATE messages SET status = %(status)s, updated_at = now()
-WHERE id = %(message_id)s AND status IS DISTINCT FROM %(status)s;
+UPDATE messages m SET status = v.status, updated_at = now()
+FROM unnest(%(ids)s::uuid[], %(statuses)s::text[]) AS v(id, status)
+WHERE m.id = v.id AND m.status IS DISTINCT FROM v.status;
 
 -- name: count
 -- Increments only: run once, in the transaction that inserted the counted
