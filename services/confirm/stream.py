@@ -310,6 +310,10 @@ def main(settings: ConfirmSettings) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
     worker = faust.Worker(confirm.app, loglevel=settings.log_level,
                           workdir=str(settings.data_dir))
+    # No terminal spinner: at WARNING and above Faust would add one and set the
+    # root logger to DEBUG for it, and every debug call of aiokafka and Faust
+    # would then build a record only for the handlers to drop it.
+    worker.spinner = None
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
