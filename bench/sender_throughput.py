@@ -117,7 +117,7 @@ def children(pid: int) -> list[int]:
 
 
 def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettings,
-                workdir: Path, settling: int) -> tuple[float, float, float]:
+                workdir: Path, settling: int | None) -> tuple[float, float, float]:
     """(msg/s from the first message sent to the last, peak RSS MiB of the sender and
     of its child processes, the composer's)."""
     prefix = f"bench{uuid.uuid4().hex[:8]}."
@@ -129,8 +129,9 @@ def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettin
     env = {**os.environ, "MAILBUS_KAFKA__TOPIC_PREFIX": prefix,
            "MAILBUS_ACCOUNTS_FILE": str(accounts), "MAILBUS_METRICS_PORT": "0",
            "MAILBUS_LINK_KEYS_FILE": str(workdir / "keys.json"),
-           "MAILBUS_POLL_SECONDS": "0.2", "MAILBUS_LOG_LEVEL": "WARNING",
-           "MAILBUS_SETTLING_PER_CONNECTION": str(settling)}
+           "MAILBUS_POLL_SECONDS": "0.2", "MAILBUS_LOG_LEVEL": "WARNING"}
+    if settling is not None:
+        env["MAILBUS_SETTLING_PER_CONNECTION"] = str(settling)
     events = [request("bench", to=f"r{i}@example.com", text=BODY) for i in range(messages)]
     produce(config, prefix + "email.requested", Registry.load(), events)
     sender = subprocess.Popen([sys.executable, "-m", "mailbus", "sender"], env=env,
@@ -166,8 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--connections", type=int, default=4)
-    parser.add_argument("--settling", type=int, default=0,
-                        help="MAILBUS_SETTLING_PER_CONNECTION of the sender")
+    parser.add_argument("--settling", type=int, default=None,
+                        help="MAILBUS_SETTLING_PER_CONNECTION of the sender (default: its own)")
     args = parser.parse_args()
     admin = ServiceSettings(service_name="admin")
     port = free_port()
@@ -187,7 +188,8 @@ def main() -> None:
         sink.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nsender to smtp-sink, {args.messages} messages of {len(BODY)} B body per row,"
-          f" {os.cpu_count()} cores, settling per connection {args.settling}")
+          f" {os.cpu_count()} cores, settling per connection "
+          f"{'the default' if args.settling is None else args.settling}")
     print(f"{'path':<12} {'connections':>11} {'msg/s':>9} {'peak RSS MiB':>13}"
           f" {'composer MiB':>13}")
     for path, n, rate, memory in rows:

@@ -28,9 +28,10 @@ class SenderSettings(ServiceSettings):
     claim_depth: int = Field(default=16, ge=1, le=1000)
     settle_window_seconds: float = Field(default=0.0, ge=0, le=1)
     # Messages per connection the server took that may await their settle while
-    # the connection sends the next: more is faster, and is what a crash may send
-    # twice (flagged possible_duplicate) on top of one per connection.
-    settling_per_connection: int = Field(default=0, ge=0, le=1000)
+    # the connection sends the next: more is faster (a settle's commit and fsync
+    # take milliseconds), and is what a crash may send twice (each flagged
+    # possible_duplicate) on top of one per connection.
+    settling_per_connection: int = Field(default=16, ge=0, le=1000)
     # Worker processes that compose claimed batches off the event loop
     # (services/sender/composer.py); 0: compose on the loop.
     compose_processes: int = Field(default=1, ge=0, le=16)
