@@ -45,7 +45,7 @@ from confluent_kafka import Consumer, TopicPartition
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from servers import rss_kib, wait_ready  # noqa: E402
+from servers import children, rss_kib, wait_ready  # noqa: E402
 
 from mailbus import apikeys  # noqa: E402
 from mailbus.codec import Registry  # noqa: E402
@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--clients", type=int, default=4, help="threads posting batches")
     parser.add_argument("--batch", type=int, default=100, help="messages per batch request")
-    parser.add_argument("--connections", type=int, default=4, help="the account's SMTP pool")
+    parser.add_argument("--connections", type=int, default=8, help="the account's SMTP pool")
     parser.add_argument("--latency-seconds", type=float, default=30.0)
     args = parser.parse_args()
 
@@ -271,6 +271,8 @@ def main() -> None:
             latencies = sorted((confirmed.at[m] - t) * 1000 for m, t in sent.items())
         stack.check()
         rss = {name: rss_kib(proc.pid) / 1024 for name, proc in stack.procs.items()}
+        rss_children = {name: sum(rss_kib(c) for c in children(proc.pid)) / 1024
+                        for name, proc in stack.procs.items()}
     finally:
         stack.stop()
         confirmed.close()
@@ -288,7 +290,9 @@ def main() -> None:
           f" last confirmed {last - first:.1f} s after the first request)")
     print(f"latency at 100 msg/s offered for {args.latency_seconds:.0f} s ({len(latencies)}"
           f" messages): p50 {statistics.median(latencies):.0f} ms, p99 {p99:.0f} ms")
-    print("peak RSS MiB: " + ", ".join(f"{n} {v:.1f}" for n, v in rss.items()))
+    print("peak RSS MiB: " + ", ".join(
+        f"{n} {v:.1f}" + (f" (+ {rss_children[n]:.1f} in its child processes)"
+                          if rss_children.get(n) else "") for n, v in rss.items()))
 
 
 if __name__ == "__main__":

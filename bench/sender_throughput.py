@@ -39,6 +39,8 @@ import psycopg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from servers import children  # noqa: E402
+
 from mailbus.codec import Registry  # noqa: E402
 from mailbus.provision import provision  # noqa: E402
 from mailbus.settings import ServiceSettings  # noqa: E402
@@ -106,14 +108,6 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def children(pid: int) -> list[int]:
-    """The process's children (the sender's composer and sandbox processes)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
 
 
 def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettings,

@@ -1,4 +1,4 @@
-"""What the HTTP benchmarks share: waiting for a server process, its peak memory."""
+"""What the benchmarks share: waiting for a server process, its peak memory."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0
+
+
+def children(pid: int) -> list[int]:
+    """The process's children (the sender's composer, say)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
