@@ -7,7 +7,7 @@ import logging
 import signal
 import uuid
 from contextlib import suppress
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import uvloop
@@ -135,6 +135,16 @@ class Sender:
             self._tasks.append(warm)
         return composer
 
+    def _ready_at(self, account_id: str) -> datetime | None:
+        """When the account may send again (now, unless parked or out of quota);
+        None for an account this instance does not run."""
+        worker = self.workers.get(account_id)
+        if worker is None:
+            return None
+        now = utcnow()
+        decision = worker.budget.decide(now)
+        return decision.until if isinstance(decision, Exhausted) else now
+
     def _wake_all(self) -> None:
         for worker in self.workers.values():
             worker.wake.set()
@@ -166,7 +176,7 @@ class Sender:
                       registry=self.registry,
                       directory=self.directory, suppressions=self.suppressions,
                       links=self.links, owned=self._sendable,
-                      capacity=self._capacity, topic=self.topic,
+                      capacity=self._capacity, ready_at=self._ready_at, topic=self.topic,
                       max_attempts=s.max_attempts, retry_base=s.retry_base_seconds,
                       retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds,
                       claim_depth=s.claim_depth,

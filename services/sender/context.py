@@ -59,6 +59,7 @@ class Context:
                  registry: Registry, directory: Directory, suppressions: Suppressions,
                  links: LinkBuilder | None, owned: Callable[[], dict[int, int]],
                  capacity: Callable[[], dict[str, int]],
+                 ready_at: Callable[[str], datetime | None] = lambda _account: None,
                  topic: Callable[[str], str], max_attempts: int, retry_base: float,
                  retry_cap: float, poll_seconds: float, claim_depth: int = 16,
                  settling_per_connection: int = 0,
@@ -67,6 +68,7 @@ class Context:
         self.pool, self.outbox, self.settler, self.registry = pool, outbox, settler, registry
         self.directory, self.suppressions, self.links = directory, suppressions, links
         self.owned, self.capacity, self.topic = owned, capacity, topic
+        self.ready_at = ready_at  # when a pool member may send again (app.Sender._ready_at)
         self.max_attempts, self.retry_base, self.retry_cap = max_attempts, retry_base, retry_cap
         self.poll_seconds, self.clock = poll_seconds, clock
         # Rows an account claims ahead, per connection, and at least.

@@ -121,7 +121,14 @@ class AccountWorker:
                                        row.reroutes, self.ctx.capacity())
             request = self.ctx.decode(row)
             if target is None:
-                await self.ctx.requeue(row, Retry(until, "account quota exhausted", refund=1))
+                # No member can take it right now; one only paused (a rate limit) can
+                # soon: try again then, not at this account's own quota reset.
+                soonest = min((t for t in (self.ctx.ready_at(a) for a in
+                                           self.ctx.directory.pools.get(row.pool or "", ())
+                                           if a != self.account.id) if t is not None),
+                              default=until)
+                await self.ctx.requeue(row, Retry(min(until, soonest),
+                                                  "account quota exhausted", refund=1))
             else:
                 await self.ctx.reroute(row, request, Reroute(target, "account quota exhausted"))
 
