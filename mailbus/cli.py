@@ -95,7 +95,7 @@ def webhooks() -> None:
     from mailbus.webhooks.settings import WebhooksSettings
 
     settings = WebhooksSettings()
-    _logging(settings.log_level)
+    _logging(settings)
     run(settings)
 
 

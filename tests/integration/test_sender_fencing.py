@@ -31,7 +31,8 @@ ACCOUNTS = ("f0", "f1", "f2", "f3")  # keyed by account: spread over several par
 
 def settings(namespace: str, tmp_path: Path, port: int) -> SenderSettings:
     path = tmp_path / "accounts.toml"
-    path.write_text("".join(smtp_account(a, port, rate=5000, quota=100_000, connections=2)
+    # 4 x 40 messages/s: the run lasts several seconds, long enough for rebalances mid-send.
+    path.write_text("".join(smtp_account(a, port, rate=40, quota=100_000, connections=2)
                             for a in ACCOUNTS))
     return SenderSettings(accounts_file=path, kafka={"topic_prefix": namespace},
                           metrics_port=0, poll_seconds=0.2, retry_base_seconds=0.2,
