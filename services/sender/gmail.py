@@ -64,6 +64,10 @@ _COVERS = {AUTH + "gmail.send": {AUTH + "gmail.compose", AUTH + "gmail.modify",
 # account for a day: the window is rolling, so room returns as the oldest sends age out.
 DAILY_PARK = timedelta(hours=1)
 RATE_WAIT = 1.0  # seconds, when a per-user rate error carries no "Retry after"
+# A per-user rate limit clears within seconds; a "Retry after" further out than this
+# says more about a clock's skew than about the limit, and must not park the account
+# (and the pool's failover to it) for hours.
+RATE_WAIT_CAP = 60.0
 _RETRY_AFTER = re.compile(r"Retry after (\S+)")
 
 
@@ -224,7 +228,8 @@ def classify(exc: BaseException, now: datetime) -> SendError:
         return AccountExhausted(f"Gmail sending limit: {message}", until=until)
     if status == 429 or reasons & {"rateLimitExceeded", "userRateLimitExceeded"}:
         wait = (retry_at - now).total_seconds() if retry_at else RATE_WAIT
-        return AccountExhausted(f"Gmail rate limit: {message}", retry_after=max(wait, 0.0))
+        return AccountExhausted(f"Gmail rate limit: {message}",
+                                retry_after=min(max(wait, 0.0), RATE_WAIT_CAP))
     if (status == 400 and "failedPrecondition" not in reasons) or status == 413:
         return PermanentError(f"Gmail refused the message: {message}", code=status)
     # 401 after google-auth's own refresh-and-retry, 403 permissions, 400 failedPrecondition

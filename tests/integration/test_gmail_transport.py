@@ -27,6 +27,7 @@ from mailbus.sender.gmail import (
     GOOGLE_API_ENDPOINT,
     GOOGLE_TOKEN_URI,
     RATE_WAIT,
+    RATE_WAIT_CAP,
     SCOPES,
     GmailTransport,
     classify,
@@ -255,6 +256,27 @@ def test_sending_faster_than_the_user_rate_parks_the_account_briefly(
     clock.advance(0.2)
     run(transport.send(outgoing()))
     assert len(emu.messages(ME)) == 3
+
+
+def test_a_rate_limit_retry_time_hours_away_parks_the_account_a_minute_at_most(
+        emu: GmailEmulator, clock: FakeClock, tmp_path: Path) -> None:
+    # The server's clock runs two hours ahead of the sender's: its "Retry after" of
+    # a fraction of a second reads as two hours here, a skew, not a rate limit's wait.
+    emu.add_user(ME, refresh_token=REFRESH)
+    path = write_token(tmp_path / "token.json", emu, emu.issue_token(ME),
+                       expiry=datetime.now(UTC) + timedelta(hours=1))
+    transport = GmailTransport.from_account(
+        gmail_account(token_file=path), api_endpoint=emu.api_endpoint,
+        token_uri=emu.token_uri, clock=lambda: clock() - timedelta(hours=2))
+    try:
+        run(transport.send(outgoing()))
+        run(transport.send(outgoing()))  # 250 units allow a burst of two 100-unit sends
+        with pytest.raises(AccountExhausted) as caught:
+            run(transport.send(outgoing()))
+    finally:
+        run(transport.close())
+    assert caught.value.retry_after == RATE_WAIT_CAP
+    assert caught.value.until is None and "rate limit" in caught.value.reason
 
 
 def test_sending_at_the_documented_rate_never_errors(
