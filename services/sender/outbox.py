@@ -73,6 +73,15 @@ class Ledger:
             "account_id": account_id, "owner": self.owner, "partitions": parts,
             "epochs": [epochs[p] for p in parts], "limit": limit, "pool_only": pool_only})
 
+    async def requeue_orphans(self, account_id: str, epochs: dict[int, int],
+                              holding: list[str], older_than: float) -> int:
+        """Re-queue this account's rows left `sending` that no worker holds; how many."""
+        parts = sorted(epochs)
+        return len(await self._rows("requeue_orphans", {
+            "account_id": account_id, "owner": self.owner, "partitions": parts,
+            "epochs": [epochs[p] for p in parts], "holding": holding,
+            "older_than": older_than}))
+
     async def prune(self, *, keep_seconds: float, payload_seconds: float,
                     batch: int) -> tuple[int, int]:
         """Retention, one batch each: (settled rows deleted, payloads cleared).

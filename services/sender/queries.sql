@@ -78,6 +78,25 @@ WHERE l.namespace = %(namespace)s AND l.message_id = due.message_id
 RETURNING l.message_id, l.payload, l.attempts, l.ambiguous, l.reroutes, l.source_partition,
           l.requested_at, l.pool, l.pending_recipients, l.replayed;
 
+-- name: requeue_orphans
+-- Rows of this account left `sending` in partitions this instance still owns
+-- (fenced as claim is) that no worker of it holds: a claim whose commit went
+-- through while its reply was lost (the connection dropped). Nobody will
+-- settle them, so they go again, flagged as possible duplicates.
+WITH mine AS MATERIALIZED (
+    SELECT partition FROM sender_partitions
+    WHERE namespace = %(namespace)s AND owner = %(owner)s
+      AND (partition, epoch) IN (
+          SELECT * FROM unnest(%(partitions)s::integer[], %(epochs)s::bigint[]))
+    FOR SHARE
+)
+UPDATE send_ledger SET state = 'queued', ambiguous = true, due_at = now()
+WHERE namespace = %(namespace)s AND account_id = %(account_id)s AND state = 'sending'
+  AND source_partition = ANY(ARRAY(SELECT partition FROM mine))
+  AND claimed_at < now() - make_interval(secs => %(older_than)s)
+  AND message_id <> ALL(%(holding)s::uuid[])
+RETURNING message_id;
+
 -- name: mark_sent
 -- Every mark_* returns the row it matched: a settle writes the outcome's
 -- events only when its row was still `sending` (else another owner has it).

@@ -35,6 +35,9 @@ from mailbus.sender.transport import (
 )
 
 log = logging.getLogger(__name__)
+# How often a worker looks for rows of its account left `sending` that it does not
+# hold, and how old such a row must be (claimed before the last look) to go again.
+ORPHAN_CHECK_SECONDS = 30.0
 
 
 class AccountWorker:
@@ -57,6 +60,9 @@ class AccountWorker:
         # feeds many sends: claiming row by row would cost a round trip each.
         self._depth = max(ctx.claim_min, concurrency * ctx.claim_depth)
         self._inflight: set[asyncio.Task[None]] = set()
+        # Message ids claimed and not yet settled: what requeue_orphans must leave alone.
+        self._holding: set[str] = set()
+        self._orphans_checked = time.monotonic()
 
     async def run(self) -> None:
         """Until cancelled: claim what is due and may go, deliver it."""
@@ -84,6 +90,14 @@ class AccountWorker:
             await self._fail_over_exhausted(owned, decision.until)
             await self._sleep(min(ctx.poll_seconds * 5, (decision.until - now).total_seconds()))
             return
+        if time.monotonic() - self._orphans_checked > ORPHAN_CHECK_SECONDS:
+            self._orphans_checked = time.monotonic()
+            found = await ctx.outbox.ledger.requeue_orphans(
+                self.account.id, owned, sorted(self._holding), ORPHAN_CHECK_SECONDS)
+            if found:
+                log.warning("account %s: %d row(s) left `sending` by a claim whose reply was"
+                            " lost go again, flagged as possible duplicates", self.account.id,
+                            found)
         free = self._depth - len(self._inflight)
         if free < self._depth // 2:
             # Claim again once half the depth is free: one claim, many rows.
@@ -100,8 +114,12 @@ class AccountWorker:
             # One round trip to the composer process for the whole batch.
             composed = await ctx.composer.compose(self.account.id, [r.payload for r in rows],
                                                   now)
+        # The sends start now, after composing: the rate counts them from here, or a
+        # slow compose would let tokens refill meanwhile and the batch go out as a burst.
+        started = ctx.clock() if ctx.composer is not None else now
         for row, pre in zip(rows, composed or [None] * len(rows), strict=True):
-            self.budget.take(now)
+            self.budget.take(started)
+            self._holding.add(row.message_id)
             task = asyncio.create_task(self._deliver(row, pre, now))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -140,6 +158,8 @@ class AccountWorker:
         except Exception:
             log.exception("account %s: delivering %s failed unexpectedly",
                           self.account.id, row.message_id)
+        finally:
+            self._holding.discard(row.message_id)
 
     async def _deliver_one(self, row: Claimed, pre: Composed, now: datetime) -> None:
         """`pre`: the message the composer process made of the row (or why it failed);
