@@ -13,9 +13,12 @@ and discards mail as fast as a real server's protocol allows. Rows:
                 email.requested filled before it starts; timed from the first
                 message recorded sent to the last, so the group join and the
                 suppression-list load stay out. Its peak RSS (VmHWM) is printed,
-                and that of its composer process beside it.
+                and that of its composer process beside it, and the CPU time
+                the sender and its composer used per message while timed: the
+                figure other load on the machine moves least.
 
 Usage: .venv/bin/python bench/sender_throughput.py [--messages 4000] [--connections 4]
+                                                   [--settling N] [--quick]
 Needs `make infra` (Kafka and PostgreSQL running) and /usr/sbin/smtp-sink.
 """
 
@@ -110,10 +113,23 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettings,
-                workdir: Path, settling: int | None) -> tuple[float, float, float]:
+                workdir: Path, settling: int | None) -> tuple[float, float, float, float]:
     """(msg/s from the first message sent to the last, peak RSS MiB of the sender and
-    of its child processes, the composer's)."""
+    of its child processes, the composer's, CPU milliseconds per message the sender and
+    its children used meanwhile)."""
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     config = admin.kafka.client_config()
     provision(config, admin.var_dir / "secrets", prefix, users=False)
@@ -142,19 +158,22 @@ def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettin
                 done = row[0] if row else 0
                 if done and first is None:
                     first, at_first = time.perf_counter(), done
+                    pids = [sender.pid, *children(sender.pid)]
+                    cpu_first = cpu_seconds(pids)
                 if done >= messages:
                     break
                 time.sleep(0.05)
             else:
                 raise SystemExit("the sender stopped or stalled")
             elapsed = time.perf_counter() - (first or 0.0)
+            cpu = cpu_seconds(pids) - cpu_first
             rss = peak_rss_mib(sender.pid)
             child_rss = sum(peak_rss_mib(c) for c in children(sender.pid))
     finally:
         sender.terminate()
         sender.wait(60)
         drop_namespace(config, prefix)
-    return (messages - at_first) / elapsed, rss, child_rss
+    return (messages - at_first) / elapsed, rss, child_rss, cpu * 1000 / (messages - at_first)
 
 
 def main() -> None:
@@ -163,20 +182,23 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--settling", type=int, default=None,
                         help="MAILBUS_SETTLING_PER_CONNECTION of the sender (default: its own)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only bare smtplib and mailbus at --connections")
     args = parser.parse_args()
     admin = ServiceSettings(service_name="admin")
     port = free_port()
     sink = start_sink(port)
     workdir = Path(tempfile.mkdtemp(prefix="mailbus-bench-"))
-    rows: list[tuple[str, int, float, tuple[float, float] | None]] = []
+    rows: list[tuple[str, int, float, tuple[float, float, float] | None]] = []
+    counts = (args.connections,) if args.quick else (1, args.connections)
     try:
         rows.append(("bare smtplib", 1, bare_smtplib(port, args.messages), None))
-        for n in (1, args.connections):
+        for n in () if args.quick else counts:
             rows.append(("bare loop", n, asyncio.run(bare_loop(port, args.messages, n)), None))
-        for n in (1, args.connections):
-            rate, rss, child = mailbus_run(port, args.messages, n, admin, workdir,
-                                           args.settling)
-            rows.append(("mailbus", n, rate, (rss, child)))
+        for n in counts:
+            rate, rss, child, cpu = mailbus_run(port, args.messages, n, admin, workdir,
+                                                args.settling)
+            rows.append(("mailbus", n, rate, (rss, child, cpu)))
     finally:
         sink.terminate()
         sink.wait(10)
@@ -185,11 +207,11 @@ def main() -> None:
           f" {os.cpu_count()} cores, settling per connection "
           f"{'the default' if args.settling is None else args.settling}")
     print(f"{'path':<12} {'connections':>11} {'msg/s':>9} {'peak RSS MiB':>13}"
-          f" {'composer MiB':>13}")
+          f" {'composer MiB':>13} {'CPU ms/msg':>11}")
     for path, n, rate, memory in rows:
         line = f"{path:<12} {n:>11} {rate:>9.1f}"
         if memory is not None:
-            line += f" {memory[0]:>13.1f} {memory[1]:>13.1f}"
+            line += f" {memory[0]:>13.1f} {memory[1]:>13.1f} {memory[2]:>11.3f}"
         print(line)
     bare = rows[0][2]
     for path, n, rate, _ in rows:

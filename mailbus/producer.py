@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -77,6 +79,48 @@ class AsyncProducer:
             raise UnavailableError(f"kafka: {exc.args[0]}") from exc
         return await future
 
+    async def produce_many(
+        self, records: Sequence[tuple[str, bytes, bytes | None,
+                                      list[tuple[str, str | bytes | None]] | None]],
+    ) -> list[UnavailableError | None]:
+        """Append (topic, value, key, headers) records; wait until the broker acknowledged
+        or refused each. Per record: None once acknowledged, else why it was not.
+
+        The loop is woken once for the batch, not once a record: at thousands of
+        records a second, a wake-up and a future each cost more than the produce.
+        """
+        results: list[UnavailableError | None] = [None] * len(records)
+        if not records:
+            return results
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        lock = threading.Lock()
+        remaining = len(records)
+
+        def one_done(index: int, err: KafkaError | None, _msg: Message | None) -> None:
+            # Delivery reports run on the poll thread (or on close()'s flush).
+            nonlocal remaining
+            if err is not None:
+                results[index] = UnavailableError(f"kafka: {err.str()}")
+            with lock:
+                remaining -= 1
+                last = remaining == 0
+            if last:
+                loop.call_soon_threadsafe(_finish, future)
+
+        for index, (topic, value, key, headers) in enumerate(records):
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers,
+                                       on_delivery=partial(one_done, index))
+            except BufferError:
+                results[index] = UnavailableError("kafka: local produce queue is full")
+                one_done(index, None, None)
+            except KafkaException as exc:
+                results[index] = UnavailableError(f"kafka: {exc.args[0]}")
+                one_done(index, None, None)
+        await future
+        return results
+
     def reachable(self, timeout: float = 2.0) -> bool:
         """True when the cluster answers a metadata request within the timeout."""
         try:
@@ -91,6 +135,11 @@ class AsyncProducer:
         self._stop.set()
         self._thread.join(timeout=1.0)
         return left
+
+
+def _finish(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _settle(future: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:

@@ -120,14 +120,12 @@ class Outbox:
             await asyncio.wait(self._emitting, timeout=timeout)
 
     async def emit(self, items: list[tuple[int, Record]]) -> None:
-        results = await asyncio.gather(*(
-            self.producer.produce(rec.topic, rec.value, key=rec.key,
-                                  headers=[(k, v.encode()) for k, v in rec.headers] or None)
-            for _, rec in items), return_exceptions=True)
-        done = [i for (i, _), r in zip(items, results, strict=True)
-                if not isinstance(r, BaseException)]
+        results = await self.producer.produce_many([
+            (rec.topic, rec.value, rec.key, [(k, v.encode()) for k, v in rec.headers] or None)
+            for _, rec in items])
+        done = [i for (i, _), r in zip(items, results, strict=True) if r is None]
         for (_, rec), r in zip(items, results, strict=True):
-            if isinstance(r, BaseException):
+            if r is not None:
                 # Stays in the outbox; the sweep emits it once Kafka is back.
                 log.warning("emitting to %s failed, will retry: %s", rec.topic, r)
         if done:

@@ -153,14 +153,16 @@ WHERE namespace = %(namespace)s AND account_id = %(account_id)s AND state <> 'se
   AND sent_at IS NOT NULL AND sent_at > now() - interval '24 hours';
 
 -- name: outbox_add
--- A settle batch's events in one statement. Inserted in the order given, so
+-- A settle batch's events in one statement (%(headers)s: one JSON array, the
+-- n-th element the n-th record's headers). Inserted in the order given, so
 -- their ids (one sequence) ascend in that order: the caller sorts the ids it
 -- gets back to pair them with its records.
 INSERT INTO sender_outbox (message_id, namespace, source_partition, topic, key, value, headers)
-SELECT v.message_id, %(namespace)s, v.source_partition, v.topic, v.key, v.value, v.headers
+SELECT v.message_id, %(namespace)s, v.source_partition, v.topic, v.key, v.value,
+       %(headers)s::jsonb -> (v.n::integer - 1)
 FROM unnest(%(message_ids)s::uuid[], %(partitions)s::integer[], %(topics)s::text[],
-            %(keys)s::bytea[], %(values)s::bytea[], %(headers)s::jsonb[])
-     WITH ORDINALITY AS v(message_id, source_partition, topic, key, value, headers, n)
+            %(keys)s::bytea[], %(values)s::bytea[])
+     WITH ORDINALITY AS v(message_id, source_partition, topic, key, value, n)
 ORDER BY v.n
 RETURNING id;
 
