@@ -297,7 +297,8 @@ def test_five_accounts_share_the_load_within_quota_and_rate(sender_env, smtp, ad
     for times in by_sender.values():
         times.sort()
         # Token bucket: 2/s sustained, bursts of 2: at most 4 in any one second.
-        assert all(sum(1 for u in times if t <= u < t + 1.0) <= 4 for t in times), [round(u - times[0], 3) for u in times]
+        assert all(sum(1 for u in times if t <= u < t + 1.0) <= 4 for t in times), [
+            round(u - times[0], 3) for u in times]
     states = ledger_states([e["message_id"] for e in events], admin)
     assert sorted(states.values()).count("sent") == 30
     assert set(states.values()) == {"sent", "queued"}  # waiting, never failed
