@@ -50,6 +50,9 @@ class Claimed:
     # The partition's ownership epoch the row was claimed under: its settle
     # lands only while this instance still owns the partition at that epoch.
     epoch: int = 0
+    # The request's requested_at, kept in the ledger row: email.sent carries it,
+    # so the hot path need not decode the payload for it.
+    requested_at: datetime | None = None
 
 
 class Context:
@@ -99,7 +102,8 @@ class Context:
         return [Claimed(str(r["message_id"]), bytes(r["payload"]), r["attempts"],
                         r["ambiguous"], r["reroutes"], r["source_partition"], r["pool"],
                         tuple(r["pending_recipients"]) if r["pending_recipients"] is not None
-                        else None, r["replayed"], epochs[r["source_partition"]])
+                        else None, r["replayed"], epochs[r["source_partition"]],
+                        r["requested_at"])
                 for r in rows]
 
     async def settle(self, row: Claimed, state: str, records: list[Record],
@@ -113,7 +117,7 @@ class Context:
         await self.settle(row, "retry", [], due_at=retry.due_at, error=retry.reason,
                           refund=retry.refund, ambiguous=ambiguous)
 
-    async def sent(self, row: Claimed, request: dict[str, Any], account: Account,
+    async def sent(self, row: Claimed, account: Account,
                    accepted: Accepted, header: str, *, possible_duplicate: bool,
                    latency_us: int | None) -> None:
         """Record the hand-over and emit email.sent (and what follows from it)."""
@@ -121,17 +125,18 @@ class Context:
         key = row.message_id.encode()
         records = [Record(self.topic(topics.SENT), key, self.registry.encode(
             topics.SENT, handlers.sent_event(
-                request, account, accepted, message_id_header=header, attempt=row.attempts,
+                row.message_id, row.requested_at, account, accepted, message_id_header=header,
+                attempt=row.attempts,
                 possible_duplicate=possible_duplicate, latency_us=latency_us, now=now)))]
         if account.evidence == "smtp_final":
             records += [Record(self.topic(topics.DELIVERED), key, self.registry.encode(
-                topics.DELIVERED, handlers.delivered_event(request, account, r,
+                topics.DELIVERED, handlers.delivered_event(row.message_id, account, r,
                                                            accepted.response, now)))
                         for r in accepted.recipients]
         refused = handlers.refused(accepted.rejected, attempts=row.attempts,
                                    max_attempts=self.max_attempts, now=now,
                                    retry_base=self.retry_base, retry_cap=self.retry_cap)
-        records += self._failed_records(row, request, account.id, refused.failed, now)
+        records += self._failed_records(row, account.id, refused.failed, now)
         if refused.retry is not None:
             # Taken for the others, refused for now for these: the same message again,
             # to them only, when the retry is due.
@@ -144,22 +149,21 @@ class Context:
                                      sent_at=now)
         metrics.SENT.labels(account.id, account.kind).inc()
 
-    def _failed_records(self, row: Claimed, request: dict[str, Any], account_id: str,
-                        fails: list[Fail], now: datetime) -> list[Record]:
+    def _failed_records(self, row: Claimed, account_id: str, fails: list[Fail],
+                        now: datetime) -> list[Record]:
         return [Record(self.topic(topics.FAILED), row.message_id.encode(), self.registry.encode(
-            topics.FAILED, handlers.failed_event(request, account_id, fail,
+            topics.FAILED, handlers.failed_event(row.message_id, account_id, fail,
                                                  attempt=row.attempts, now=now)))
             for fail in fails]
 
-    async def fail(self, row: Claimed, request: dict[str, Any], account_id: str,
-                   fail: Fail) -> None:
+    async def fail(self, row: Claimed, account_id: str, fail: Fail) -> None:
         """Record the failure, emit email.failed, and dead-letter when retries ran out."""
         if row.pending is not None:
             # Handed over for its other recipients already: only these failed, the
             # row stays sent, and nothing is dead-lettered (a replay would mail everyone).
             fails = [replace(fail, recipient=r, dead_letter=False) for r in row.pending]
             await self.settle(row, "sent",
-                                     self._failed_records(row, request, account_id, fails,
+                                     self._failed_records(row, account_id, fails,
                                                           self.clock()))
             for fail in fails:
                 metrics.FAILED.labels(account_id, metrics.reason_class(fail.reason),
@@ -167,7 +171,7 @@ class Context:
             return
         key = row.message_id.encode()
         records = [Record(self.topic(topics.FAILED), key, self.registry.encode(
-            topics.FAILED, handlers.failed_event(request, account_id, fail,
+            topics.FAILED, handlers.failed_event(row.message_id, account_id, fail,
                                                  attempt=row.attempts, now=self.clock())))]
         if fail.dead_letter:
             records.append(Record(self.topic(topics.REQUESTED_DLQ), account_id.encode(),

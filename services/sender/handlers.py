@@ -153,11 +153,12 @@ def _head(message_id: str, now: datetime) -> dict[str, Any]:
     return {"event_id": str(uuid.uuid4()), "message_id": message_id, "occurred_at": now}
 
 
-def sent_event(request: dict[str, Any], account: Account, accepted: Accepted, *,
-               message_id_header: str, attempt: int, possible_duplicate: bool,
-               latency_us: int | None, now: datetime) -> dict[str, Any]:
+def sent_event(message_id: str, requested_at: datetime | None, account: Account,
+               accepted: Accepted, *, message_id_header: str, attempt: int,
+               possible_duplicate: bool, latency_us: int | None,
+               now: datetime) -> dict[str, Any]:
     """The mailbus.EmailSent record."""
-    return _head(request["message_id"], now) | {
+    return _head(message_id, now) | {
         "account_id": account.id,
         "transport": account.kind,
         "recipients": accepted.recipients,
@@ -165,16 +166,16 @@ def sent_event(request: dict[str, Any], account: Account, accepted: Accepted, *,
         "rfc822_message_id": message_id_header,
         "smtp_response": accepted.response,
         "attempt": attempt,
-        "requested_at": request.get("requested_at"),
+        "requested_at": requested_at,
         "possible_duplicate": possible_duplicate,
         "send_latency_us": latency_us,
     }
 
 
-def failed_event(request: dict[str, Any], account_id: str, fail: Fail, *, attempt: int,
+def failed_event(message_id: str, account_id: str, fail: Fail, *, attempt: int,
                  now: datetime) -> dict[str, Any]:
     """The mailbus.EmailFailed record."""
-    return _head(request["message_id"], now) | {
+    return _head(message_id, now) | {
         "account_id": account_id,
         "reason": fail.reason,
         "code": fail.code,
@@ -185,10 +186,10 @@ def failed_event(request: dict[str, Any], account_id: str, fail: Fail, *, attemp
     }
 
 
-def delivered_event(request: dict[str, Any], account: Account, recipient: str,
+def delivered_event(message_id: str, account: Account, recipient: str,
                     detail: str | None, now: datetime) -> dict[str, Any]:
     """The mailbus.EmailDelivered record for an account whose SMTP server is the final hop."""
-    return _head(request["message_id"], now) | {
+    return _head(message_id, now) | {
         "account_id": account.id,
         "recipient": recipient,
         "evidence": "smtp_final",

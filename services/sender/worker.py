@@ -13,7 +13,6 @@ import time
 from dataclasses import replace
 from datetime import datetime, timedelta
 from functools import partial
-from typing import Any
 
 from mailbus.accounts import Account
 from mailbus.errors import MailbusError
@@ -165,27 +164,26 @@ class AccountWorker:
         """`pre`: the message the composer process made of the row (or why it failed);
         None: compose it here, through the sandbox when its content needs one."""
         ctx, account = self.ctx, self.account
-        request = ctx.decode(row)
         if isinstance(pre, Failure):
             self.budget.give_back(now)  # nothing left the account
             if pre.unexpected:
                 log.error("account %s: composing %s failed: %s", account.id, row.message_id,
                           pre.reason)
-            await ctx.fail(row, request, account.id, Fail(pre.reason, True))
+            await ctx.fail(row, account.id, Fail(pre.reason, True))
             return
         if pre is not None:
             outgoing = pre
         else:
-            composed = await self._compose_here(row, request, now)
+            composed = await self._compose_here(row, now)
             if composed is None:
                 return
             outgoing = composed
-        await self._deliver_composed(row, request, outgoing, now)
+        await self._deliver_composed(row, outgoing, now)
 
-    async def _compose_here(self, row: Claimed, request: dict[str, Any], now: datetime
-                            ) -> Outgoing | None:
+    async def _compose_here(self, row: Claimed, now: datetime) -> Outgoing | None:
         """Compose on the loop (a thread for large ones); None: the row was settled."""
         ctx, account = self.ctx, self.account
+        request = ctx.decode(row)
         try:
             # Templates and html-only bodies are hostile work: a process with a hard
             # deadline does it. Composing is bounded and runs in a thread, off the loop.
@@ -198,7 +196,7 @@ class AccountWorker:
                         else await asyncio.get_running_loop().run_in_executor(ctx.composer_threads,
                                                                               build))
         except SandboxUnavailable as exc:
-            await self._retry(row, request, now, f"content sandbox: {exc}")
+            await self._retry(row, now, f"content sandbox: {exc}")
             return None
         except Exception as exc:  # whatever it is, this message fails alone
             # Nothing left the account: its send counts against neither rate nor quota.
@@ -206,12 +204,11 @@ class AccountWorker:
             if not isinstance(exc, MailbusError):
                 log.error("account %s: composing %s raised %s", account.id, row.message_id,
                           type(exc).__name__, exc_info=exc)
-            await ctx.fail(row, request, account.id, Fail(compose_failure(exc), True))
+            await ctx.fail(row, account.id, Fail(compose_failure(exc), True))
             return None
         return outgoing
 
-    async def _deliver_composed(self, row: Claimed, request: dict[str, Any],
-                                outgoing: Outgoing, now: datetime) -> None:
+    async def _deliver_composed(self, row: Claimed, outgoing: Outgoing, now: datetime) -> None:
         ctx, account = self.ctx, self.account
         if row.pending is not None:
             wanted = {r.lower() for r in row.pending}
@@ -226,7 +223,7 @@ class AccountWorker:
             remaining = [r for r in outgoing.recipients if r not in blocked]
             if not remaining:
                 self.budget.give_back(now)
-                await ctx.fail(row, request, account.id,
+                await ctx.fail(row, account.id,
                                Fail("suppressed: every recipient is on the suppression list",
                                     True, recipient=blocked[0]))
                 return
@@ -239,7 +236,7 @@ class AccountWorker:
                 earlier = await transport.find_sent(outgoing.message_id_header)
             if earlier is not None:
                 # It did leave before the crash: that send keeps its place in the quota.
-                await ctx.sent(row, request, via, earlier, outgoing.message_id_header,
+                await ctx.sent(row, via, earlier, outgoing.message_id_header,
                                possible_duplicate=False, latency_us=None)
                 return
         # A connection slot is held for the hand-over, an unsettled slot from then until
@@ -247,10 +244,10 @@ class AccountWorker:
         # what the server took but the ledger does not know yet (what a crash may send
         # twice) stays within connections * (1 + settling_per_connection).
         async with self._unsettled:
-            await self._hand_over(row, request, outgoing, via, transport, now)
+            await self._hand_over(row, outgoing, via, transport, now)
 
-    async def _hand_over(self, row: Claimed, request: dict[str, Any], outgoing: Outgoing,
-                         via: Account, transport: Transport, now: datetime) -> None:
+    async def _hand_over(self, row: Claimed, outgoing: Outgoing, via: Account,
+                         transport: Transport, now: datetime) -> None:
         ctx, account = self.ctx, self.account
         start = time.perf_counter()
         try:
@@ -264,7 +261,7 @@ class AccountWorker:
                 target = None if row.pending is not None else handlers.failover(
                     ctx.directory, row.pool, account.id, row.reroutes, ctx.capacity())
                 if target is not None:
-                    await ctx.reroute(row, request, Reroute(target, exc.reason))
+                    await ctx.reroute(row, ctx.decode(row), Reroute(target, exc.reason))
                     return
             verdict = handlers.after_error(exc, attempts=row.attempts,
                                            max_attempts=ctx.max_attempts, now=ctx.clock(),
@@ -274,15 +271,14 @@ class AccountWorker:
                 # Lost after DATA went out: the server may have taken it.
                 await ctx.requeue(row, verdict, ambiguous=isinstance(exc, Ambiguous))
             elif isinstance(verdict, Fail):
-                await ctx.fail(row, request, account.id, verdict)
+                await ctx.fail(row, account.id, verdict)
             return
         elapsed = time.perf_counter() - start
         metrics.SEND_SECONDS.labels(via.kind).observe(elapsed)
-        await ctx.sent(row, request, via, accepted, outgoing.message_id_header,
+        await ctx.sent(row, via, accepted, outgoing.message_id_header,
                        possible_duplicate=row.ambiguous, latency_us=int(elapsed * 1e6))
 
-    async def _retry(self, row: Claimed, request: dict[str, Any], now: datetime,
-                     reason: str) -> None:
+    async def _retry(self, row: Claimed, now: datetime, reason: str) -> None:
         """Nothing was tried for this message: requeue it with backoff, or give up."""
         self.budget.give_back(now)
         ctx = self.ctx
@@ -292,7 +288,7 @@ class AccountWorker:
         if isinstance(verdict, Retry):
             await ctx.requeue(row, verdict)
         elif isinstance(verdict, Fail):
-            await ctx.fail(row, request, self.account.id, verdict)
+            await ctx.fail(row, self.account.id, verdict)
 
     async def drain(self, timeout: float) -> None:
         """Let in-flight deliveries finish (on shutdown)."""
