@@ -4,8 +4,10 @@ account handled. Real Kafka, PostgreSQL and SMTP servers."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from mailbus.sender.settings import SenderSettings
 from tests.integration.test_operations import eventually, replace_file
 from tests.support.kafka import read_all
+from tests.support.processes import Services
 from tests.support.sender import SenderThread, produce, request, smtp_account
 from tests.support.smtp import ScriptedHandler, SmtpServer, free_port
 
@@ -209,3 +212,42 @@ def test_the_transport_logs_its_failure_and_recovery_and_a_summary_without_the_p
     everything = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}"
                            for r in caplog.records) + caplog.text
     assert SECRET not in everything
+
+
+def test_the_sender_process_reloads_on_sighup_and_logs_json(
+        env: Any, servers: tuple[SmtpServer, SmtpServer], namespace: str,
+        tmp_path: Path) -> None:
+    first, second = servers
+    env.accounts.write_text(smtp_account("alpha", first.port))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with Services({"MAILBUS_KAFKA__TOPIC_PREFIX": namespace,
+                   "MAILBUS_ACCOUNTS_FILE": str(env.accounts), "MAILBUS_METRICS_PORT": "0",
+                   "MAILBUS_LINK_KEYS_FILE": str(tmp_path / "link-keys.json"),
+                   "MAILBUS_POLL_SECONDS": "0.2", "MAILBUS_LOG_FORMAT": "json",
+                   # Only SIGHUP reloads here: the file is not looked at in the test's time.
+                   "MAILBUS_ACCOUNTS_POLL_SECONDS": "3600"}, logs) as services:
+        proc = services.start("sender")
+
+        def records() -> list[dict[str, Any]]:
+            text = (logs / "sender.log").read_text(errors="replace")
+            # librdkafka writes its own lines to stderr; every line of ours is an object.
+            return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+        def having(msg: str, **fields: Any) -> None:
+            services.check_alive()
+            assert any(msg in r["msg"] and all(r.get(k) == v for k, v in fields.items())
+                       for r in records()), (msg, fields)
+
+        eventually(lambda: having("sender ready"), 60)
+        replace_file(env.accounts, smtp_account("alpha", first.port)
+                     + smtp_account("beta", second.port))
+        proc.send_signal(signal.SIGHUP)
+        eventually(lambda: having("accounts reloaded", service="sender", trigger="SIGHUP",
+                                  added="beta", changed="-", removed="-"))
+        eventually(lambda: having("worker started", account="beta"))
+        ids = env.send("beta", 2, "hup")
+        env.events("email.sent", expect=2, timeout=60)
+        services.check_alive()
+    assert set(ids_at(second)) == set(ids) and not first.handler.received
+    assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records())
