@@ -168,8 +168,9 @@ class Sender:
         if s.log_summary_seconds:
             self._tasks.append(asyncio.create_task(self._summaries(s.log_summary_seconds)))
         assert s.accounts_file is not None
-        reloader = AccountsReloader(s.accounts_file, self.directory, self.apply_accounts,
-                                    service="sender", poll_seconds=s.accounts_poll_seconds)
+        self.reloader = reloader = AccountsReloader(
+            s.accounts_file, self.directory, self.apply_accounts, service="sender",
+            poll_seconds=s.accounts_poll_seconds)
         reloader.start()
         log.info("sender started: %d account(s); sending waits for the suppression list",
                  len(self.workers))
@@ -221,7 +222,8 @@ class Sender:
         metrics.QUOTA_LIMIT.labels(account.id).set(account.daily_quota)
 
     def apply_accounts(self, new: Directory) -> None:
-        """Put an edited accounts file in force (AccountsReloader calls this).
+        """Put an edited accounts file (or rotated SMTP passwords) in force
+        (AccountsReloader calls this).
 
         Raises ConfigError, and changes nothing, when an added or changed
         account cannot be built (a DKIM key, a password or token file). Else
@@ -229,6 +231,15 @@ class Sender:
         workers follow in `_switch_accounts`.
         """
         diff = changes(self.directory, new)
+        # A password file rewritten in place leaves the accounts file as it was: on
+        # SIGHUP the account is rebuilt all the same, with the new password.
+        rotated = [a for a, w in self.workers.items()
+                   if a in new.by_id and a not in diff["changed"]
+                   and isinstance(w.transport, SmtpTransport) and w.transport.password_changed()]
+        for account_id in rotated:
+            event(log, logging.INFO, f"account {account_id}: password file changed; its"
+                  " transport is built again", account=account_id)
+        diff["changed"] = sorted({*diff["changed"], *rotated})
         fresh = prepare([new.by_id[a] for a in (*diff["added"], *diff["changed"])],
                         self.settings, self.links.keyring)
         self.directory = self.ctx.directory = new

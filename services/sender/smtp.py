@@ -67,6 +67,17 @@ class SmtpTransport:
                              account=account.id, host=self.cfg.host, port=self.cfg.port,
                              tls=self.cfg.tls, user=self.cfg.username or "-")
 
+    def password_changed(self) -> bool:
+        """Whether the password file now holds another password than the one in use
+        (a rotation: the file is read once, when the transport is built)."""
+        if not self.cfg.password_file:
+            return False
+        try:
+            now = Path(self.cfg.password_file).expanduser().read_text().strip()
+        except OSError:  # unreadable now: keep what works (`mailbus doctor` says why)
+            return False
+        return now != self._password
+
     @property
     def open_connections(self) -> int:
         """Sessions currently connected."""

@@ -59,7 +59,7 @@ def env(namespace: str, tmp_path: Path, admin_kafka: dict[str, Any], registry: A
     return Env()
 
 
-def ids_at(server: SmtpServer) -> Counter[str]:
+def ids_at(server: SmtpServer | AuthServer) -> Counter[str]:
     """Each message id the server accepted, with how many times (from the Message-ID)."""
     return Counter(re.sub(r"^<|@.*$", "", str(m["Message-ID"]))
                    for m in server.handler.messages())
@@ -150,17 +150,18 @@ class AuthServer:
     """An SMTP server taking AUTH PLAIN/LOGIN (over plain text, on loopback): refusing every
     login while `refusing`, then accepting the one user and password."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str = SECRET) -> None:
         self.handler = ScriptedHandler()
         self.port = free_port()
         self.refusing = True
+        self.password = password
         self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
                                      authenticator=self._authenticate, auth_require_tls=False)
 
     def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str,
                       auth_data: Any) -> AuthResult:
         ok = (not self.refusing and isinstance(auth_data, LoginPassword)
-              and auth_data.password == SECRET.encode())
+              and auth_data.password == self.password.encode())
         return AuthResult(success=ok, handled=False)
 
     def __enter__(self) -> AuthServer:
@@ -212,6 +213,31 @@ def test_the_transport_logs_its_failure_and_recovery_and_a_summary_without_the_p
     everything = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}"
                            for r in caplog.records) + caplog.text
     assert SECRET not in everything
+
+
+def test_a_rotated_smtp_password_is_taken_on_sighup(
+        env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rotated = "the-new-relay-password"
+    password = tmp_path / "relay.password"
+    password.write_text(SECRET + "\n")
+    caplog.set_level(logging.INFO, logger="mailbus")
+    with AuthServer(password=rotated) as server:
+        server.refusing = False
+        account = smtp_account("relay", server.port).replace(
+            'tls = "none"', f'tls = "none"\nusername = "relay-user"\npassword_file = "{password}"')
+        with SenderThread(env.settings(account, max_attempts=100)) as thread:
+            ids = env.send("relay", 2, "rotated")
+            wait_logged(caplog, "SMTP connection failed", 60, account="relay")
+            # The accounts file is as it was; only the password file changed.
+            password.write_text(rotated + "\n")
+            assert thread.sender is not None and thread._loop is not None
+            thread._loop.call_soon_threadsafe(thread.sender.reloader.reload, "SIGHUP")
+            wait_logged(caplog, "password file changed", account="relay")
+            sent = env.events("email.sent", expect=2, timeout=60)
+    assert {e["message_id"] for e in sent} == set(ids) == set(ids_at(server))
+    assert logged(caplog, "worker stopped", account="relay")
+    text = caplog.text + "\n".join(str(fields_of(r)) for r in caplog.records)
+    assert SECRET not in text and rotated not in text
 
 
 def test_the_sender_process_reloads_on_sighup_and_logs_json(
