@@ -39,7 +39,10 @@ def infrastructure(services: tuple[str, ...]) -> Iterator[Check]:
         settings = doctor_infra.service_settings(service)
         yield Check("kafka", service, doctor_infra.kafka(settings))
         if settings.uses_postgres:
-            yield Check("postgres", service, doctor_infra.postgres(settings))
+            login = doctor_infra.postgres(settings)
+            yield Check("postgres", service, login)
+            if login.verdict != "fail":
+                yield Check("postgres rights", service, doctor_infra.table_rights(settings))
     yield Check("postgres", "migrations", doctor_infra.migrations(owner()))
     sender = SenderSettings()
     yield Check("links", "link keys", doctor_infra.link_keys(sender))

@@ -20,6 +20,7 @@ from confluent_kafka.admin import AdminClient
 from mailbus.db import migration_files
 from mailbus.errors import ConfigError
 from mailbus.findings import Finding
+from mailbus.privileges import FUNCTIONS, SEQUENCES, Seen, differences, fix
 from mailbus.settings import ServiceSettings
 from mailbus.tokens import Keyring
 from mailbus.topics import GRANTS
@@ -33,6 +34,7 @@ SETTINGS = {
     "projector": "mailbus.confirm.projector:ProjectorSettings",
     "replies": "mailbus.replies.settings:RepliesSettings",
     "hooks": "mailbus.hooks.settings:HooksSettings",
+    "webhooks": "mailbus.webhooks.settings:WebhooksSettings",
 }
 
 
@@ -113,6 +115,74 @@ def postgres(settings: ServiceSettings) -> Finding:
         return Finding("fail", f"cannot connect {who}: {text[:200]}",
                        "check MAILBUS_POSTGRES__HOST/PORT and that PostgreSQL runs")
     return Finding("ok", f"logged in {who}")
+
+
+# As the role itself: each table of the public schema, what it may do there. The
+# *_privilege functions count column grants too (a SELECT on two columns is a SELECT).
+RIGHTS_SQL = """
+SELECT c.relname,
+       array(SELECT a.attname FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+             AND NOT a.attisdropped ORDER BY a.attnum),
+       has_any_column_privilege(c.oid, 'SELECT'), has_any_column_privilege(c.oid, 'INSERT'),
+       has_table_privilege(c.oid, 'DELETE'),
+       array(SELECT a.attname FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+             AND NOT a.attisdropped AND has_column_privilege(c.oid, a.attnum, 'UPDATE')
+             ORDER BY a.attnum),
+       has_table_privilege(c.oid, 'TRUNCATE, REFERENCES, TRIGGER')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm')
+"""
+# MATERIALIZED: the privilege functions must see only the filtered rows
+# (has_sequence_privilege refuses a table's oid).
+SEQUENCES_SQL = """
+WITH s AS MATERIALIZED (SELECT c.oid, c.relname FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'S')
+SELECT coalesce(array_agg(relname ORDER BY relname), '{}') FROM s
+WHERE has_sequence_privilege(oid, 'USAGE, UPDATE')
+"""
+FUNCTIONS_SQL = """
+SELECT coalesce(array_agg(p.proname ORDER BY p.proname), '{}') FROM pg_proc p
+JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = 'public' AND has_function_privilege(p.oid, 'EXECUTE')
+"""
+
+
+def table_rights(settings: ServiceSettings) -> Finding:
+    """The service's role has the rights on each table that its work needs, and no more
+    (mailbus/privileges.py); each difference comes with the statement that fixes it."""
+    pg = settings.postgres
+    try:
+        with psycopg.connect(pg.conninfo(), connect_timeout=int(TIMEOUT)) as conn:
+            rows = conn.execute(RIGHTS_SQL).fetchall()
+            sequences = conn.execute(SEQUENCES_SQL).fetchone()
+            functions = conn.execute(FUNCTIONS_SQL).fetchone()
+    except (psycopg.Error, ConfigError) as exc:
+        return Finding("fail", f"cannot read the rights of {pg.user}: "
+                       f"{' '.join(str(exc).split())[:200]}", "see the postgres login row")
+    seen = {r[0]: Seen(tuple(r[1]), r[2], r[3], r[4], tuple(r[5]), r[6]) for r in rows}
+    service, role = settings.service_name, pg.user or ""
+    # (what, lacking: True / granted beyond the need: False, the fix)
+    wrong = [(str(d), d.missing, fix(d, role) + ";") for d in differences(service, seen)]
+    for kind, right, found, wanted in (
+            ("sequence", "USAGE, UPDATE", sequences[0] if sequences else [],
+             SEQUENCES.get(service, [])),
+            ("function", "EXECUTE", functions[0] if functions else [],
+             FUNCTIONS.get(service, []))):
+        wrong += [(f"{right} on {kind} {name}", False,
+                   f"REVOKE {right} ON {kind.upper()} {name} FROM {role};")
+                  for name in sorted(set(found) - set(wanted))]
+        wrong += [(f"{right} on {kind} {name}", True,
+                   "run `mailbus setup db` (the migrations grant it)")
+                  for name in sorted(set(wanted) - set(found))]
+    if not wrong:
+        return Finding("ok", f"{role}: the rights on {len(seen)} table(s) are what its"
+                       " work needs, no more")
+    lacks = ", ".join(w for w, missing, _ in wrong if missing)
+    beyond = ", ".join(w for w, missing, _ in wrong if not missing)
+    detail = "; ".join(p for p in (f"lacks {lacks}" if lacks else "",
+                                   f"has beyond its need {beyond}" if beyond else "") if p)
+    return Finding("fail", f"{role} {detail}", "as the schema owner: "
+                   + " ".join(dict.fromkeys(f for _, _, f in wrong)))
 
 
 def migrations(settings: ServiceSettings) -> Finding:

@@ -70,3 +70,38 @@ def event(log: logging.Logger, level: int, what: str, exc_info: Any = None,
           **fields: Any) -> None:
     """Log `what` with structured fields (never a secret: callers pass none)."""
     log.log(level, what, exc_info=exc_info, extra={"fields": fields})
+
+
+class Health:
+    """A connection's ups and downs as log lines: connected, failed (and why), recovered.
+
+    The first failure in a row, and each new reason, is a WARNING line; the
+    same failure again is DEBUG (a server down would otherwise log a line per
+    message tried), and the line of the recovery says how many there were.
+    `where` names the connection (account, host, ...), never a secret.
+    """
+
+    def __init__(self, log: logging.Logger, what: str, **where: Any):
+        self.log, self.what, self.where = log, what, where
+        self.connected = False
+        self.failing = 0  # failures since the last success
+        self.last_error = ""
+
+    def up(self, **fields: Any) -> None:
+        """A connection was made (or a call went through)."""
+        if self.failing:
+            event(self.log, logging.INFO,
+                  f"{self.what} recovered after {self.failing} failure(s)", **self.where,
+                  **fields, failures=self.failing, last_error=self.last_error)
+        else:
+            event(self.log, logging.INFO, f"{self.what} connected", **self.where, **fields)
+        self.connected, self.failing = True, 0
+
+    def down(self, reason: str, **fields: Any) -> None:
+        """Connecting (or a call) failed for `reason`."""
+        self.failing += 1
+        repeated = reason == self.last_error and self.failing > 1
+        self.connected, self.last_error = False, reason
+        event(self.log, logging.DEBUG if repeated else logging.WARNING,
+              f"{self.what} failed: {reason}", **self.where, **fields, reason=reason,
+              failures_in_a_row=self.failing)

@@ -49,7 +49,13 @@ def changes(old: Directory, new: Directory) -> dict[str, list[str]]:
 
 
 class AccountsReloader:
-    """Watches one accounts file; calls `apply(new)` with each valid new version."""
+    """Watches one accounts file; calls `apply(new)` with each valid new version.
+
+    `apply` may refuse a version the file's own validation let through (a
+    service that builds more of each account, such as the sender's
+    transports and DKIM keys) by raising ConfigError before it changes
+    anything: the refusal is logged like a file that does not parse.
+    """
 
     def __init__(self, path: Path, current: Directory, apply: Callable[[Directory], None],
                  *, service: str, poll_seconds: float = POLL_SECONDS):
@@ -92,14 +98,14 @@ class AccountsReloader:
         self._seen = _stat(self.path)
         try:
             new = load_accounts(self.path)
+            diff = changes(self.current, new)
+            self.apply(new)
         except ConfigError as exc:
             self.refusals += 1
             event(log, logging.ERROR, "accounts file refused; the accounts in force stay",
                   service=self.service, path=str(self.path), trigger=why,
                   accounts_in_force=len(self.current), reason=" ".join(str(exc).split()))
             return False
-        diff = changes(self.current, new)
-        self.apply(new)
         self.current = new
         self.reloads += 1
         event(log, logging.INFO, "accounts reloaded", service=self.service,
@@ -113,7 +119,7 @@ class AccountsReloader:
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
             if self._wake.is_set():
                 self._wake.clear()
-                self.reload("SIGHUP")
+                self._reload("SIGHUP")
             elif _stat(self.path) != self._seen:
                 # Let a writer finish: read once the file has stood still briefly.
                 while True:
@@ -121,4 +127,10 @@ class AccountsReloader:
                     await asyncio.sleep(SETTLE_SECONDS)
                     if _stat(self.path) == before:
                         break
-                self.reload("file changed")
+                self._reload("file changed")
+
+    def _reload(self, why: str) -> None:
+        try:
+            self.reload(why)
+        except Exception:  # a service's apply failing unexpectedly must not end the watch
+            log.exception("accounts file not reloaded (%s): applying it failed", why)

@@ -21,7 +21,7 @@ import faust
 from faust.types import EventT, StreamT
 from prometheus_client import start_http_server
 
-from mailbus import topics
+from mailbus import logs, topics
 from mailbus.accounts import Directory, load_accounts
 from mailbus.codec import Registry
 from mailbus.confirm import join, metrics
@@ -302,14 +302,19 @@ def main(settings: ConfirmSettings) -> None:
     # Before anything connects: production refuses placeholder secrets and
     # clear-text Kafka or PostgreSQL, as every other service does.
     settings.check_secrets()
+    logs.setup(settings.log_level, settings.log_format)
     confirm = ConfirmApp(settings)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
     lag = LagReporter(settings.kafka.client_config(), confirm.app.conf.id,
                       list(confirm.logical)).start(settings.lag_seconds)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+    # The service's logging (mailbus/logs.py: text, or JSON on request) stays: mode's
+    # Worker would replace the root handlers with its own colored ones, and print a
+    # banner to stdout, neither of which a log collector reading JSON can parse.
     worker = faust.Worker(confirm.app, loglevel=settings.log_level,
-                          workdir=str(settings.data_dir))
+                          workdir=str(settings.data_dir), override_logging=False,
+                          quiet=True)
     # No terminal spinner: at WARNING and above Faust would add one and set the
     # root logger to DEBUG for it, and every debug call of aiokafka and Faust
     # would then build a record only for the handlers to drop it.

@@ -13,66 +13,38 @@ from typing import Any
 import uvloop
 
 from mailbus import topics
-from mailbus.accounts import Account, Directory, SmtpAccount, load_accounts
+from mailbus.accounts import Directory, load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
-from mailbus.errors import ConfigError
 from mailbus.lag import LagReporter
+from mailbus.logs import event
 from mailbus.producer import AsyncProducer
+from mailbus.reload import AccountsReloader, changes
 from mailbus.sender import metrics
 from mailbus.sender.admit import Admission
-from mailbus.sender.compose import ComposeFailed, tagged_reply_address
+from mailbus.sender.composer import DEADLINE_SECONDS as COMPOSER_DEADLINE
 from mailbus.sender.composer import Composer, Setup
 from mailbus.sender.context import Context
 from mailbus.sender.dkim import DkimSigner
 from mailbus.sender.handlers import utcnow
 from mailbus.sender.outbox import Outbox
 from mailbus.sender.quota import Budget, Exhausted
+from mailbus.sender.roster import (
+    Parts,
+    check_reply_tags,
+    prepare,
+    retire,
+)
 from mailbus.sender.settings import SenderSettings
 from mailbus.sender.settle import Settler
 from mailbus.sender.smtp import SmtpTransport
 from mailbus.sender.suppressions import SuppressionFeed, SuppressionReader, Suppressions
-from mailbus.sender.transport import Transport
 from mailbus.sender.worker import AccountWorker
 from mailbus.tokens import LinkBuilder, load_keyring
 
 log = logging.getLogger(__name__)
 SWEEP_SECONDS = 10.0
 WATCH_SECONDS = 0.5
-
-
-def transport_for(account: Account, settings: SenderSettings) -> Transport:
-    """The account's transport."""
-    if account.kind == "smtp":
-        return SmtpTransport(account)
-    from mailbus.sender.gmail import GmailTransport
-
-    return GmailTransport.from_account(account, api_endpoint=settings.gmail_api_endpoint,
-                                       token_uri=settings.gmail_token_uri)
-
-
-def replay_sink_for(account: Account, settings: SenderSettings) -> tuple[Account, Transport]:
-    """The account as replayed requests see it: same identity, the replay sink as its server.
-
-    The sink is the final hop, so its acceptance is the delivery evidence.
-    """
-    host, _, port = settings.replay_sink.rpartition(":")
-    sink = account.model_copy(update={
-        "kind": "smtp", "evidence": "smtp_final", "gmail": None,
-        "smtp": SmtpAccount(host=host, port=int(port), tls="none",
-                            connections=account.smtp.connections if account.smtp else 2)})
-    return sink, SmtpTransport(sink)
-
-
-def dkim_for(account: Account) -> DkimSigner | None:
-    """The account's DKIM signer, when its SMTP settings name a key."""
-    cfg = account.smtp
-    if cfg is None or cfg.dkim_key_file is None:
-        return None
-    if not cfg.dkim_selector:
-        raise ConfigError(f"account {account.id}: dkim_key_file needs dkim_selector")
-    domain = cfg.dkim_domain or account.from_address.rpartition("@")[2]
-    return DkimSigner.from_file(cfg.dkim_selector, domain, cfg.dkim_key_file)
 
 
 def link_builder(settings: SenderSettings) -> LinkBuilder:
@@ -95,11 +67,7 @@ class Sender:
         self.registry = Registry.load()
         self.links = link_builder(settings)
         for account in self.directory.by_id.values():
-            if account.reply_tags:  # a from address too long to tag fails here, not per message
-                try:
-                    tagged_reply_address(account, self.links.keyring, str(uuid.uuid4()))
-                except ComposeFailed as exc:
-                    raise ConfigError(f"account {account.id}: {exc}") from exc
+            check_reply_tags(account, self.links.keyring)
         self.suppressions = Suppressions()
         # This instance, as the owner of the partitions it takes over, and the
         # ownership epoch of each (migration 0013): claims and settles carry it.
@@ -111,6 +79,11 @@ class Sender:
         self._admission_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        # Edits of the accounts file the reloader accepted, applied one after another.
+        self._switches: asyncio.Queue[tuple[dict[str, list[str]], dict[str, Parts]]] = \
+            asyncio.Queue()
+        self.dkims: dict[str, DkimSigner | None] = {}
+        self._old_composers: list[Composer] = []
 
     def topic(self, name: str) -> str:
         """The real topic name (with the configured prefix)."""
@@ -127,8 +100,8 @@ class Sender:
         if not self.settings.compose_processes:
             return None
         accounts = self.directory.by_id
-        composer = Composer(Setup(dict(accounts), {a: dkim_for(acc) for a, acc in
-                                                   accounts.items()}, self.links),
+        composer = Composer(Setup(dict(accounts), {a: self.dkims.get(a) for a in accounts},
+                                  self.links),
                             processes=self.settings.compose_processes)
         if accounts:
             warm = asyncio.create_task(composer.compose(next(iter(accounts)), [], utcnow()))
@@ -170,35 +143,42 @@ class Sender:
             topic=self.topic(topics.REQUESTED), dlq_topic=self.topic(topics.REQUESTED_DLQ),
             registry=self.registry, directory=self.directory, ledger=self.outbox.ledger,
             producer=self.producer, on_change=self._wake_all, on_assign=self._take_over)
+        parts = prepare(self.directory.by_id.values(), s, self.links.keyring)
+        self.dkims = {a: p.dkim for a, p in parts.items()}
         # Workers see no partition, so claim nothing, while the suppression
         # list is not loaded or not followed: who may be mailed is unknown.
-        ctx = Context(pool=self.pool, outbox=self.outbox, settler=self.settler,
-                      registry=self.registry,
-                      directory=self.directory, suppressions=self.suppressions,
-                      links=self.links, owned=self._sendable,
-                      capacity=self._capacity, ready_at=self._ready_at, topic=self.topic,
-                      max_attempts=s.max_attempts, retry_base=s.retry_base_seconds,
-                      retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds,
-                      claim_depth=s.claim_depth,
-                      settling_per_connection=s.settling_per_connection,
-                      composer=self._composer())
-        now = utcnow()
-        for account in self.directory.by_id.values():
-            budget = Budget(account.daily_quota, account.rate_per_second)
-            budget.load(await self.outbox.ledger.sent_in_window(account.id), now)
-            replay = None if s.replay_to_real_accounts else replay_sink_for(account, s)
-            self.workers[account.id] = AccountWorker(ctx, account, transport_for(account, s),
-                                                     budget, dkim_for(account), replay)
-            metrics.QUOTA_LIMIT.labels(account.id).set(account.daily_quota)
-        self._worker_tasks = {a: asyncio.create_task(w.run()) for a, w in self.workers.items()}
+        self.ctx = ctx = Context(
+            pool=self.pool, outbox=self.outbox, settler=self.settler, registry=self.registry,
+            directory=self.directory, suppressions=self.suppressions,
+            links=self.links, owned=self._sendable,
+            capacity=self._capacity, ready_at=self._ready_at, topic=self.topic,
+            max_attempts=s.max_attempts, retry_base=s.retry_base_seconds,
+            retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds,
+            claim_depth=s.claim_depth,
+            settling_per_connection=s.settling_per_connection,
+            composer=self._composer())
+        for part in parts.values():
+            await self._start_worker(part)
         self.lag = LagReporter(kafka, s.kafka.topic_prefix + s.group_id,
                                [self.topic(topics.REQUESTED)])
         self._admission_task = asyncio.create_task(self.admission.run())
         self._tasks += [asyncio.create_task(t) for t in (
-            self.feed.run(), self._sweep(), self._gauges(), self._prune(), self._watch())]
+            self.feed.run(), self._sweep(), self._gauges(), self._prune(), self._watch(),
+            self._switch_accounts())]
+        if s.log_summary_seconds:
+            self._tasks.append(asyncio.create_task(self._summaries(s.log_summary_seconds)))
+        assert s.accounts_file is not None
+        self.reloader = reloader = AccountsReloader(
+            s.accounts_file, self.directory, self.apply_accounts, service="sender",
+            poll_seconds=s.accounts_poll_seconds)
+        reloader.start()
         log.info("sender started: %d account(s); sending waits for the suppression list",
                  len(self.workers))
         await self._stop.wait()
+        await reloader.stop()
+        # An edit being applied finishes: a retiring worker's rows settle first.
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._switches.join(), 30)
         self.feed.stop()
         self.admission.stop()
         with suppress(Exception):
@@ -210,12 +190,16 @@ class Sender:
         await asyncio.gather(*self._tasks, *self._worker_tasks.values(),
                              return_exceptions=True)
         ctx.close()
+        for composer in self._old_composers:
+            composer.close()
         await self.settler.flush(timeout=10)
         self._settler_task.cancel()
         await asyncio.gather(self._settler_task, return_exceptions=True)
         await self.outbox.drain()
         for worker in self.workers.values():
             await worker.transport.close()
+            if worker.replay is not None:
+                await worker.replay[1].close()
         self.admission.close()
         await asyncio.to_thread(self.lag.close)
         await asyncio.to_thread(self.feed.close)
@@ -225,6 +209,93 @@ class Sender:
             probes.shutdown()
             probes.server_close()
         log.info("sender stopped")
+
+    async def _start_worker(self, parts: Parts) -> None:
+        """Run the account's worker, its budget loaded from the last 24 h of the ledger."""
+        account = parts.account
+        budget = Budget(account.daily_quota, account.rate_per_second)
+        budget.load(await self.outbox.ledger.sent_in_window(account.id), utcnow())
+        worker = AccountWorker(self.ctx, account, parts.transport, budget, parts.dkim,
+                               parts.replay)
+        self.workers[account.id] = worker
+        self._worker_tasks[account.id] = asyncio.create_task(worker.run())
+        metrics.QUOTA_LIMIT.labels(account.id).set(account.daily_quota)
+
+    def apply_accounts(self, new: Directory) -> None:
+        """Put an edited accounts file (or rotated SMTP passwords) in force
+        (AccountsReloader calls this).
+
+        Raises ConfigError, and changes nothing, when an added or changed
+        account cannot be built (a DKIM key, a password or token file). Else
+        admission and pool failover see the new accounts at once, and the
+        workers follow in `_switch_accounts`.
+        """
+        diff = changes(self.directory, new)
+        # A password file rewritten in place leaves the accounts file as it was: on
+        # SIGHUP the account is rebuilt all the same, with the new password.
+        rotated = [a for a, w in self.workers.items()
+                   if a in new.by_id and a not in diff["changed"]
+                   and isinstance(w.transport, SmtpTransport) and w.transport.password_changed()]
+        for account_id in rotated:
+            event(log, logging.INFO, f"account {account_id}: password file changed; its"
+                  " transport is built again", account=account_id)
+        diff["changed"] = sorted({*diff["changed"], *rotated})
+        fresh = prepare([new.by_id[a] for a in (*diff["added"], *diff["changed"])],
+                        self.settings, self.links.keyring)
+        self.directory = self.ctx.directory = new
+        # Requests for an added account are admitted from now on; for a removed
+        # one they are dead-lettered, as for any unknown account.
+        self.admission._directory = new  # its one reference to the accounts
+        for account_id in diff["removed"]:
+            self.dkims.pop(account_id, None)
+        self.dkims.update({a: p.dkim for a, p in fresh.items()})
+        if fresh and self.ctx.composer is not None:
+            # Composer processes hold the accounts they were started with. A batch
+            # already in the old ones finishes within their deadline before they stop.
+            old, self.ctx.composer = self.ctx.composer, self._composer()
+            self._old_composers.append(old)
+            loop = asyncio.get_running_loop()
+            loop.call_later(COMPOSER_DEADLINE + 5, self._close_composer, old)
+        self._switches.put_nowait((diff, fresh))
+
+    def _close_composer(self, composer: Composer) -> None:
+        if composer in self._old_composers:
+            self._old_composers.remove(composer)
+            composer.close()
+
+    async def _switch_accounts(self) -> None:
+        """Apply each accepted edit in turn: old workers retire, then new ones start."""
+        while True:
+            diff, fresh = await self._switches.get()
+            try:
+                leaving = {a: (self.workers.pop(a), self._worker_tasks.pop(a))
+                           for a in (*diff["removed"], *diff["changed"]) if a in self.workers}
+                await asyncio.gather(*(self._replace(a, leaving.get(a), fresh.get(a))
+                                       for a in {*leaving, *fresh}))
+                for account_id in diff["removed"]:
+                    for gauge in (metrics.QUOTA_LIMIT, metrics.QUOTA_USED, metrics.QUOTA_LEFT,
+                                  metrics.SMTP_CONNECTIONS):
+                        with suppress(KeyError):
+                            gauge.remove(account_id)
+            finally:
+                self._switches.task_done()
+
+    async def _replace(self, account_id: str,
+                       old: tuple[AccountWorker, asyncio.Task[None]] | None,
+                       new: Parts | None) -> None:
+        if old is not None:
+            await retire(*old, "changed in the accounts file" if new is not None
+                         else "removed from the accounts file")
+        while new is not None:
+            try:
+                await self._start_worker(new)
+                event(log, logging.INFO, f"account {account_id}: worker started"
+                      f" ({'changed' if old is not None else 'added'} in the accounts file)",
+                      account=account_id, kind=new.account.kind)
+                return
+            except Exception:  # the ledger unreachable: the rows wait, try again
+                log.exception("account %s: worker not started; retrying", account_id)
+                await asyncio.sleep(1.0)
 
     def _sendable(self) -> dict[int, int]:
         """Partitions workers may claim from, with their epochs: none while suppressions
@@ -319,6 +390,40 @@ class Sender:
                     log.info("outbox: re-emitted %d event(s)", emitted)
             except Exception:
                 log.exception("outbox sweep failed")
+
+    async def _summaries(self, every: float) -> None:
+        """One line per period and per busy or failing account: what it handled, how its
+        transport is; then one line for the whole sender."""
+        before = metrics.handled()
+        while True:
+            await asyncio.sleep(every)
+            now, counts = utcnow(), metrics.handled()
+            delta = {key: n - before.get(key, 0) for key, n in counts.items()}
+            before = counts
+            total: dict[str, int] = dict.fromkeys(metrics.HANDLED, 0)
+            idle = []
+            for account_id, worker in sorted(self.workers.items()):
+                mine = {what: int(delta.get((account_id, what), 0))
+                        for what in metrics.HANDLED}
+                for what, n in mine.items():
+                    total[what] += n
+                health = getattr(worker.transport, "health", None)
+                failing = health is not None and health.failing
+                if not any(mine.values()) and not failing:
+                    idle.append(account_id)
+                    continue
+                why = f"; transport failing: {health.last_error}" if failing and health else ""
+                event(log, logging.WARNING if failing else logging.INFO,
+                      f"account {account_id}: {mine['sent']} sent, {mine['failed']} failed,"
+                      f" {mine['retried']} to retry in the last {every:g} s{why}",
+                      account=account_id, window_seconds=every, **mine,
+                      quota_left=worker.budget.left(now),
+                      transport="failing" if failing else "ok")
+            event(log, logging.INFO,
+                  f"sender summary: {total['sent']} sent, {total['failed']} failed,"
+                  f" {total['retried']} to retry in the last {every:g} s;"
+                  f" {len(self.workers)} account(s)", window_seconds=every, **total,
+                  accounts=len(self.workers), idle=",".join(idle) or "-")
 
     async def _gauges(self) -> None:
         while True:

@@ -41,6 +41,7 @@ from googleapiclient.errors import HttpError
 
 from mailbus.accounts import Account
 from mailbus.errors import ConfigError
+from mailbus.logs import Health
 from mailbus.sender.transport import (
     Accepted,
     AccountExhausted,
@@ -85,6 +86,10 @@ class GmailTransport:
         self._local = threading.local()
         self._https: list[AuthorizedHttp] = []
         self._closed = False
+        # Connected (the first call through), failed (why), recovered: one log line each.
+        self.health = Health(log, f"account {account_id}: Gmail transport",
+                             account=account_id, endpoint=api_endpoint,
+                             credentials=type(credentials).__module__.rpartition(".")[2])
         self.service = build("gmail", "v1", http=self._new_http(), static_discovery=True,
                              cache_discovery=False, client_options={"api_endpoint": api_endpoint})
 
@@ -171,9 +176,17 @@ class GmailTransport:
         if self._closed:
             raise TransientError(f"Gmail transport for {self.account_id} is closed")
         try:
-            return await asyncio.to_thread(self._execute, make_request)
+            result = await asyncio.to_thread(self._execute, make_request)
         except Exception as exc:  # the scheduler understands SendError only
-            raise classify(exc, self._clock()) from exc
+            error = classify(exc, self._clock())
+            # Credentials refused, Gmail unreachable or failing: the account's way out
+            # is down. A message refused or a rate limit says nothing about it.
+            if isinstance(error, TransientError):
+                self.health.down(error.reason)
+            raise error from exc
+        if self.health.failing or not self.health.connected:
+            self.health.up()
+        return result
 
     def _execute(self, make_request: Callable[[], Any]) -> dict[str, Any]:
         http = getattr(self._local, "http", None)

@@ -57,6 +57,23 @@ COMPONENT_UP = Gauge("mailbus_sender_component_up",
                      "1 when a part of the sender runs as it should", ["component"])
 
 
+# What the periodic summary line counts per account, from the counters above.
+HANDLED = ("sent", "failed", "retried")
+_HANDLED_FROM = (("sent", SENT), ("failed", FAILED), ("retried", RETRIES))
+
+
+def handled() -> dict[tuple[str, str], float]:
+    """Totals so far per (account, what): sent, failed for good, handed back to retry."""
+    out: dict[tuple[str, str], float] = {}
+    for what, counter in _HANDLED_FROM:
+        for metric in counter.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    key = (sample.labels["account"], what)
+                    out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
 def reason_class(reason: str) -> str:
     """A bounded label for a failure reason (the full text goes to the event)."""
     for prefix in ("suppressed", "template", "compose", "gave up"):

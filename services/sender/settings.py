@@ -62,6 +62,9 @@ class SenderSettings(ServiceSettings):
     # ...unless this is set: replayed requests then leave through the accounts'
     # own transports, as real mail.
     replay_to_real_accounts: bool = False
+    # A log line per period with what each account handled (sent, failed, to
+    # retry, rerouted) and whether its transport is failing; 0: none.
+    log_summary_seconds: float = Field(default=300.0, ge=0)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9101, ge=0, le=65535)
     # Gmail API endpoints: Google's unless overridden (the tests' emulator).

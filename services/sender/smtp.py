@@ -8,6 +8,7 @@ import ssl
 from pathlib import Path
 
 from mailbus.accounts import Account
+from mailbus.logs import Health
 from mailbus.sender.smtpwire import (
     AuthError,
     Disconnected,
@@ -20,6 +21,7 @@ from mailbus.sender.transport import (
     Ambiguous,
     Outgoing,
     PermanentError,
+    SendError,
     TransientError,
     enhanced_status,
 )
@@ -60,6 +62,21 @@ class SmtpTransport:
         self._open = 0
         self._password = (Path(self.cfg.password_file).expanduser().read_text().strip()
                           if self.cfg.password_file else None)
+        # Connected, failed (why), recovered: one log line each (never the password).
+        self.health = Health(log, f"account {account.id}: SMTP connection",
+                             account=account.id, host=self.cfg.host, port=self.cfg.port,
+                             tls=self.cfg.tls, user=self.cfg.username or "-")
+
+    def password_changed(self) -> bool:
+        """Whether the password file now holds another password than the one in use
+        (a rotation: the file is read once, when the transport is built)."""
+        if not self.cfg.password_file:
+            return False
+        try:
+            now = Path(self.cfg.password_file).expanduser().read_text().strip()
+        except OSError:  # unreadable now: keep what works (`mailbus doctor` says why)
+            return False
+        return now != self._password
 
     @property
     def open_connections(self) -> int:
@@ -73,6 +90,7 @@ class SmtpTransport:
             timeout=cfg.timeout_seconds, username=cfg.username,
             password=self._password if cfg.username else None)
         self._open += 1
+        self.health.up(open_connections=self._open)
         return session
 
     def _discard(self, session: Session) -> None:
@@ -90,20 +108,27 @@ class SmtpTransport:
                 except AuthError as exc:
                     # The account's credentials, not the message, are wrong:
                     # retried (and visible in the reason) until someone fixes them.
-                    raise TransientError(f"{exc.reply.code} authentication failed for account"
-                                         f" {self.account.id}: {exc.reply.text}",
-                                         code=exc.reply.code) from exc
+                    error: SendError = TransientError(
+                        f"{exc.reply.code} authentication failed for account"
+                        f" {self.account.id}: {exc.reply.text}", code=exc.reply.code)
+                    self.health.down(error.reason)
+                    raise error from exc
                 except ReplyError as exc:
-                    raise classify(exc.reply.code, exc.reply.text) from exc
+                    error = classify(exc.reply.code, exc.reply.text)
+                    self.health.down(f"refused: {error.reason}")
+                    raise error from exc
                 except (TimeoutError, Disconnected, ssl.SSLError, OSError) as exc:
-                    raise TransientError(f"cannot connect to {self.cfg.host}:{self.cfg.port}:"
-                                         f" {type(exc).__name__}: {exc}") from exc
+                    error = TransientError(f"cannot connect to {self.cfg.host}:{self.cfg.port}:"
+                                           f" {type(exc).__name__}: {exc}")
+                    self.health.down(error.reason)
+                    raise error from exc
             try:
                 refused, final = await session.send(message.envelope_from,
                                                     message.recipients, message.raw)
             except LostAfterData as exc:
                 # The message may be on the server already: its reply was lost.
                 self._discard(session)
+                self.health.down(f"connection lost after DATA: {exc}")
                 raise Ambiguous(f"no reply to DATA: {exc}") from exc
             except ReplyError as exc:
                 if session.connected:
@@ -113,6 +138,7 @@ class SmtpTransport:
                 raise classify(exc.reply.code, exc.reply.text, exc.recipient) from exc
             except (TimeoutError, Disconnected, OSError) as exc:
                 self._discard(session)
+                self.health.down(f"connection lost: {type(exc).__name__}: {exc}")
                 raise TransientError(f"SMTP error: {type(exc).__name__}: {exc}") from exc
             except BaseException:
                 self._discard(session)

@@ -3,7 +3,7 @@
 Each service's own credentials (var/secrets) try every topic of a fresh
 namespace (produce, fetch, describe), every consumer group (join) and topic
 creation, and every table (select, insert, update of each column, delete).
-What its grant in mailbus/topics.py (or the PostgreSQL table below) allows
+What its grant in mailbus/topics.py (or, for tables, mailbus/privileges.py) allows
 must work, and everything else must be refused by the server itself. A few
 expectations are written out by hand, so that a table grown too broad
 cannot make the matrix pass on its own.
@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from confluent_kafka.admin import (
 from psycopg import sql
 
 from mailbus import topics
+from mailbus.privileges import FUNCTIONS, NOTHING, SEQUENCES, TABLE_RIGHTS, Rights
 from mailbus.provision import provision
 from mailbus.settings import ServiceSettings
 from mailbus.topics import GRANTS, TOPICS
@@ -403,78 +403,9 @@ def test_provisioning_again_takes_back_what_a_grant_no_longer_gives(
         drop_namespace(admin_kafka, prefix)
 
 
-# PostgreSQL: what each service role may do, table by table. A table not
-# named for a role must refuse it everything.
-
-
-@dataclass(frozen=True)
-class Rights:
-    select: bool = True
-    insert: bool = False
-    update: tuple[str, ...] | bool = False  # True: every column
-    delete: bool = False
-
-
-PROJECTOR_ROLE: dict[str, Rights] = {
-    "message_events": Rights(insert=True),
-    "message_status": Rights(insert=True,
-                             update=("account_id", "kinds", "status", "updated_at")),
-    "daily_counts": Rights(insert=True, update=("requested", "sent", "delivered", "confirmed",
-                                                "failed", "bounced", "unconfirmed")),
-    "messages": Rights(update=("status", "updated_at")),
-    "suppressions": Rights(insert=True, update=("address", "reason", "active", "message_id",
-                                                "event_id", "occurred_at", "updated_at")),
-}
-TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
-    "ingest": {
-        "api_keys": Rights(),
-        "messages": Rights(insert=True),
-        # DELETE: expired Idempotency-Key records are pruned (0008).
-        "idempotency_keys": Rights(insert=True, update=True, delete=True),
-        "message_events": Rights(), "message_status": Rights(), "daily_counts": Rights(),
-        "suppressions": Rights(), "inbound_messages": Rights(),
-        # Endpoints are managed through the API (0014); it queues test
-        # events and replays, reads attempts, and settles nothing.
-        "webhook_endpoints": Rights(insert=True, delete=True, update=(
-            "url", "event_types", "description", "secret", "previous_secret",
-            "previous_secret_until", "enabled", "disabled_reason", "updated_at")),
-        "webhook_deliveries": Rights(insert=True),
-        "webhook_attempts": Rights(),
-        "webhook_replays": Rights(insert=True),
-    },
-    "sender": {
-        # DELETE: settled rows are pruned (0010).
-        "send_ledger": Rights(insert=True, update=True, delete=True),
-        "sender_outbox": Rights(insert=True, delete=True),
-        # Fenced ownership (0013): a take-over inserts or bumps its partition's epoch.
-        "sender_partitions": Rights(insert=True, update=True),
-    },
-    # The Faust join keeps its state in Kafka; it has no business in the database.
-    "confirm": {},
-    "projector": PROJECTOR_ROLE,
-    "replies": {
-        "mailbox_state": Rights(insert=True, update=True),
-        "inbound_messages": Rights(insert=True),
-    },
-    # The public hooks service answers from signed links alone.
-    "hooks": {},
-    # Which key sent a message and whether it still stands (column grants:
-    # no subject, no secret hash), endpoints to read and disable, its own
-    # deliveries, attempts and replays.
-    "webhooks": {
-        "messages": Rights(),
-        "api_keys": Rights(),
-        "webhook_endpoints": Rights(update=("enabled", "disabled_reason", "updated_at")),
-        # DELETE: settled deliveries are pruned after their retention.
-        "webhook_deliveries": Rights(insert=True, delete=True, update=(
-            "state", "attempts", "next_attempt_at", "leased_until", "settled_at")),
-        "webhook_attempts": Rights(insert=True),
-        "webhook_replays": Rights(update=("state", "queued", "finished_at")),
-    },
-}
-NOTHING = Rights(select=False)
-# Functions of the public schema a role may execute.
-FUNCTIONS = {"replies": ["replies_sent_to"]}
+# PostgreSQL: what each service role may do, table by table (mailbus/privileges.py,
+# which `mailbus doctor` checks too). A table not named for a role must refuse it
+# everything.
 
 
 def _owner_conn(admin: ServiceSettings) -> psycopg.Connection[Any]:
@@ -566,8 +497,9 @@ def test_no_role_may_truncate_create_or_draw_foreign_sequences(service: str) -> 
             " ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'S')"
             " SELECT coalesce(array_agg(relname ORDER BY relname), '{}') FROM s"
             " WHERE has_sequence_privilege(oid, 'USAGE, UPDATE')").fetchone()
-        # The outbox's ids are drawn by the sender's inserts alone.
+        # The outbox's ids are drawn by the sender's inserts alone (written out here).
         assert sequences == ((["sender_outbox_id_seq"] if service == "sender" else []),)
+        assert sequences == (SEQUENCES.get(service, []),)
         functions = conn.execute(
             "SELECT coalesce(array_agg(p.proname ORDER BY p.proname), '{}') FROM pg_proc p"
             " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'"
