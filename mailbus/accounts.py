@@ -35,7 +35,8 @@ class SmtpAccount(BaseModel):
     password_file: Path | None = None
     # CA bundle for a relay with a private certificate; the system's otherwise.
     ca_file: Path | None = None
-    # Connections kept open to the server; each carries one transaction at a time.
+    # Connections kept open to the server; each carries one transaction at a time,
+    # two chained when the server offers PIPELINING.
     connections: int = Field(default=3, ge=1, le=50)
     timeout_seconds: float = Field(default=30.0, gt=0)
     dkim_selector: str | None = None

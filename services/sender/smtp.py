@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections import deque
 from pathlib import Path
 
 from mailbus.accounts import Account
@@ -47,7 +48,9 @@ class SmtpTransport:
     Opening a connection (TCP, EHLO, STARTTLS, AUTH) costs several round
     trips; a session carries many transactions, so the pool pays it once per
     connection, not once per message. A connection that failed in any way is
-    closed and replaced, never reused.
+    closed and replaced, never reused. A message goes to an idle session, else
+    to a new one while fewer than `connections` are open, else chained on a
+    pipelining session that carries one transaction (smtpwire.py).
     """
 
     def __init__(self, account: Account, tls_context: ssl.SSLContext | None = None):
@@ -57,8 +60,11 @@ class SmtpTransport:
         if tls_context is None and self.cfg.ca_file is not None:
             tls_context = ssl.create_default_context(cafile=str(self.cfg.ca_file))
         self._tls_context = tls_context
-        self._idle: asyncio.Queue[Session] = asyncio.Queue()
-        self._slots = asyncio.Semaphore(self.cfg.connections)
+        self._sessions: list[Session] = []  # connected, in use or idle
+        self._connecting = 0
+        # Sends waiting for room, woken one at a time as transactions end (waking
+        # them all at each would cost every waiter a look per message).
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._open = 0
         self._password = (Path(self.cfg.password_file).expanduser().read_text().strip()
                           if self.cfg.password_file else None)
@@ -85,68 +91,107 @@ class SmtpTransport:
 
     async def _connect(self) -> Session:
         cfg = self.cfg
-        session = await Session.open(
-            cfg.host, cfg.port, tls=cfg.tls, context=self._tls_context,
-            timeout=cfg.timeout_seconds, username=cfg.username,
-            password=self._password if cfg.username else None)
+        self._connecting += 1
+        try:
+            session = await Session.open(
+                cfg.host, cfg.port, tls=cfg.tls, context=self._tls_context,
+                timeout=cfg.timeout_seconds, username=cfg.username,
+                password=self._password if cfg.username else None)
+        finally:
+            self._connecting -= 1
+            self._wake_one()
         self._open += 1
+        self._sessions.append(session)
         self.health.up(open_connections=self._open)
         return session
 
     def _discard(self, session: Session) -> None:
-        self._open -= 1
+        if session in self._sessions:
+            self._sessions.remove(session)
+            self._open -= 1
         session.close()
+        self._wake_one()
+
+    async def _session(self) -> Session | None:
+        """A session with room for one more transaction; None: open a new one."""
+        while True:
+            best: Session | None = None
+            for session in self._sessions:
+                if session.connected and session.transactions < session.capacity and (
+                        best is None or session.transactions < best.transactions):
+                    best = session
+            if best is not None and best.transactions == 0:
+                return best
+            if len(self._sessions) + self._connecting < self.cfg.connections:
+                return None
+            if best is not None:
+                return best
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then cancelled: the room goes to the next
+                raise
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _open_session(self) -> Session:
+        """A new session, or the SendError that says why there is none."""
+        try:
+            return await self._connect()
+        except AuthError as exc:
+            # The account's credentials, not the message, are wrong:
+            # retried (and visible in the reason) until someone fixes them.
+            error: SendError = TransientError(
+                f"{exc.reply.code} authentication failed for account"
+                f" {self.account.id}: {exc.reply.text}", code=exc.reply.code)
+            self.health.down(error.reason)
+            raise error from exc
+        except ReplyError as exc:
+            error = classify(exc.reply.code, exc.reply.text)
+            self.health.down(f"refused: {error.reason}")
+            raise error from exc
+        except (TimeoutError, Disconnected, ssl.SSLError, OSError) as exc:
+            error = TransientError(f"cannot connect to {self.cfg.host}:{self.cfg.port}:"
+                                   f" {type(exc).__name__}: {exc}")
+            self.health.down(error.reason)
+            raise error from exc
 
     async def send(self, message: Outgoing) -> Accepted:
         """One SMTP transaction on a pooled session."""
-        async with self._slots:
-            try:
-                session = self._idle.get_nowait()
-            except asyncio.QueueEmpty:
-                try:
-                    session = await self._connect()
-                except AuthError as exc:
-                    # The account's credentials, not the message, are wrong:
-                    # retried (and visible in the reason) until someone fixes them.
-                    error: SendError = TransientError(
-                        f"{exc.reply.code} authentication failed for account"
-                        f" {self.account.id}: {exc.reply.text}", code=exc.reply.code)
-                    self.health.down(error.reason)
-                    raise error from exc
-                except ReplyError as exc:
-                    error = classify(exc.reply.code, exc.reply.text)
-                    self.health.down(f"refused: {error.reason}")
-                    raise error from exc
-                except (TimeoutError, Disconnected, ssl.SSLError, OSError) as exc:
-                    error = TransientError(f"cannot connect to {self.cfg.host}:{self.cfg.port}:"
-                                           f" {type(exc).__name__}: {exc}")
-                    self.health.down(error.reason)
-                    raise error from exc
-            try:
-                refused, final = await session.send(message.envelope_from,
-                                                    message.recipients, message.raw)
-            except LostAfterData as exc:
-                # The message may be on the server already: its reply was lost.
-                self._discard(session)
-                self.health.down(f"connection lost after DATA: {exc}")
-                raise Ambiguous(f"no reply to DATA: {exc}") from exc
-            except ReplyError as exc:
-                if session.connected:
-                    self._idle.put_nowait(session)
-                else:
-                    self._discard(session)
-                raise classify(exc.reply.code, exc.reply.text, exc.recipient) from exc
-            except (TimeoutError, Disconnected, OSError) as exc:
-                self._discard(session)
-                self.health.down(f"connection lost: {type(exc).__name__}: {exc}")
-                raise TransientError(f"SMTP error: {type(exc).__name__}: {exc}") from exc
-            except BaseException:
-                self._discard(session)
-                raise
+        session = await self._session() or await self._open_session()
+        try:
+            refused, final = await session.send(message.envelope_from,
+                                                message.recipients, message.raw)
+        except LostAfterData as exc:
+            # The message may be on the server already: its reply was lost.
+            self._discard(session)
+            self.health.down(f"connection lost after DATA: {exc}")
+            raise Ambiguous(f"no reply to DATA: {exc}") from exc
+        except ReplyError as exc:
             if session.connected:
-                self._idle.put_nowait(session)
+                self._wake_one()
             else:
                 self._discard(session)
+            raise classify(exc.reply.code, exc.reply.text, exc.recipient) from exc
+        except (TimeoutError, Disconnected, OSError) as exc:
+            self._discard(session)
+            self.health.down(f"connection lost: {type(exc).__name__}: {exc}")
+            raise TransientError(f"SMTP error: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            self._discard(session)
+            raise
+        if session.connected:
+            self._wake_one()
+        else:
+            self._discard(session)
         return Accepted(recipients=[r for r in message.recipients if r not in refused],
                         response=str(final),
                         rejected={r: str(reply) for r, reply in refused.items()})
@@ -156,8 +201,8 @@ class SmtpTransport:
         return None
 
     async def close(self) -> None:
-        """QUIT every idle session."""
-        while not self._idle.empty():
-            session = self._idle.get_nowait()
+        """QUIT every session (the worker drained its deliveries first)."""
+        sessions, self._sessions = self._sessions, []
+        for session in sessions:
             await session.quit()
             self._open -= 1

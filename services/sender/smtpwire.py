@@ -33,7 +33,7 @@ import ssl
 from collections import deque
 from dataclasses import dataclass
 from functools import cache
-from typing import cast
+from typing import Any, cast
 
 MAX_LINE = 4096  # octets of one reply line (RFC 5321 asks 512 of the server)
 MAX_LINES = 100  # lines of one reply
@@ -148,7 +148,7 @@ class _Protocol(asyncio.Protocol):
         while self._expected:
             waiter = self._expected.popleft()
             if not waiter.done():
-                waiter.set_exception(self._error)
+                _set_error(waiter, self._error)
 
     def expect(self) -> asyncio.Future[Reply]:
         """The next reply to arrive that no earlier expectation takes."""
@@ -156,7 +156,7 @@ class _Protocol(asyncio.Protocol):
         if self._arrived:
             waiter.set_result(self._arrived.popleft())
         elif self._error is not None:
-            waiter.set_exception(self._error)
+            _set_error(waiter, self._error)
         else:
             self._expected.append(waiter)
         return waiter
@@ -178,9 +178,16 @@ async def _within(waiter: asyncio.Future[Reply], timeout: float) -> Reply:
     return waiter.result()
 
 
+def _set_error(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fail a future that its task may no longer await (it failed or was cancelled
+    first): asyncio would log each such one as never retrieved."""
+    future.set_exception(error)
+    future.exception()
+
+
 def _expire(waiter: asyncio.Future[Reply]) -> None:
     if not waiter.done():
-        waiter.set_exception(TimeoutError("no SMTP reply in time"))
+        _set_error(waiter, TimeoutError("no SMTP reply in time"))
 
 
 @dataclass
@@ -314,51 +321,151 @@ class Session:
         Raises ReplyError for MAIL refused, every recipient refused, or DATA
         refused (the transaction is reset where it can be); Disconnected or
         TimeoutError when the connection failed before the message went out;
-        LostAfterData when it failed after.
+        LostAfterData when it failed after. Up to `capacity` transactions may
+        run at once; they take turns on the wire.
         """
-        for address in (sender, *recipients):
-            if not _PLAIN_ADDRESS.fullmatch(address):
-                raise ValueError(f"envelope address {address!r} is not plain")
-        commands = [f"MAIL FROM:<{sender}>\r\n".encode("ascii")] + [
-            f"RCPT TO:<{r}>\r\n".encode("ascii") for r in recipients] + [b"DATA\r\n"]
-        if "pipelining" in self.extensions:
-            self._write(b"".join(commands))
-            replies = [await self._read() for _ in commands]
-        else:
-            replies = []
-            for command in commands:
-                self._write(command)
-                replies.append(await self._read())
-                if replies[0].code != 250:
-                    break
-        mail = replies[0]
-        if mail.code != 250:
-            await self._reset()
-            raise ReplyError(mail, "MAIL")
-        refused = {r: reply for r, reply in zip(recipients, replies[1:-1], strict=True)
-                   if reply.code not in (250, 251)}
-        data = replies[-1]
-        if len(refused) == len(recipients):
-            if data.code == 354:  # RFC 2920 3.1: end the empty message; it is refused
-                self._write(b".\r\n")
-                await self._read()
-            await self._reset()
-            first = next(iter(refused))
-            raise ReplyError(refused[first], "RCPT", first)
-        if data.code != 354:
-            await self._reset()
-            raise ReplyError(data, "DATA")
-        body = _LEADING_DOT.sub(b"..", message)
-        if not body.endswith(b"\r\n"):
-            body += b"\r\n"
+        self.transactions += 1
         try:
-            self._write(body + b".\r\n")
-            final = await self._read()
-        except (Disconnected, TimeoutError, OSError) as exc:
-            raise LostAfterData(f"{type(exc).__name__}: {exc}") from exc
-        if final.code != 250:
-            raise ReplyError(final, "DATA")
-        return refused, final
+            for address in (sender, *recipients):
+                if not _PLAIN_ADDRESS.fullmatch(address):
+                    raise ValueError(f"envelope address {address!r} is not plain")
+            commands = [f"MAIL FROM:<{sender}>\r\n".encode("ascii")] + [
+                f"RCPT TO:<{r}>\r\n".encode("ascii") for r in recipients] + [b"DATA\r\n"]
+            content = _LEADING_DOT.sub(b"..", message)
+            if not content.endswith(b"\r\n"):
+                content += b"\r\n"
+            return await self._transact(commands, recipients, content + b".\r\n")
+        finally:
+            self.transactions -= 1
+
+    async def _transact(self, commands: list[bytes], recipients: list[str], content: bytes
+                        ) -> tuple[dict[str, Reply], Reply]:
+        pipelining = "pipelining" in self.extensions
+        held = False  # whether this transaction holds the turn
+        try:
+            if pipelining:
+                expected = await self._take_turn(b"".join(commands), len(commands))
+                held = True
+                replies = [await self._read(w) for w in expected]
+            else:
+                await self._take_turn(b"", 0)
+                held = True
+                replies = []
+                for command in commands:
+                    self._write(command)
+                    replies.append(await self._read())
+                    if replies[0].code != 250:
+                        break
+            mail = replies[0]
+            if mail.code != 250:
+                await self._reset()
+                raise ReplyError(mail, "MAIL")
+            refused = {r: reply for r, reply in zip(recipients, replies[1:-1], strict=True)
+                       if reply.code not in (250, 251)}
+            data = replies[-1]
+            if len(refused) == len(recipients):
+                if data.code == 354:  # RFC 2920 3.1: end the empty message; it is refused
+                    self._write(b".\r\n")
+                    await self._read()
+                await self._reset()
+                first = next(iter(refused))
+                raise ReplyError(refused[first], "RCPT", first)
+            if data.code != 354:
+                await self._reset()
+                raise ReplyError(data, "DATA")
+            try:
+                if pipelining:
+                    # The content, and the next transaction's commands in the same write.
+                    final_waiter: asyncio.Future[Reply] | None = self._pass_turn(content)
+                    held = False
+                else:
+                    self._write(content)
+                    final_waiter = None
+                final = await self._read(final_waiter)
+            except (Disconnected, TimeoutError, OSError) as exc:
+                raise LostAfterData(f"{type(exc).__name__}: {exc}") from exc
+            if final.code != 250:
+                raise ReplyError(final, "DATA")
+            return refused, final
+        finally:
+            if held:
+                self._release_turn()
+
+    async def _take_turn(self, commands: bytes, replies: int) -> list[asyncio.Future[Reply]]:
+        """Write these commands once no other transaction is between its commands and
+        its content; the expectations of their replies."""
+        if not self._turn_held and not self._waiting:
+            self._turn_held = True
+            try:
+                if commands:
+                    self._write(commands)
+            except BaseException:
+                self._release_turn()
+                raise
+            return [self._protocol.expect() for _ in range(replies)]
+        turn: asyncio.Future[list[asyncio.Future[Reply]]] = (
+            asyncio.get_running_loop().create_future())
+        self._waiting.append(_Next(commands, replies, turn))
+        try:
+            return await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                # Its commands went out with nobody left to read their replies.
+                self.broken = True
+                self._release_turn()
+            raise
+
+    def _pass_turn(self, content: bytes) -> asyncio.Future[Reply]:
+        """Write this transaction's content, chained with the next waiting transaction's
+        commands, and hand it the turn; the expectation of the content's reply."""
+        final = self._protocol.expect()
+        nxt = self._next_waiting()
+        try:
+            self._write(content + nxt.commands if nxt is not None else content)
+        except BaseException as exc:
+            if nxt is not None:
+                _set_error(nxt.turn, Disconnected(f"connection closed: {exc}"))
+            self._turn_held = False
+            self._fail_waiting()
+            raise
+        if nxt is None:
+            self._turn_held = False
+        else:
+            nxt.turn.set_result([self._protocol.expect() for _ in range(nxt.replies)])
+        return final
+
+    def _release_turn(self) -> None:
+        """The holder is done with the wire: the next waiting transaction writes."""
+        self._turn_held = False
+        if not self.connected:
+            self._fail_waiting()
+            return
+        nxt = self._next_waiting()
+        if nxt is None:
+            return
+        self._turn_held = True
+        try:
+            if nxt.commands:
+                self._write(nxt.commands)
+        except Disconnected as exc:
+            self._turn_held = False
+            _set_error(nxt.turn, exc)
+            self._fail_waiting()
+            return
+        nxt.turn.set_result([self._protocol.expect() for _ in range(nxt.replies)])
+
+    def _next_waiting(self) -> _Next | None:
+        while self._waiting:
+            nxt = self._waiting.popleft()
+            if not nxt.turn.done():  # not cancelled meanwhile
+                return nxt
+        return None
+
+    def _fail_waiting(self) -> None:
+        while self._waiting:
+            nxt = self._waiting.popleft()
+            if not nxt.turn.done():
+                _set_error(nxt.turn, Disconnected("the session failed before its turn"))
 
     async def _reset(self) -> None:
         try:
@@ -370,7 +477,7 @@ class Session:
         """QUIT politely (best effort), then close."""
         try:
             self._write(b"QUIT\r\n")
-            await self._protocol.reply(min(self.timeout, 5.0))
+            await _within(self._protocol.expect(), min(self.timeout, 5.0))
         except (Disconnected, TimeoutError, OSError):
             pass
         finally:
@@ -378,6 +485,7 @@ class Session:
 
     def close(self) -> None:
         self.broken = True
+        self._fail_waiting()
         transport = self._protocol.transport
         if transport is not None:
             transport.close()

@@ -52,7 +52,9 @@ class AccountWorker:
         self.replay = replay
         self.wake = asyncio.Event()
         concurrency = account.smtp.connections if account.smtp else 2
-        self._slots = asyncio.Semaphore(concurrency)  # held only while handing over
+        # Held only while handing over. An SMTP session chains two transactions (the
+        # next one's commands ride with this one's content), so twice its connections.
+        self._slots = asyncio.Semaphore(concurrency * 2 if account.smtp else concurrency)
         # Handing over or awaiting its settle: bounds what a crash may send twice.
         self._unsettled = asyncio.Semaphore(concurrency * (1 + ctx.settling_per_connection))
         # Rows claimed ahead of the free connections, so one claim statement

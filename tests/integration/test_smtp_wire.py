@@ -227,3 +227,117 @@ def test_starttls_required_but_not_offered_is_refused_before_any_mail():
 
     asyncio.run(_with_server(script, client))
 
+
+
+# Chained transactions: the next one's commands ride with this one's content.
+
+def _message(n: int) -> bytes:
+    return (f"From: a@sender.test\r\nTo: b@example.test\r\nSubject: m{n}\r\n\r\n"
+            f"message {n}\r\n").encode()
+
+
+def test_concurrent_transactions_on_one_session_each_get_their_own_replies(smtp):
+    # The third message is refused at DATA: only that send may raise, whatever the order.
+    smtp.handler.data_rule = lambda data: "554 5.6.0 refused" if b"message 3" in data else None
+
+    async def run() -> list[object]:
+        session = await open_session(smtp.port)
+        results = await asyncio.gather(*(
+            session.send("a@sender.test", [f"r{n}@example.test"], _message(n))
+            for n in range(8)), return_exceptions=True)
+        assert session.connected and session.transactions == 0
+        await session.quit()
+        return results
+
+    results = asyncio.run(run())
+    for n, result in enumerate(results):
+        if n == 3:
+            assert isinstance(result, ReplyError) and result.reply.code == 554
+        else:
+            refused, final = result
+            assert refused == {} and final.code == 250
+    received = {r.rcpt_tos[0]: r.data for r in smtp.handler.received}
+    assert sorted(received) == sorted(f"r{n}@example.test" for n in range(8) if n != 3)
+    for n in range(8):
+        if n != 3:
+            assert f"message {n}".encode() in received[f"r{n}@example.test"]
+
+
+def test_the_next_commands_go_out_with_the_content_before_its_reply():
+    # The server answers the first message only once it has read the second's
+    # commands: a client that waited for that answer before writing them would stall.
+    seen: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _greet(reader, writer)
+        for _ in range(3):
+            seen.append(await reader.readline())
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        await writer.drain()
+        seen.append(await reader.readuntil(b"\r\n.\r\n"))
+        for _ in range(3):  # the second transaction's MAIL, RCPT, DATA
+            seen.append(await reader.readline())
+        writer.write(b"250 first taken\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        await writer.drain()
+        seen.append(await reader.readuntil(b"\r\n.\r\n"))
+        writer.write(b"250 second taken\r\n")
+        await writer.drain()
+        await reader.readline()  # QUIT
+        writer.write(b"221 bye\r\n")
+        await writer.drain()
+
+    async def client(port: int) -> None:
+        session = await open_session(port, timeout=3)
+        first, second = await asyncio.gather(
+            session.send("a@sender.test", ["one@example.test"], _message(1)),
+            session.send("a@sender.test", ["two@example.test"], _message(2)))
+        assert first[1].text == "first taken" and second[1].text == "second taken"
+        await session.quit()
+
+    asyncio.run(_with_server(script, client))
+    assert seen[4].startswith(b"MAIL FROM:") and seen[5] == b"RCPT TO:<two@example.test>\r\n"
+
+
+def test_a_drop_after_chained_content_is_ambiguous_for_it_only():
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _greet(reader, writer)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        await writer.drain()
+        await reader.readuntil(b"\r\n.\r\n")
+        for _ in range(3):  # the next transaction's commands came along: hang up now
+            await reader.readline()
+
+    async def client(port: int) -> None:
+        session = await open_session(port, timeout=3)
+        first, second = await asyncio.gather(
+            session.send("a@sender.test", ["one@example.test"], _message(1)),
+            session.send("a@sender.test", ["two@example.test"], _message(2)),
+            return_exceptions=True)
+        assert isinstance(first, LostAfterData)  # its content went out: it may be taken
+        # The second's content never left: a plain failure, safe to send again.
+        assert isinstance(second, Disconnected) and not isinstance(second, LostAfterData)
+
+    asyncio.run(_with_server(script, client))
+
+
+def test_replies_sent_in_clear_after_starttls_are_refused():
+    # A man in the middle appends a reply to the 220 before TLS starts; read from
+    # inside TLS it would answer a command that has not been sent yet.
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw.test ESMTP\r\n")
+        await reader.readline()
+        writer.write(b"250-raw.test\r\n250 STARTTLS\r\n")
+        await writer.drain()
+        await reader.readline()  # STARTTLS
+        writer.write(b"220 go ahead\r\n250 injected\r\n")
+        await writer.drain()
+        await asyncio.sleep(2)
+
+    async def client(port: int) -> None:
+        with pytest.raises(Disconnected, match="STARTTLS"):
+            await Session.open("127.0.0.1", port, tls="starttls", context=None, timeout=3,
+                               helo="client.test")
+
+    asyncio.run(_with_server(script, client))
