@@ -146,12 +146,14 @@ standin_mailpit_binary() {
     [[ -x $bin ]] && return 0
     command -v go >/dev/null || die "go not found (scripts/system-deps.sh installs it)"
     say "building Mailpit $MAILPIT_VERSION from its Go module (once)"
+    local t0=$SECONDS
     rm -rf "$CACHE/standins/gobin"
     CGO_ENABLED=0 GOBIN="$CACHE/standins/gobin" go install -trimpath -ldflags '-s -w' \
         "$MAILPIT_MODULE@$MAILPIT_VERSION" >"$CACHE/standins/go.log" 2>&1 ||
         { tail -n 30 "$CACHE/standins/go.log" >&2; die "Mailpit did not build"; }
     mv "$CACHE/standins/gobin/mailpit" "$bin"
     rm -rf "$CACHE/standins/gobin"
+    say "built Mailpit in $((SECONDS - t0)) s"
 }
 
 standin() {
@@ -185,8 +187,9 @@ standin() {
 standins() {
     base
     mkdir -p "$CACHE/standins"
-    local name
+    local name t0=$SECONDS
     for name in kafka postgres prometheus mailpit; do standin "$name"; done
+    say "stand-ins ready in $((SECONDS - t0)) s"
 }
 
 # `make compose-test` runs docker-compose.yml with Debian's docker-compose

@@ -327,6 +327,28 @@ def test_each_container_runs_as_non_root_with_only_its_own_credentials(
         assert not [v for v in secret_values if v in env], service
 
 
+# Kills the service's own process (not the container's init, PID 1).
+KILL_SERVICE = ("import os, signal\n"
+                "for pid in [p for p in os.listdir('/proc') if p.isdigit() and p != '1']:\n"
+                "    try:\n"
+                "        argv = open(f'/proc/{pid}/cmdline', 'rb').read().split(bytes(1))\n"
+                "    except OSError:\n"
+                "        continue\n"
+                "    if argv[1:3] == [b'/opt/mailbus/bin/mailbus', b'ingest']:\n"
+                "        os.kill(int(pid), signal.SIGKILL)\n")
+
+
+def test_a_service_that_dies_is_restarted(stack: Compose) -> None:
+    name = stack.container("ingest")
+    assert stack.inspect(name)["RestartCount"] == 0
+    podman("exec", name, "python", "-c", KILL_SERVICE)
+    # `restart: unless-stopped`: the container comes back by itself, and answers.
+    wait_for("ingest restarted", lambda: stack.inspect(name)["RestartCount"] >= 1, deadline=60)
+    wait_for("the API answering again", lambda: http(
+        "GET", api(stack, f"/v1/messages/{SENT['id']}"), key=SENT["key"])[0] == 200,
+        deadline=120)
+
+
 def test_down_then_up_keeps_what_was_accepted(stack: Compose, services: list[str]) -> None:
     key_before = dev_key(stack)
     stack.run("down", "-t", "20", timeout=300)
