@@ -158,6 +158,19 @@ standin_mailpit_binary() {
 
 standin() {
     local name=$1 tag=${STANDIN_TAGS[$1]} ctx="$CACHE/standins/ctx-$1" hash have
+    # What the image is built from: the base, the stand-in's own files (the
+    # Kafka POM among them) and the Mailpit version; known before fetching
+    # or building anything, so an up-to-date stand-in costs nothing.
+    hash=$( { podman image inspect --format '{{.Id}}' localhost/debian:$SUITE
+              echo "$MAILPIT_MODULE@$MAILPIT_VERSION"
+              (cd "$STANDINS/$name" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
+            } | sha256sum | cut -c1-16)
+    have=$(podman image inspect --format '{{index .Labels "mailbus.standin.hash"}}' "$tag" \
+           2>/dev/null || true)
+    if [[ $have == "$hash" ]]; then
+        say "stand-in $tag is up to date"
+        return 0
+    fi
     rm -rf "$ctx"
     mkdir -p "$ctx"
     cp -r "$STANDINS/$name/." "$ctx/"
@@ -166,21 +179,12 @@ standin() {
                rm -f "$ctx/libs/.pom-sha256" ;;
         mailpit) standin_mailpit_binary; cp "$CACHE/standins/mailpit-$MAILPIT_VERSION" "$ctx/mailpit" ;;
     esac
-    hash=$( { podman image inspect --format '{{.Id}}' localhost/debian:$SUITE
-              (cd "$ctx" && find . -type f ! -name '*.jar' -print0 | sort -z | xargs -0 sha256sum
-               find . -name '*.jar' | sort) ; } | sha256sum | cut -c1-16)
-    have=$(podman image inspect --format '{{index .Labels "mailbus.standin.hash"}}' "$tag" \
-           2>/dev/null || true)
-    if [[ $have == "$hash" ]]; then
-        say "stand-in $tag is up to date"
-    else
-        local t0=$SECONDS
-        podman build -q --format docker --network host "${PROXY_ARGS[@]}" \
-            --label "mailbus.standin=$name" --label "mailbus.standin.hash=$hash" \
-            -f "$ctx/$name.Containerfile" -t "$tag" "$ctx" >"$CACHE/standins/build-$name.log" 2>&1 ||
-            { tail -n 30 "$CACHE/standins/build-$name.log" >&2; die "stand-in $name did not build"; }
-        say "built stand-in $tag in $((SECONDS - t0)) s"
-    fi
+    local t0=$SECONDS
+    podman build -q --format docker --network host "${PROXY_ARGS[@]}" \
+        --label "mailbus.standin=$name" --label "mailbus.standin.hash=$hash" \
+        -f "$ctx/$name.Containerfile" -t "$tag" "$ctx" >"$CACHE/standins/build-$name.log" 2>&1 ||
+        { tail -n 30 "$CACHE/standins/build-$name.log" >&2; die "stand-in $name did not build"; }
+    say "built stand-in $tag in $((SECONDS - t0)) s"
     rm -rf "$ctx"
 }
 
@@ -208,8 +212,11 @@ compose_setup() {
     if ((${#missing[@]})); then
         ((EUID == 0)) || die "needs root to install ${missing[*]}"
         say "installing ${missing[*]}"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 \
-            --no-install-recommends "${missing[@]}" >/dev/null
+        # A machine's package lists may be older than the mirror: update once and retry.
+        local apt=(apt-get install -y -q -o DPkg::Lock::Timeout=600 --no-install-recommends)
+        DEBIAN_FRONTEND=noninteractive "${apt[@]}" "${missing[@]}" >/dev/null ||
+            { apt-get update -q -o DPkg::Lock::Timeout=600 >/dev/null &&
+              DEBIAN_FRONTEND=noninteractive "${apt[@]}" "${missing[@]}" >/dev/null; }
     fi
 }
 
