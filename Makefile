@@ -55,3 +55,15 @@ clean-var: down
 image-test: infra
 	@scripts/podman.sh build
 	$(PYTEST) tests/containers/image_check.py
+
+# docker-compose.yml brought up for real (tests/containers/compose_check.py),
+# from nothing, under a project name and host ports of its own: Debian's
+# docker-compose through podman's Docker-compatible API, the third-party
+# images replaced by local stand-ins (deploy/compose/standins/). Needs no
+# native Kafka or PostgreSQL; the images are cached between runs.
+.PHONY: compose-test
+compose-test: install
+	@scripts/podman.sh compose-setup
+	@scripts/podman.sh build
+	@scripts/podman.sh standins
+	$(PYTEST) tests/containers/compose_check.py

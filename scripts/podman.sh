@@ -7,6 +7,8 @@
 #   scripts/podman.sh build           the project image (tag $MAILBUS_IMAGE), timed, size printed
 #   scripts/podman.sh podman ARGS...  podman with the project's containers.conf
 #   scripts/podman.sh compose ARGS... podman-compose (from PyPI) with the same configuration
+#   scripts/podman.sh standins        local stand-ins for the compose file's third-party images
+#   scripts/podman.sh compose-setup   what `make compose-test` runs the compose file with (apt)
 #   scripts/podman.sh lock            requirements.lock again from pyproject.toml (uv, from PyPI)
 #
 # Podman reads $REPO/.cache/podman/containers.conf (through CONTAINERS_CONF),
@@ -106,6 +108,118 @@ base() {
     say "base images ready: localhost/debian:$SUITE, python:3.11-slim (stand-in)"
 }
 
+# The compose file's third-party images, where no registry is reachable:
+# stand-ins built from Debian packages, Maven Central and the Go module proxy
+# (deploy/compose/standins/, each file says which part of the real image it
+# honours), tagged with the names and tags docker-compose.yml uses. Each
+# carries the hash of what it was built from, and is rebuilt only when that
+# changes, so a second run costs seconds.
+MAILPIT_MODULE=github.com/axllent/mailpit
+MAILPIT_VERSION=v1.33.1
+declare -A STANDIN_TAGS=(
+    [kafka]=docker.io/apache/kafka:4.1.1
+    [postgres]=docker.io/library/postgres:16-bookworm
+    [prometheus]=docker.io/prom/prometheus:latest
+    [mailpit]=docker.io/axllent/mailpit:latest
+)
+STANDINS="$REPO/deploy/compose/standins"
+
+# Kafka's jars for the stand-in (kafka/pom.xml), fetched once per POM.
+standin_kafka_libs() {
+    local pom="$STANDINS/kafka/pom.xml" libs="$CACHE/standins/kafka-libs" want
+    want=$(sha256sum "$pom" | cut -d' ' -f1)
+    if [[ -f $libs/.pom-sha256 && $(<"$libs/.pom-sha256") == "$want" ]]; then return 0; fi
+    command -v mvn >/dev/null || die "mvn not found (scripts/system-deps.sh installs it)"
+    say "fetching Kafka's jars for the apache/kafka stand-in from Maven Central"
+    rm -rf "$libs.tmp"
+    mvn -B -q -f "$pom" dependency:copy-dependencies -DoutputDirectory="$libs.tmp" \
+        -DincludeScope=runtime >"$CACHE/standins/mvn.log" 2>&1 ||
+        { tail -n 30 "$CACHE/standins/mvn.log" >&2; die "maven could not fetch the Kafka jars"; }
+    printf '%s\n' "$want" >"$libs.tmp/.pom-sha256"
+    rm -rf "$libs"
+    mv "$libs.tmp" "$libs"
+}
+
+# Mailpit, built from its Go module (static, so it runs on any base).
+standin_mailpit_binary() {
+    local bin="$CACHE/standins/mailpit-$MAILPIT_VERSION"
+    [[ -x $bin ]] && return 0
+    command -v go >/dev/null || die "go not found (scripts/system-deps.sh installs it)"
+    say "building Mailpit $MAILPIT_VERSION from its Go module (once)"
+    local t0=$SECONDS
+    rm -rf "$CACHE/standins/gobin"
+    CGO_ENABLED=0 GOBIN="$CACHE/standins/gobin" go install -trimpath -ldflags '-s -w' \
+        "$MAILPIT_MODULE@$MAILPIT_VERSION" >"$CACHE/standins/go.log" 2>&1 ||
+        { tail -n 30 "$CACHE/standins/go.log" >&2; die "Mailpit did not build"; }
+    mv "$CACHE/standins/gobin/mailpit" "$bin"
+    rm -rf "$CACHE/standins/gobin"
+    say "built Mailpit in $((SECONDS - t0)) s"
+}
+
+standin() {
+    local name=$1 tag=${STANDIN_TAGS[$1]} ctx="$CACHE/standins/ctx-$1" hash have
+    # What the image is built from: the base, the stand-in's own files (the
+    # Kafka POM among them) and the Mailpit version; known before fetching
+    # or building anything, so an up-to-date stand-in costs nothing.
+    hash=$( { podman image inspect --format '{{.Id}}' localhost/debian:$SUITE
+              echo "$MAILPIT_MODULE@$MAILPIT_VERSION"
+              (cd "$STANDINS/$name" && find . -type f -print0 | sort -z | xargs -0 sha256sum)
+            } | sha256sum | cut -c1-16)
+    have=$(podman image inspect --format '{{index .Labels "mailbus.standin.hash"}}' "$tag" \
+           2>/dev/null || true)
+    if [[ $have == "$hash" ]]; then
+        say "stand-in $tag is up to date"
+        return 0
+    fi
+    rm -rf "$ctx"
+    mkdir -p "$ctx"
+    cp -r "$STANDINS/$name/." "$ctx/"
+    case $name in
+        kafka) standin_kafka_libs; cp -r "$CACHE/standins/kafka-libs" "$ctx/libs"
+               rm -f "$ctx/libs/.pom-sha256" ;;
+        mailpit) standin_mailpit_binary; cp "$CACHE/standins/mailpit-$MAILPIT_VERSION" "$ctx/mailpit" ;;
+    esac
+    local t0=$SECONDS
+    podman build -q --format docker --network host "${PROXY_ARGS[@]}" \
+        --label "mailbus.standin=$name" --label "mailbus.standin.hash=$hash" \
+        -f "$ctx/$name.Containerfile" -t "$tag" "$ctx" >"$CACHE/standins/build-$name.log" 2>&1 ||
+        { tail -n 30 "$CACHE/standins/build-$name.log" >&2; die "stand-in $name did not build"; }
+    say "built stand-in $tag in $((SECONDS - t0)) s"
+    rm -rf "$ctx"
+}
+
+standins() {
+    base
+    mkdir -p "$CACHE/standins"
+    local name t0=$SECONDS
+    for name in kafka postgres prometheus mailpit; do standin "$name"; done
+    say "stand-ins ready in $((SECONDS - t0)) s"
+}
+
+# `make compose-test` runs docker-compose.yml with Debian's docker-compose
+# against podman's Docker-compatible API (podman system service): podman 4.3
+# (bookworm's) is too old for podman-compose to honour `condition:
+# service_healthy`. netavark and aardvark-dns give the compose network its
+# names, catatonit is `init: true`.
+compose_setup() {
+    setup
+    local missing=()
+    command -v docker-compose >/dev/null || missing+=(docker-compose)
+    [[ -x /usr/lib/podman/netavark || -x /usr/libexec/podman/netavark ]] || missing+=(netavark)
+    [[ -x /usr/lib/podman/aardvark-dns || -x /usr/libexec/podman/aardvark-dns ]] ||
+        missing+=(aardvark-dns)
+    [[ -x /usr/libexec/podman/catatonit ]] || missing+=(catatonit)
+    if ((${#missing[@]})); then
+        ((EUID == 0)) || die "needs root to install ${missing[*]}"
+        say "installing ${missing[*]}"
+        # A machine's package lists may be older than the mirror: update once and retry.
+        local apt=(apt-get install -y -q -o DPkg::Lock::Timeout=600 --no-install-recommends)
+        DEBIAN_FRONTEND=noninteractive "${apt[@]}" "${missing[@]}" >/dev/null ||
+            { apt-get update -q -o DPkg::Lock::Timeout=600 >/dev/null &&
+              DEBIAN_FRONTEND=noninteractive "${apt[@]}" "${missing[@]}" >/dev/null; }
+    fi
+}
+
 # Proxies of the environment, passed to builds only when set.
 PROXY_ARGS=()
 for v in HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy; do
@@ -156,6 +270,8 @@ case "${1:-}" in
     build) setup; build ;;
     podman) shift; write_conf; podman "$@" ;;
     compose) shift; write_conf; compose "$@" ;;
+    standins) standins ;;
+    compose-setup) compose_setup ;;
     lock) mkdir -p "$CACHE"; lock ;;
-    *) echo "usage: $0 setup|base|build|podman ARGS|compose ARGS|lock" >&2; exit 2 ;;
+    *) echo "usage: $0 setup|base|build|podman ARGS|compose ARGS|standins|compose-setup|lock" >&2; exit 2 ;;
 esac

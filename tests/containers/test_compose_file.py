@@ -46,9 +46,18 @@ CLI_VARIABLES = {"MAILBUS_PG_SUPERUSER", "MAILBUS_PG_SUPERUSER_PASSWORD_FILE"}
 SECRET_WORDS = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|PRIVATE", re.I)
 
 
+# `${NAME:-default}`: the only interpolation the file uses (host ports, the image).
+INTERPOLATION = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")
+# The host ports a user may change, and their defaults (the file's header lists them).
+PORT_DEFAULTS = {"MAILBUS_API_PORT": "8080", "MAILBUS_HOOKS_PORT": "8081",
+                 "MAILBUS_MAILPIT_PORT": "8025", "MAILBUS_PROMETHEUS_PORT": "9090",
+                 "MAILBUS_GRAFANA_PORT": "3000", "MAILBUS_KAFKA_EXTERNAL_PORT": "9094"}
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())
+    """The file as compose reads it with none of its variables set."""
+    return yaml.safe_load(INTERPOLATION.sub(lambda m: m.group(2), COMPOSE.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +349,55 @@ def test_handout_leaves_exactly_the_listed_files(tmp_path: Path,
     (out / "hooks").chmod(0o700)  # let tmp_path be cleaned up
     with pytest.raises(SystemExit, match="not provisioned"):
         step.main([f"hooks:{os.getuid()}:postgres-mailbus_hooks.password"])
+
+
+def test_every_variable_is_a_documented_host_port_with_its_default() -> None:
+    text = COMPOSE.read_text()
+    used = INTERPOLATION.findall(text)
+    # Besides the ports: which image the mailbus services run.
+    defaults = {**PORT_DEFAULTS, "MAILBUS_IMAGE": "mailbus:latest"}
+    assert {name for name, _ in used} == set(defaults)
+    assert all(defaults[name] == default for name, default in used)
+    # No other `$` form (a bare $NAME, or ${NAME} without a default).
+    assert text.count("$") == len(used)
+    header = text.split("\n\n", 1)[0]
+    for name, default in PORT_DEFAULTS.items():
+        assert f"{name} {default}" in header, name
+
+
+def test_what_links_and_the_broker_advertise_follows_the_published_ports() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    # A host port moved away from its default moves the links in mail with it...
+    assert environment(services["sender"])["MAILBUS_HOOKS_BASE_URL"] == (
+        "http://localhost:${MAILBUS_HOOKS_PORT:-8081}")
+    assert services["hooks"]["ports"] == ["127.0.0.1:${MAILBUS_HOOKS_PORT:-8081}:8081"]
+    # ... and what the broker's EXTERNAL listener advertises to tools on the host.
+    assert services["kafka"]["ports"] == ["127.0.0.1:${MAILBUS_KAFKA_EXTERNAL_PORT:-9094}:9094"]
+    assert environment(services["kafka"])["MAILBUS_KAFKA_EXTERNAL_PORT"] == (
+        "${MAILBUS_KAFKA_EXTERNAL_PORT:-9094}")
+    template = (REPO / "deploy/compose/kafka/server.properties.in").read_text()
+    assert "EXTERNAL://localhost:@EXTERNAL_PORT@" in template
+    assert "@EXTERNAL_PORT@/$external_port" in (REPO / "deploy/compose/kafka/start.sh").read_text()
+
+
+def test_no_compose_step_shadows_a_standard_module() -> None:
+    # `python /etc/mailbus/compose/NAME.py` puts that folder first on sys.path:
+    # a step named like a standard module (secrets.py) imports itself instead.
+    for script in (REPO / "deploy" / "compose").glob("*.py"):
+        assert script.stem not in sys.stdlib_module_names, script.name
+
+
+def test_every_third_party_image_but_grafana_has_a_local_stand_in(
+        services: dict[str, dict[str, Any]]) -> None:
+    podman_sh = (REPO / "scripts" / "podman.sh").read_text()
+    tags = dict(re.findall(r"\[(\w+)\]=(\S+)", podman_sh.split("declare -A STANDIN_TAGS", 1)[1]
+                                                   .split(")", 1)[0]))
+    images = {name: s["image"] for name, s in services.items()
+              if "build" not in s and name != "grafana"}
+    assert set(images) == set(tags)
+    for name, image in images.items():
+        # The name podman gives the compose file's short name.
+        full = image if image.count("/") == 2 else (
+            f"docker.io/{image}" if "/" in image else f"docker.io/library/{image}")
+        assert tags[name] == full, name
+        assert (REPO / "deploy/compose/standins" / name / f"{name}.Containerfile").is_file()

@@ -12,12 +12,16 @@ mkdir -p "$(dirname "$CONFIG")"
 
 admin_pw=$(tr -d ' \n\r\t' <"$SECRETS/kafka-admin.password")
 controller_pw=$(tr -d ' \n\r\t' <"$SECRETS/kafka-controller.password")
+external_port=${MAILBUS_KAFKA_EXTERNAL_PORT:-9094}
+[[ $external_port =~ ^[0-9]{1,5}$ ]] ||
+  { echo "kafka: MAILBUS_KAFKA_EXTERNAL_PORT must be a port number" >&2; exit 1; }
 [[ $admin_pw =~ ^[A-Za-z0-9._~+/-]{16,}$ && $controller_pw =~ ^[A-Za-z0-9._~+/-]{16,}$ ]] ||
   { echo "kafka: the passwords in $SECRETS must be 16+ characters of [A-Za-z0-9._~+/-]" >&2; exit 1; }
 
 # Bash substitution, not sed: the passwords never appear on a command line.
 text=$(</etc/mailbus/kafka/server.properties.in)
 text=${text//@DATA_DIR@/$DATA}
+text=${text//@EXTERNAL_PORT@/$external_port}
 text=${text//@ADMIN_PASSWORD@/$admin_pw}
 text=${text//@CONTROLLER_PASSWORD@/$controller_pw}
 printf '%s\n' "$text" >"$CONFIG"

@@ -7,6 +7,10 @@ Each file is readable only by the container user that needs it: the broker
 (uid 1000 in apache/kafka), PostgreSQL's entrypoint (root), Grafana (472), and
 the init service (group 10002). The services themselves (uid 10001) can read
 none of these; their own credentials are written by `mailbus setup` in init.
+
+Not named secrets.py: Python puts a script's folder first on sys.path, and a
+script of that name would import itself instead of the standard library's
+secrets module.
 """
 
 from __future__ import annotations
