@@ -133,7 +133,7 @@ class Sender:
         self.producer = AsyncProducer(kafka, **{"client.id": "mailbus-sender"})
         self.outbox = Outbox(self.pool, self.producer, s.kafka.topic_prefix, self.instance)
         self.settler = Settler(self.pool, s.kafka.topic_prefix, self.instance, self.outbox.emit,
-                               window=s.settle_window_seconds)
+                               window=s.settle_window_seconds, outbox=self.outbox)
         self._settler_task = asyncio.create_task(self.settler.run())
         self.feed = SuppressionFeed(lambda: SuppressionReader(
             kafka, self.topic(topics.SUPPRESSIONS), self.registry, self.suppressions,

@@ -113,30 +113,56 @@ class Outbox:
         self.pool, self.producer, self.namespace = pool, producer, namespace
         self.ledger = Ledger(pool, namespace, owner)
         self._emitting: set[asyncio.Task[None]] = set()
+        # Rows whose events the broker acknowledged, not deleted yet: the next settle
+        # deletes them in its own transaction (take_emitted), the sweep or shutdown
+        # otherwise (flush_emitted). A transaction of their own after every emission
+        # cost as much as the settle itself. Lost in a crash, they are emitted again:
+        # consumers deduplicate on event_id.
+        self._emitted: list[int] = []
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait for background emissions (on shutdown); what is left stays in the outbox."""
         if self._emitting:
             await asyncio.wait(self._emitting, timeout=timeout)
+        try:
+            await self.flush_emitted()
+        except Exception:  # left rows are emitted again by the next owner's sweep
+            log.exception("could not clear %d emitted outbox row(s)", len(self._emitted))
+
+    def take_emitted(self) -> list[int]:
+        """Ids of emitted rows to delete; the taker deletes them or gives them back."""
+        ids, self._emitted = self._emitted, []
+        return ids
+
+    def give_back(self, ids: list[int]) -> None:
+        """Emitted rows a failed transaction did not delete."""
+        self._emitted += ids
+
+    async def flush_emitted(self) -> None:
+        """Delete the rows of acknowledged events now."""
+        ids = self.take_emitted()
+        if not ids:
+            return
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(SQL["outbox_done"], {"ids": ids})
+        except BaseException:
+            self.give_back(ids)
+            raise
 
     async def emit(self, items: list[tuple[int, Record]]) -> None:
         results = await self.producer.produce_many([
             (rec.topic, rec.value, rec.key, [(k, v.encode()) for k, v in rec.headers] or None)
             for _, rec in items])
-        done = [i for (i, _), r in zip(items, results, strict=True) if r is None]
+        self._emitted += [i for (i, _), r in zip(items, results, strict=True) if r is None]
         for (_, rec), r in zip(items, results, strict=True):
             if r is not None:
                 # Stays in the outbox; the sweep emits it once Kafka is back.
                 log.warning("emitting to %s failed, will retry: %s", rec.topic, r)
-        if done:
-            try:
-                async with self.pool.connection() as conn:
-                    await conn.execute(SQL["outbox_done"], {"ids": done})
-            except Exception:  # left rows are re-emitted by the sweep
-                log.exception("could not clear %d emitted outbox row(s)", len(done))
 
     async def sweep(self, partitions: list[int], min_age_seconds: float = 10.0) -> int:
         """Emit events left behind by a crash or a Kafka outage; returns how many."""
+        await self.flush_emitted()  # what was emitted is not left behind
         async with self.pool.connection() as conn:
             cur = await conn.execute(SQL["outbox_pending"], {
                 "partitions": partitions, "age": f"{min_age_seconds} seconds",

@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from mailbus.sender import metrics
-from mailbus.sender.outbox import SQL, Record
+from mailbus.sender.outbox import SQL, Outbox, Record
 from mailbus.sender.quota import backoff
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,10 @@ class Settler:
 
     def __init__(self, pool: AsyncConnectionPool, namespace: str, owner: str,
                  emit: Callable[[list[tuple[int, Record]]], Coroutine[Any, Any, None]], *,
-                 window: float = 0.0, max_batch: int = 500):
+                 window: float = 0.0, max_batch: int = 500, outbox: Outbox | None = None):
         self.pool, self.namespace, self.owner, self._emit = pool, namespace, owner, emit
+        # Whose emitted rows each transaction deletes on its way (Outbox.take_emitted).
+        self.outbox = outbox
         self.window, self.max_batch = window, max_batch
         self._queue: list[tuple[Outcome, asyncio.Future[bool]]] = []
         self._arrived = asyncio.Event()
@@ -144,11 +146,37 @@ class Settler:
         start = time.perf_counter()
         emitted: list[tuple[int, Record]] = []
         matched: set[str] = set()
+        done = self.outbox.take_emitted() if self.outbox is not None else []
+        try:
+            await self._transaction(batch, done, emitted, matched)
+        except BaseException:
+            if self.outbox is not None:
+                self.outbox.give_back(done)
+            raise
+        keep = [o for o in batch if o.message_id in matched]
+        for o in batch:
+            if o.message_id not in matched:
+                metrics.SETTLES_FENCED.inc()
+                log.warning("%s: not settled as %s, its row is no longer this sender's"
+                            " (partition %d, epoch %d); %d event(s) discarded", o.message_id,
+                            o.state, o.partition, o.epoch, len(o.records))
+        metrics.SETTLE_BATCH.observe(len(batch))
+        metrics.SETTLE_SECONDS.observe(time.perf_counter() - start)
+        if emitted:
+            task = asyncio.create_task(self._emit(emitted))
+            self._emitting.add(task)
+            task.add_done_callback(self._emitting.discard)
+        return {o.message_id for o in keep}
+
+    async def _transaction(self, batch: list[Outcome], done: list[int],
+                           emitted: list[tuple[int, Record]], matched: set[str]) -> None:
+        """Fence, mark, store the events (and delete the rows of `done`); fills `emitted`
+        with the stored events and `matched` with the message ids settled."""
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             await cur.execute(SQL["fence"], {"namespace": self.namespace, "owner": self.owner,
                                              "partitions": sorted({o.partition for o in batch})})
             owned = {int(r[0]): int(r[1]) for r in await cur.fetchall()}
-            keep, drop = fenced(batch, owned)
+            keep, _ = fenced(batch, owned)
             for state in STATEMENTS:
                 mine = [o for o in keep if o.state == state]
                 if not mine:
@@ -169,7 +197,6 @@ class Settler:
                     matched.update(str(r[0]) for r in await cur.fetchall())
                     if not cur.nextset():
                         break
-            drop += [o for o in keep if o.message_id not in matched]
             items = [(o, rec) for o in keep if o.message_id in matched for rec in o.records]
             if items:
                 await cur.execute(SQL["outbox_add"], {
@@ -181,19 +208,9 @@ class Settler:
                     "values": bytea_array([rec.value for _, rec in items]),
                     "headers": Jsonb([rec.headers for _, rec in items])})
                 ids = sorted(int(r[0]) for r in await cur.fetchall())
-                emitted = list(zip(ids, (rec for _, rec in items), strict=True))
-        for o in drop:
-            metrics.SETTLES_FENCED.inc()
-            log.warning("%s: not settled as %s, its row is no longer this sender's"
-                        " (partition %d, epoch %d); %d event(s) discarded", o.message_id,
-                        o.state, o.partition, o.epoch, len(o.records))
-        metrics.SETTLE_BATCH.observe(len(batch))
-        metrics.SETTLE_SECONDS.observe(time.perf_counter() - start)
-        if emitted:
-            task = asyncio.create_task(self._emit(emitted))
-            self._emitting.add(task)
-            task.add_done_callback(self._emitting.discard)
-        return {o.message_id for o in keep if o.message_id in matched}
+                emitted.extend(zip(ids, (rec for _, rec in items), strict=True))
+            if done:
+                await cur.execute(SQL["outbox_done"], {"ids": done})
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued outcome is committed and emitted (on shutdown)."""

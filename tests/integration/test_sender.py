@@ -461,3 +461,31 @@ def test_a_timeout_after_data_is_retried_as_a_possible_duplicate(namespace, tmp_
     ids = [m["X-Mailbus-Message-Id"] for m in handler.messages()]
     assert ids == [event["message_id"]] * 2  # it did reach the server twice
     assert [e["possible_duplicate"] for e in sent] == [True]  # and its email.sent says so
+
+
+def test_emitted_events_leave_the_outbox_and_are_not_emitted_again(sender_env, smtp, namespace):
+    # Rows of acknowledged events are deleted by the next settle, or by the sweep
+    # once the sender is idle; the sweep must never take them for left-behind ones.
+    from mailbus.sender import app as sender_app
+
+    settings = sender_env.settings(smtp_account("dev", smtp.port))
+    events = [request(to=f"user{i}@example.com") for i in range(30)]
+
+    def left() -> int:  # read as the sender, the one role that may
+        with psycopg.connect(settings.postgres.conninfo()) as conn:
+            row = conn.execute("SELECT count(*) FROM sender_outbox WHERE namespace = %s",
+                               (namespace,)).fetchone()
+        return row[0] if row else -1
+
+    with SenderThread(settings):
+        sender_env.produce(events)
+        assert len(sender_env.events("email.sent", expect=30)) == 30
+        deadline = time.monotonic() + sender_app.SWEEP_SECONDS * 2 + 10
+        while left() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert left() == 0
+        time.sleep(sender_app.SWEEP_SECONDS + 1)  # one more sweep over an empty outbox
+    sent = sender_env.events("email.sent", settle=1.0)
+    delivered = sender_env.events("email.delivered", settle=1.0)
+    assert len(sent) == 30 and len({e["event_id"] for e in sent}) == 30
+    assert len(delivered) == 30 and len({e["event_id"] for e in delivered}) == 30
