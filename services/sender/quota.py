@@ -50,6 +50,9 @@ class Budget:
         self._refilled: datetime | None = None
         self._sent: deque[datetime] = deque()
         self._parked_until: datetime | None = None
+        # The pacer's theoretical arrival time (GCRA): when the next hand-over
+        # would be due if sends went out exactly at the rate.
+        self._tat: datetime | None = None
 
     def load(self, sent_at: Iterable[datetime], now: datetime) -> None:
         """Start from the sends the ledger knows of."""
@@ -95,6 +98,22 @@ class Budget:
         """Undo `take` for a send that never left (refused by the provider, or failed before)."""
         if self._sent:
             self._sent.pop()
+
+    def pace(self, now: datetime) -> float:
+        """Seconds this hand-over waits so hand-overs keep to the rate and burst;
+        the slot is reserved.
+
+        The bucket decides how many rows to claim; sends then wait on connections
+        and settles, and a stall would let those claimed meanwhile leave together,
+        faster than the rate. Pacing the hand-overs themselves (GCRA: the same
+        rate and burst as the bucket) keeps the wire to the rate.
+        """
+        interval = timedelta(seconds=1.0 / self.rate)
+        tolerance = interval * (self.capacity - 1.0)
+        tat = now if self._tat is None or self._tat < now else self._tat
+        start = max(now, tat - tolerance)
+        self._tat = tat + interval
+        return (start - now).total_seconds()
 
     def park(self, until: datetime) -> None:
         """The provider said the account is exhausted: send nothing before `until`."""

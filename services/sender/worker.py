@@ -251,6 +251,9 @@ class AccountWorker:
     async def _hand_over(self, row: Claimed, outgoing: Outgoing, via: Account,
                          transport: Transport, now: datetime) -> None:
         ctx, account = self.ctx, self.account
+        wait = self.budget.pace(ctx.clock())
+        if wait > 0:
+            await asyncio.sleep(wait)
         start = time.perf_counter()
         try:
             async with self._slots:

@@ -42,6 +42,23 @@ def test_slow_rates_still_send_one_at_a_time():
     assert isinstance(decision, Wait) and abs(decision.seconds - 1.0) < 1e-9
 
 
+def test_hand_overs_are_paced_to_the_rate_and_burst_whenever_they_come():
+    budget = Budget(daily_quota=1000, rate_per_second=2.0)
+    # Six hand-overs arriving together after a stall: the burst of two goes now,
+    # the rest at the rate, each slot reserved for the one that asked.
+    waits = [budget.pace(at(10)) for _ in range(6)]
+    assert waits == [0.0, 0.0, 0.5, 1.0, 1.5, 2.0]
+    starts = sorted(10 + w for w in waits)
+    assert all(sum(1 for u in starts if t <= u < t + 1.0) <= 4 for t in starts)
+    # Idle long enough, the burst is back.
+    assert [budget.pace(at(20)) for _ in range(3)] == [0.0, 0.0, 0.5]
+
+
+def test_pacing_at_a_high_rate_costs_no_wait():
+    budget = Budget(daily_quota=10_000_000, rate_per_second=100_000.0)
+    assert max(budget.pace(at(0)) for _ in range(50_000)) == 0.0
+
+
 def test_rolling_quota_frees_exactly_24h_after_each_send():
     budget = Budget(daily_quota=3, rate_per_second=100)
     for t in (0, 10, 20):
