@@ -65,7 +65,7 @@ class Ingestor:
 
     def __init__(self, pool: AsyncConnectionPool, producer: AsyncProducer, registry: Registry,
                  directory: Directory, topic: str, retention_seconds: int = 86_400,
-                 groups_in_flight: int = 4, group_max: int = 256):
+                 groups_in_flight: int = 2, group_max: int = 256):
         self.pool, self.producer, self.registry = pool, producer, registry
         self.directory, self.topic = directory, topic
         self.retention_seconds = retention_seconds

@@ -32,7 +32,7 @@ class IngestSettings(ServiceSettings):
     # under way at once (each holds a pooled connection), and the most
     # requests one may carry. Requests arriving while all are busy wait and
     # go together in the next.
-    group_commits_in_flight: int = Field(default=4, ge=1, le=64)
+    group_commits_in_flight: int = Field(default=2, ge=1, le=64)
     group_commit_max: int = Field(default=256, ge=1, le=1000)
     # Webhook endpoints with a plain http:// URL (local use; production refuses it).
     webhooks_allow_http: bool = False
