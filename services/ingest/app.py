@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +42,7 @@ from mailbus.ingest.rates import KeyRates
 from mailbus.ingest.retention import prune_forever
 from mailbus.ingest.service import Ingestor, Planned
 from mailbus.ingest.settings import IngestSettings
+from mailbus.ingest.workers import exposition, server_options
 from mailbus.producer import AsyncProducer
 from mailbus.reload import AccountsReloader
 
@@ -57,15 +58,9 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 def server_config(settings: IngestSettings, producer_factory: ProducerFactory | None = None
                   ) -> uvicorn.Config:
-    """How uvicorn serves the app, shared by `mailbus ingest`, the tests and the benchmarks."""
-    return uvicorn.Config(
-        create_app(settings, producer_factory), host=settings.host, port=settings.port,
-        log_level=settings.log_level.lower(), access_log=False,
-        # uvicorn's lines go through the process's handler: text or JSON as configured.
-        log_config=None,
-        # No proxy is trusted by default and the server does not name itself.
-        proxy_headers=False, server_header=False, lifespan="on",
-    )
+    """How uvicorn serves the app in this process, for `mailbus ingest`, the tests and the
+    benchmarks (several workers: workers.py)."""
+    return uvicorn.Config(create_app(settings, producer_factory), **server_options(settings))
 
 
 ProducerFactory = Callable[[dict[str, Any]], AsyncProducer]
@@ -299,4 +294,4 @@ def _routes(app: FastAPI) -> None:
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:
         """Prometheus exposition."""
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
