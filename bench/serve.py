@@ -15,6 +15,7 @@ from mailbus.errors import UnavailableError
 from mailbus.ingest.app import server_config
 from mailbus.ingest.models import MessageRequest
 from mailbus.ingest.settings import IngestSettings
+from mailbus.ingest.workers import run
 from mailbus.producer import PRODUCER_DEFAULTS
 
 
@@ -75,8 +76,10 @@ def main() -> None:
         config.app = bare_app()
         uvicorn.Server(config).run()
         return
-    factory = PerRequestProducer if variant == "baseline" else None
-    uvicorn.Server(server_config(settings, factory)).run()  # type: ignore[arg-type]
+    if variant == "baseline":
+        uvicorn.Server(server_config(settings, PerRequestProducer)).run()  # type: ignore[arg-type]
+        return
+    run(settings)  # as `mailbus ingest` does: MAILBUS_INGEST_WORKERS processes
 
 
 if __name__ == "__main__":

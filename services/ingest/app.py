@@ -89,7 +89,7 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
         app.state.ingestor = ingestor = Ingestor(
             pool, producer, registry, directory, settings.kafka.topic(topics.REQUESTED),
             settings.idempotency_retention_seconds, settings.group_commits_in_flight,
-            settings.group_commit_max)
+            settings.group_commit_max, settings.key_cache_seconds)
         pruner = asyncio.create_task(prune_forever(
             ingestor, settings.idempotency_prune_seconds, settings.idempotency_prune_batch))
         # A request routes with whichever directory is in force when it starts:

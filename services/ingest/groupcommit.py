@@ -71,10 +71,13 @@ async def commit_group(ing: Ingestor, members: Sequence[Member]) -> list[Outcome
     outcomes: list[Outcome[Answer] | None] = [None] * len(members)
     sql = ing.sql
     try:
-        async with ing.connection() as conn, conn.transaction():
+        # Pipeline mode: BEGIN and the INSERT leave at once and run while the
+        # broker acks; COMMIT (or ROLLBACK) and any error of the statements
+        # before it come back in one round trip at the end.
+        async with ing.connection() as conn, conn.pipeline() as pipeline, conn.transaction():
             keyed = [(i, m) for i, m in enumerate(members) if m.record is not None]
             if keyed:
-                await _check_records(conn, sql, keyed, outcomes)
+                await _check_records(conn, pipeline, sql, keyed, outcomes)
             now = datetime.now(UTC)
             todo: list[tuple[int, Member, dict[str, Any], bytes]] = []
             for i, m in enumerate(members):
@@ -92,12 +95,8 @@ async def commit_group(ing: Ingestor, members: Sequence[Member]) -> list[Outcome
                 rows = Jsonb([_json_row(message_row(e)) for _, _, e, _ in todo])
                 # The rows and the events travel at once: neither is visible
                 # to anyone before the commit, which waits for both.
-                for result in await asyncio.gather(
-                        conn.execute(sql["insert_messages"], {"rows": rows}),
-                        _produce(ing, [(e["account_id"], v) for _, _, e, v in todo]),
-                        return_exceptions=True):
-                    if isinstance(result, BaseException):
-                        raise result
+                await conn.execute(sql["insert_messages"], {"rows": rows})
+                await _produce(ing, [(e["account_id"], v) for _, _, e, v in todo])
                 finished = [{"key_id": m.key.id, "idempotency_key": m.idempotency_key,
                              "status_code": 202, "response": Jsonb(queued(e["message_id"])[1]),
                              "request_sha256": m.digest}
@@ -118,12 +117,14 @@ async def commit_group(ing: Ingestor, members: Sequence[Member]) -> list[Outcome
     return outcomes  # type: ignore[return-value]  # every slot is filled by now
 
 
-async def _check_records(conn: Any, sql: dict[str, str], keyed: list[tuple[int, Member]],
+async def _check_records(conn: Any, pipeline: Any, sql: dict[str, str],
+                         keyed: list[tuple[int, Member]],
                          outcomes: list[Outcome[Answer] | None]) -> None:
     """Lock the keyed members' records; settle those that must not produce."""
     cur = await conn.execute(sql["lock_idempotency_group"], {
         "key_ids": [m.key.id for _, m in keyed],
         "idempotency_keys": [m.idempotency_key for _, m in keyed]})
+    await pipeline.sync()  # their answers decide who produces
     records = {(r["key_id"], r["idempotency_key"]): r for r in await cur.fetchall()}
     for i, m in keyed:
         record = records.get((m.key.id, m.idempotency_key))

@@ -2,9 +2,9 @@
 
 -- name: keys_by_id
 -- The keys of the requests that arrived together, by primary key: one round
--- trip for a group of lookups (services/ingest/coalesce.py). A lookup is
--- sent only after its request arrived, so revocation takes effect at once,
--- as with a lookup per request; no cache holds a key.
+-- trip for a group of lookups (services/ingest/coalesce.py), each sent after
+-- its request arrived. What it reads is kept MAILBUS_KEY_CACHE_SECONDS
+-- (keycache.py): a revocation is honoured within that time.
 SELECT id, secret_sha256, scopes, accounts, default_pool, revoked_at, rate_limit
 FROM api_keys WHERE id = ANY(%(ids)s);
 

@@ -8,9 +8,8 @@ before that commit rolls it back, so a 503 leaves no message behind; only
 an unanswered claim stays, for the retry to reuse.
 
 A batch request is one such transaction. Single-message requests that
-arrive together share one (groupcommit.py), and so do their key lookups:
-under load a round trip carries many requests, never an answer older than
-the request (coalesce.py).
+arrive together share one (groupcommit.py), and so do their key lookups
+(coalesce.py), which a short cache spares most requests (keycache.py).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from mailbus.ingest import metrics
 from mailbus.ingest.coalesce import Coalescer, Outcome
 from mailbus.ingest.groupcommit import Answer, Member, commit_group
 from mailbus.ingest.handlers import ApiKey, message_row, requested_event
+from mailbus.ingest.keycache import KeyCache
 from mailbus.ingest.models import MessageRequest
 from mailbus.ingest.problems import Problem, unauthorized, unavailable
 from mailbus.producer import AsyncProducer
@@ -65,11 +65,13 @@ class Ingestor:
 
     def __init__(self, pool: AsyncConnectionPool, producer: AsyncProducer, registry: Registry,
                  directory: Directory, topic: str, retention_seconds: int = 86_400,
-                 groups_in_flight: int = 2, group_max: int = 256):
+                 groups_in_flight: int = 2, group_max: int = 256,
+                 key_cache_seconds: float = 0.0):
         self.pool, self.producer, self.registry = pool, producer, registry
         self.directory, self.topic = directory, topic
         self.retention_seconds = retention_seconds
         self.sql = SQL
+        self.keys = KeyCache(key_cache_seconds)
         self._lookups: Coalescer[str, DictRow | None] = Coalescer(
             self._lookup_keys, max_in_flight=LOOKUPS_IN_FLIGHT, max_size=LOOKUP_GROUP_MAX)
         self._groups: Coalescer[Member, Answer] = Coalescer(
@@ -82,7 +84,14 @@ class Ingestor:
         if parsed is None:
             raise unauthorized()
         key_id, secret = parsed
-        row = await self._lookups.submit(key_id)
+        row = self.keys.get(key_id)
+        if row is None:
+            # Its age counts from before the lookup: a revocation committed
+            # while it was under way is seen within the TTL all the same.
+            asked_at = self.keys.clock()
+            row = await self._lookups.submit(key_id)
+            if row is not None:
+                self.keys.put(key_id, row, asked_at)
         if row is None or row["revoked_at"] is not None or not apikeys.matches(
             secret, row["secret_sha256"]
         ):
