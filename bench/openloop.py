@@ -41,6 +41,7 @@ class Offered:
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
+        self.used = False
 
     async def exchange(self, request: bytes) -> int:
         self.writer.write(request)
@@ -90,12 +91,22 @@ async def _offer(url: str, path: str, headers: dict[str, str], body: bytes, rate
     async def one(scheduled: float) -> None:
         conn = await take()
         try:
-            status = await conn.exchange(request)
+            try:
+                status = await conn.exchange(request)
+            except (OSError, asyncio.IncompleteReadError):
+                if not conn.used:
+                    raise
+                # The server closed a connection that sat idle past its
+                # keep-alive: the request never reached it, send it afresh.
+                conn.writer.close()
+                conn = _Connection(*await asyncio.open_connection(host, port))
+                status = await conn.exchange(request)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             out.errors += 1
             conn.writer.close()
             await give(None)
             return
+        conn.used = True
         out.latencies_ms.append((time.perf_counter() - scheduled) * 1000)
         if status != expect:
             out.bad_status += 1
@@ -121,10 +132,6 @@ async def _offer(url: str, path: str, headers: dict[str, str], body: bytes, rate
 def offer(url: str, path: str, headers: dict[str, str], body: bytes, rate: float,
           seconds: float, connections: int = 256, expect: int = 202) -> Offered:
     """Offer `rate` requests per second for `seconds`; what was seen."""
-    try:
-        import uvloop
+    import uvloop  # the service's loop too: the generator must cost little
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner = asyncio.run
-    return runner(_offer(url, path, headers, body, rate, seconds, connections, expect))
+    return uvloop.run(_offer(url, path, headers, body, rate, seconds, connections, expect))
