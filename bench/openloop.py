@@ -44,6 +44,9 @@ class _Connection:
         self.used = False
 
     async def exchange(self, request: bytes) -> int:
+        return (await self.exchange_body(request))[0]
+
+    async def exchange_body(self, request: bytes) -> tuple[int, bytes]:
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
@@ -52,9 +55,7 @@ class _Connection:
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
                 length = int(value)
-        if length:
-            await self.reader.readexactly(length)
-        return status
+        return status, (await self.reader.readexactly(length) if length else b"")
 
 
 async def _offer(url: str, path: str, headers: dict[str, str], body: bytes, rate: float,
@@ -135,3 +136,33 @@ def offer(url: str, path: str, headers: dict[str, str], body: bytes, rate: float
     import uvloop  # the service's loop too: the generator must cost little
 
     return uvloop.run(_offer(url, path, headers, body, rate, seconds, connections, expect))
+
+
+async def _post_all(url: str, path: str, headers: dict[str, str], body: bytes, count: int,
+                    connections: int) -> list[tuple[int, bytes]]:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = head.encode() + b"\r\n" + body
+    answers: list[tuple[int, bytes]] = []
+    left = count
+
+    async def client() -> None:
+        nonlocal left
+        conn = _Connection(*await asyncio.open_connection(host, port))
+        while left > 0:
+            left -= 1
+            answers.append(await conn.exchange_body(request))
+        conn.writer.close()
+
+    await asyncio.gather(*(client() for _ in range(min(connections, count))))
+    return answers
+
+
+def post_all(url: str, path: str, headers: dict[str, str], body: bytes, count: int,
+             connections: int) -> list[tuple[int, bytes]]:
+    """Closed loop: `count` POSTs over `connections` keep-alive connections; (status, body)s."""
+    import uvloop
+
+    return uvloop.run(_post_all(url, path, headers, body, count, connections))
