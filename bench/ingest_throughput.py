@@ -24,7 +24,7 @@ Variants:
             commit (message row, produce, broker's ack, commit) before the 202
 
 Usage: .venv/bin/python bench/ingest_throughput.py [--seconds 10] [--concurrency 64]
-       [--rate 500] [--workers 2] [--baseline]
+       [--rate 500] [--workers 2] [--key-cache 0] [--baseline]
 Needs `make infra` (Kafka and PostgreSQL running) and wrk (Debian's `wrk`).
 """
 
@@ -123,11 +123,11 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def serve(variant: str, prefix: str, accounts: Path, port: int,
-          workers: int = 1) -> subprocess.Popen[bytes]:
+          workers: int = 1, key_cache: float = 0.0) -> subprocess.Popen[bytes]:
     env = {**os.environ, "MAILBUS_PORT": str(port), "MAILBUS_KAFKA__TOPIC_PREFIX": prefix,
            "MAILBUS_ACCOUNTS_FILE": str(accounts), "MAILBUS_LOG_LEVEL": "WARNING",
            "MAILBUS_POSTGRES__POOL_MAX": "20", "PYTHONPATH": str(REPO),
-           "MAILBUS_INGEST_WORKERS": str(workers),
+           "MAILBUS_INGEST_WORKERS": str(workers), "MAILBUS_KEY_CACHE_SECONDS": str(key_cache),
            # One key carries the whole load: its request rate must not be what is measured.
            "MAILBUS_RATE_LIMIT": "99999/second"}
     return subprocess.Popen([sys.executable, str(REPO / "bench" / "serve.py"), variant], env=env)
@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="messages per batch request")
     parser.add_argument("--rate", type=float, default=500.0, help="open-loop requests/s")
     parser.add_argument("--workers", type=int, default=2, help="the multi-worker row")
+    parser.add_argument("--key-cache", type=float, default=0.0,
+                        help="MAILBUS_KEY_CACHE_SECONDS of the service's rows (default: off)")
     parser.add_argument("--baseline", action="store_true",
                         help="add the per-request producer (seconds a request; at 64"
                              " connections it may finish none in a row's time)")
@@ -167,7 +169,7 @@ def main() -> None:
         for label, variant, workers, loads in plan:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            proc = serve(variant, prefix, accounts, port, workers)
+            proc = serve(variant, prefix, accounts, port, workers, args.key_cache)
             try:
                 wait_ready(url, proc)
                 load(url, key.token, 2, args.concurrency, 0, workdir)  # warm-up, not counted
@@ -190,7 +192,8 @@ def main() -> None:
     load_avg = os.getloadavg()
     print(f"\ningest API, {os.cpu_count()} cores, load average {load_avg[0]:.1f} at the end;"
           f" closed loop: wrk, {args.concurrency} connections, {args.seconds} s per row;"
-          f" paced: {args.rate:.0f} requests/s offered, open loop, {args.seconds} s")
+          f" paced: {args.rate:.0f} requests/s offered, open loop, {args.seconds} s;"
+          f" key cache {args.key_cache:g} s")
     print(f"{'variant':<11} {'load':<7} {'req/s':>8} {'msg/s':>8} {'p50 ms':>8} {'p95 ms':>8}"
           f" {'p99 ms':>8} {'errors':>6} {'CPU ms/req':>10} {'peak RSS MiB':>12}")
     for label, mode, r, cpu_ms, rss in rows:

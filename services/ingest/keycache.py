@@ -3,7 +3,8 @@
 A key's row (scopes, accounts, hash, whether revoked) is kept for
 `MAILBUS_KEY_CACHE_SECONDS` after it was read, so a revocation, or any
 other change of the key, is honoured by each ingest process within that
-time (1 s by default; 0 reads the key for every request). The secret is
+time. Off by default (0: every request reads its key, and a change takes
+effect at once); 1 s spares most requests of a busy key the lookup. The secret is
 checked against the kept hash on every request, and an id that names no key
 is never kept: a key just created works at once, and a stranger's made-up
 ids cannot push real keys out. Bounded: past `max_entries`, the oldest go.
