@@ -69,11 +69,11 @@ def test_kafka_failing_a_group_answers_503_to_every_member_and_records_nothing(
 def test_concurrent_duplicates_in_groups_produce_one_event_each(
         ingest_settings: IngestSettings, make_key, admin, admin_kafka, registry) -> None:
     key_id, token = make_key()
-    keyed = [{"json": {**MESSAGE, "subject": f"keyed {i}"},
+    keyed: list[dict[str, Any]] = [{"json": {**MESSAGE, "subject": f"keyed {i}"},
               "headers": {**auth(token), "Idempotency-Key": f"dup-{i}"}}
              for i in range(10) for _ in range(3)]
-    plain = [{"json": {**MESSAGE, "subject": f"plain {i}"}, "headers": auth(token)}
-             for i in range(10)]
+    plain: list[dict[str, Any]] = [
+        {"json": {**MESSAGE, "subject": f"plain {i}"}, "headers": auth(token)} for i in range(10)]
     mixed = [r for pair in zip(keyed, plain * 3, strict=True) for r in pair]
     before = groups()
     with LiveServer(ingest_settings.model_copy(update={"group_commits_in_flight": 1})) as server:
