@@ -1,17 +1,30 @@
-"""Ingest API throughput and latency, against a baseline in the same run.
+"""Ingest API throughput and latency, against baselines in the same run.
 
-Each variant serves the real API (uvicorn, real socket) in a process of its
-own against the real broker and PostgreSQL, under the same closed-loop load
-from wrk: C connections posting single messages for D seconds, then the batch
-endpoint. Printed per variant: requests/s, messages/s, latency p50/p95/p99,
-and the server's peak RSS.
+Each variant serves over a real socket (uvicorn, the service's own server
+settings) in a process of its own against the real broker and PostgreSQL.
+Two loads per variant:
+
+  closed loop  wrk, C connections posting single messages for D seconds
+               (then, for the service, the batch endpoint): requests/s
+  open loop    `openloop.py`: single messages offered at a fixed rate (500/s
+               by default), each latency measured from its scheduled time
+
+Printed per row: requests/s, messages/s, latency p50/p95/p99, the server's
+CPU time per request (every process of the variant: where the rest of a
+request's time goes is other processes, the broker, PostgreSQL, the load
+generator) and its peak RSS (VmHWM, summed over its processes).
 
 Variants:
-  mailbus   the service as shipped: one shared idempotent producer, linger 5 ms
+  bare      a bare FastAPI endpoint parsing and validating the same body with
+            the same model, answering 202: no key, no database, no Kafka
   baseline  the naive design: a producer created per request and flushed per
             message (what the ingest API must not do)
+  mailbus   the service as shipped (one worker), and with `--workers` worker
+            processes: key checked, rate counted, body validated, routed, group
+            commit (message row, produce, broker's ack, commit) before the 202
 
-Usage: .venv/bin/python bench/ingest_throughput.py [--seconds 10] [--concurrency 32]
+Usage: .venv/bin/python bench/ingest_throughput.py [--seconds 10] [--concurrency 64]
+       [--rate 500] [--workers 2] [--key-cache 0] [--baseline]
 Needs `make infra` (Kafka and PostgreSQL running) and wrk (Debian's `wrk`).
 """
 
@@ -32,7 +45,8 @@ import psycopg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from servers import rss_kib, wait_ready  # noqa: E402
+from openloop import offer  # noqa: E402
+from servers import children, rss_kib, wait_ready  # noqa: E402
 
 from mailbus import apikeys  # noqa: E402
 from mailbus.provision import provision  # noqa: E402
@@ -61,24 +75,76 @@ def load(url: str, token: str, seconds: float, concurrency: int, batch: int,
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
     requests, duration_us, p50, p95, p99, bad_status, socket_errors = map(int, line.split()[1:])
     elapsed = duration_us / 1e6
-    return {"rps": requests / elapsed, "mps": requests * (batch or 1) / elapsed,
+    return {"requests": requests, "rps": requests / elapsed,
+            "mps": requests * (batch or 1) / elapsed,
             "p50": p50 / 1000, "p95": p95 / 1000, "p99": p99 / 1000,
             "errors": bad_status + socket_errors}
 
 
-def serve(variant: str, prefix: str, accounts: Path, port: int) -> subprocess.Popen[bytes]:
+def paced(url: str, token: str, rate: float, seconds: float) -> dict[str, float]:
+    """Open-loop single POSTs at `rate`/s (openloop.py)."""
+    seen = offer(url, "/v1/messages", {"Authorization": f"Bearer {token}",
+                                       "Content-Type": "application/json"},
+                 json.dumps(MESSAGE).encode(), rate, seconds)
+    answered = len(seen.latencies_ms)
+    return {"requests": answered, "rps": answered / seconds, "mps": answered / seconds,
+            "p50": seen.percentile(50), "p95": seen.percentile(95),
+            "p99": seen.percentile(99), "errors": seen.bad_status + seen.errors,
+            "late": seen.late_ms}
+
+
+def tree(pid: int) -> list[int]:
+    """The process and its descendants (uvicorn's workers, their helpers)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        try:
+            todo += children(p)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process tree so far."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def peak_rss_mib(pid: int) -> float:
+    return sum(rss_kib(p) for p in tree(pid)) / 1024
+
+
+def serve(variant: str, prefix: str, accounts: Path, port: int,
+          workers: int = 1, key_cache: float = 0.0) -> subprocess.Popen[bytes]:
     env = {**os.environ, "MAILBUS_PORT": str(port), "MAILBUS_KAFKA__TOPIC_PREFIX": prefix,
            "MAILBUS_ACCOUNTS_FILE": str(accounts), "MAILBUS_LOG_LEVEL": "WARNING",
            "MAILBUS_POSTGRES__POOL_MAX": "20", "PYTHONPATH": str(REPO),
+           "MAILBUS_INGEST_WORKERS": str(workers), "MAILBUS_KEY_CACHE_SECONDS": str(key_cache),
            # One key carries the whole load: its request rate must not be what is measured.
            "MAILBUS_RATE_LIMIT": "99999/second"}
     return subprocess.Popen([sys.executable, str(REPO / "bench" / "serve.py"), variant], env=env)
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--batch", type=int, default=100, help="messages per batch request")
+    parser.add_argument("--rate", type=float, default=500.0, help="open-loop requests/s")
+    parser.add_argument("--workers", type=int, default=2, help="the multi-worker row")
+    parser.add_argument("--key-cache", type=float, default=0.0,
+                        help="MAILBUS_KEY_CACHE_SECONDS of the service's rows (default: off)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="add the per-request producer (seconds a request; at 64"
+                             " connections it may finish none in a row's time)")
     args = parser.parse_args()
 
     admin = ServiceSettings(service_name="admin")
@@ -91,19 +157,31 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="mailbus-bench-"))
     accounts = workdir / "accounts.toml"
     accounts.write_text(smtp_account("dev", 2525))  # never sent to: ingest only
+    # (label, serve.py variant, workers, loads)
+    plan: list[tuple[str, str, int, list[str]]] = [("bare", "bare", 1, ["single", "paced"])]
+    if args.baseline:
+        plan.append(("baseline", "baseline", 1, ["single"]))
+    plan.append(("mailbus", "mailbus", 1, ["single", "paced", "batch"]))
+    if args.workers > 1:
+        plan.append((f"mailbus x{args.workers}", "mailbus", args.workers, ["single", "paced"]))
     rows = []
     try:
-        for variant in ("baseline", "mailbus"):
+        for label, variant, workers, loads in plan:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            proc = serve(variant, prefix, accounts, port)
+            proc = serve(variant, prefix, accounts, port, workers, args.key_cache)
             try:
                 wait_ready(url, proc)
-                modes = [("single", 0)] + ([("batch", args.batch)] if variant == "mailbus" else [])
-                for mode, batch in modes:
-                    r = load(url, key.token, args.seconds, args.concurrency, batch, workdir)
-                    rows.append((variant, mode, r["rps"], r["mps"], r["p50"], r["p95"],
-                                 r["p99"], r["errors"], rss_kib(proc.pid) / 1024))
+                load(url, key.token, 2, args.concurrency, 0, workdir)  # warm-up, not counted
+                for mode in loads:
+                    before = cpu_seconds(proc.pid)
+                    if mode == "paced":
+                        r = paced(url, key.token, args.rate, args.seconds)
+                    else:
+                        r = load(url, key.token, args.seconds, args.concurrency,
+                                 args.batch if mode == "batch" else 0, workdir)
+                    cpu_ms = (cpu_seconds(proc.pid) - before) * 1000 / max(1, r["requests"])
+                    rows.append((label, mode, r, cpu_ms, peak_rss_mib(proc.pid)))
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -111,17 +189,24 @@ def main() -> None:
         drop_namespace(admin.kafka.client_config(), prefix)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\ningest API under wrk, {args.concurrency} connections, {args.seconds:.0f} s per row,"
-          f" {os.cpu_count()} cores")
-    print(f"{'variant':<9} {'mode':<7} {'req/s':>8} {'msg/s':>8} {'p50 ms':>8} {'p95 ms':>8}"
-          f" {'p99 ms':>8} {'errors':>6} {'peak RSS MiB':>12}")
-    for v, mode, rps, mps, p50, p95, p99, err, rss in rows:
-        print(f"{v:<9} {mode:<7} {rps:>8.1f} {mps:>8.1f} {p50:>8.1f} {p95:>8.1f} {p99:>8.1f}"
-              f" {err:>6} {rss:>12.1f}")
-    base = next(r for r in rows if r[0] == "baseline")
-    ours = next(r for r in rows if r[0] == "mailbus" and r[1] == "single")
-    print(f"\nmailbus/baseline: {ours[2] / base[2]:.1f}x requests/s, "
-          f"p99 {ours[6]:.1f} ms vs {base[6]:.1f} ms")
+    load_avg = os.getloadavg()
+    print(f"\ningest API, {os.cpu_count()} cores, load average {load_avg[0]:.1f} at the end;"
+          f" closed loop: wrk, {args.concurrency} connections, {args.seconds} s per row;"
+          f" paced: {args.rate:.0f} requests/s offered, open loop, {args.seconds} s;"
+          f" key cache {args.key_cache:g} s")
+    print(f"{'variant':<11} {'load':<7} {'req/s':>8} {'msg/s':>8} {'p50 ms':>8} {'p95 ms':>8}"
+          f" {'p99 ms':>8} {'errors':>6} {'CPU ms/req':>10} {'peak RSS MiB':>12}")
+    for label, mode, r, cpu_ms, rss in rows:
+        print(f"{label:<11} {mode:<7} {r['rps']:>8.1f} {r['mps']:>8.1f} {r['p50']:>8.1f}"
+              f" {r['p95']:>8.1f} {r['p99']:>8.1f} {r['errors']:>6} {cpu_ms:>10.2f}"
+              f" {rss:>12.1f}")
+    late = [r["late"] for _, mode, r, _, _ in rows if mode == "paced"]
+    print(f"(the open-loop generator fell behind its schedule by at most {max(late):.1f} ms)")
+    best = max((r["rps"], label) for label, mode, r, _, _ in rows
+               if mode == "single" and label.startswith("mailbus"))
+    bare = next(r for label, mode, r, _, _ in rows if label == "bare" and mode == "single")
+    print(f"\nsingle POSTs, durable: {best[0]:.1f} requests/s ({best[1]}),"
+          f" {best[0] / bare['rps']:.2f} of the bare endpoint's {bare['rps']:.1f}")
 
 
 if __name__ == "__main__":

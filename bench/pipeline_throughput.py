@@ -7,14 +7,18 @@ Postfix's smtp-sink. Phases:
 
   baseline    one smtplib connection sending the same prebuilt message bytes
               to the same sink in a loop: the ceiling of the wire alone
-  throughput  N messages posted to /v1/messages/batch by a few client threads;
-              msg/s from the first request to the last email.confirmed seen
+  throughput  N messages posted to /v1/messages/batch by a few client threads
+              (`--mode batch`, the default), or one message per POST to
+              /v1/messages over `--post-connections` keep-alive connections
+              (`--mode single`, openloop.post_all); msg/s from the first
+              request to the last email.confirmed seen
   latency     100 messages/s offered (single POSTs on a schedule) for a while;
               p50/p99 from the request to its email.confirmed being read
 
 Printed as well: each service process's peak RSS (VmHWM, its children apart).
 
 Usage: .venv/bin/python bench/pipeline_throughput.py [--messages 20000] [--clients 4]
+       [--mode batch|single] [--post-connections 32]
 Needs `make infra` (Kafka and PostgreSQL running) and /usr/sbin/smtp-sink
 (Debian's `postfix`).
 """
@@ -22,6 +26,7 @@ Needs `make infra` (Kafka and PostgreSQL running) and /usr/sbin/smtp-sink
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import smtplib
@@ -45,6 +50,7 @@ from confluent_kafka import Consumer, TopicPartition
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from openloop import post_all  # noqa: E402
 from servers import children, rss_kib, wait_ready  # noqa: E402
 
 from mailbus import apikeys  # noqa: E402
@@ -201,6 +207,18 @@ def post_batches(client: httpx.Client, count: int, batch: int, clients: int) -> 
     return ids, first
 
 
+def post_singles(url: str, token: str, count: int, connections: int) -> tuple[list[str], float]:
+    """Post `count` messages one per request over `connections` connections; (ids, first)."""
+    first = time.time()
+    answers = post_all(url, "/v1/messages", {"Authorization": f"Bearer {token}",
+                                             "Content-Type": "application/json"},
+                       json.dumps(MESSAGE).encode(), count, connections)
+    refused = [(status, body) for status, body in answers if status != 202]
+    if refused:
+        raise SystemExit(f"{len(refused)} refused, first: {refused[0][0]} {refused[0][1][:500]!r}")
+    return [json.loads(body)["id"] for _, body in answers], first
+
+
 def offer(client: httpx.Client, rate: float, seconds: float) -> dict[str, float]:
     """Single POSTs at `rate` per second on a fixed schedule; id -> request time."""
     count = int(rate * seconds)
@@ -227,6 +245,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100, help="messages per batch request")
     parser.add_argument("--connections", type=int, default=8, help="the account's SMTP pool")
     parser.add_argument("--latency-seconds", type=float, default=30.0)
+    parser.add_argument("--mode", choices=("batch", "single"), default="batch",
+                        help="how the throughput phase posts: batches, or one message a request")
+    parser.add_argument("--post-connections", type=int, default=32,
+                        help="connections posting single messages (--mode single)")
     args = parser.parse_args()
 
     admin = ServiceSettings(service_name="admin")
@@ -261,7 +283,10 @@ def main() -> None:
             ids, _ = post_batches(client, 50, 50, 1)
             confirmed.wait(ids, 180, stack.check)
 
-            ids, first = post_batches(client, args.messages, args.batch, args.clients)
+            if args.mode == "single":
+                ids, first = post_singles(url, key.token, args.messages, args.post_connections)
+            else:
+                ids, first = post_batches(client, args.messages, args.batch, args.clients)
             posted = time.time()
             last = confirmed.wait(ids, max(300.0, args.messages / 20), stack.check)
             throughput = args.messages / (last - first)
@@ -285,9 +310,11 @@ def main() -> None:
     print(f"\npipeline, API to email.confirmed, one SMTP account of {args.connections}"
           f" connections to smtp-sink, {os.cpu_count()} cores")
     print(f"baseline (one smtplib connection, prebuilt bytes): {base:.1f} msg/s")
-    print(f"throughput: {args.messages} messages, {args.clients} clients x batches of"
-          f" {args.batch}: {throughput:.1f} msg/s (posting took {posted - first:.1f} s,"
-          f" last confirmed {last - first:.1f} s after the first request)")
+    how = (f"one per POST over {args.post_connections} connections" if args.mode == "single"
+           else f"{args.clients} clients x batches of {args.batch}")
+    print(f"throughput: {args.messages} messages, {how}: {throughput:.1f} msg/s (posting took"
+          f" {posted - first:.1f} s, last confirmed {last - first:.1f} s after the first"
+          " request)")
     print(f"latency at 100 msg/s offered for {args.latency_seconds:.0f} s ({len(latencies)}"
           f" messages): p50 {statistics.median(latencies):.0f} ms, p99 {p99:.0f} ms")
     print("peak RSS MiB: " + ", ".join(

@@ -1,16 +1,21 @@
-"""Serve the ingest API for a benchmark: `serve.py mailbus` or `serve.py baseline`."""
+"""Serve the ingest API for a benchmark: `serve.py mailbus|baseline|bare`."""
 
 from __future__ import annotations
 
 import sys
+import uuid
 from typing import Any
 
 import uvicorn
 from confluent_kafka import Message, Producer
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from mailbus.errors import UnavailableError
 from mailbus.ingest.app import server_config
+from mailbus.ingest.models import MessageRequest
 from mailbus.ingest.settings import IngestSettings
+from mailbus.ingest.workers import run
 from mailbus.producer import PRODUCER_DEFAULTS
 
 
@@ -43,11 +48,38 @@ class PerRequestProducer:
         return 0
 
 
+def bare_app() -> FastAPI:
+    """The floor: parse and validate the same body with the same model, answer 202.
+
+    No key, no rate, no database, no Kafka: what the framework and the
+    request model cost on their own.
+    """
+    app = FastAPI()
+
+    @app.post("/v1/messages", status_code=202)
+    async def send_message(req: MessageRequest) -> JSONResponse:
+        return JSONResponse({"id": str(uuid.uuid4()), "status": "queued"}, status_code=202)
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
 def main() -> None:
     variant = sys.argv[1]
-    factory = PerRequestProducer if variant == "baseline" else None
     settings = IngestSettings()
-    uvicorn.Server(server_config(settings, factory)).run()  # type: ignore[arg-type]
+    if variant == "bare":
+        config = server_config(settings)
+        # The same server settings as the service, around the bare app.
+        config.app = bare_app()
+        uvicorn.Server(config).run()
+        return
+    if variant == "baseline":
+        uvicorn.Server(server_config(settings, PerRequestProducer)).run()  # type: ignore[arg-type]
+        return
+    run(settings)  # as `mailbus ingest` does: MAILBUS_INGEST_WORKERS processes
 
 
 if __name__ == "__main__":

@@ -34,14 +34,12 @@ def _admin() -> ServiceSettings:
 @app.command()
 def ingest() -> None:
     """Run the ingest API."""
-    import uvicorn
-
-    from mailbus.ingest.app import server_config
     from mailbus.ingest.settings import IngestSettings
+    from mailbus.ingest.workers import run
 
     settings = IngestSettings()
     _logging(settings)
-    uvicorn.Server(server_config(settings)).run()
+    run(settings)
 
 
 @app.command()

@@ -23,3 +23,8 @@ PRODUCE_SECONDS = Histogram(
     "Time from producing a request's events to the broker's acks",
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+GROUP_SIZE = Histogram(
+    "mailbus_ingest_group_commit_size",
+    "Single-message requests accepted or refused together in one transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)

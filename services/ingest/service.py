@@ -6,6 +6,10 @@ one transaction lock that row, insert the message rows, produce every event
 and wait for the broker's acks, record the response, commit. Any failure
 before that commit rolls it back, so a 503 leaves no message behind; only
 an unanswered claim stays, for the retry to reuse.
+
+A batch request is one such transaction. Single-message requests that
+arrive together share one (groupcommit.py), and so do their key lookups
+(coalesce.py), which a short cache spares most requests (keycache.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,13 +34,20 @@ from mailbus.accounts import Directory
 from mailbus.codec import Registry
 from mailbus.errors import UnavailableError
 from mailbus.ingest import metrics
+from mailbus.ingest.coalesce import Coalescer, Outcome
+from mailbus.ingest.groupcommit import Answer, Member, commit_group
 from mailbus.ingest.handlers import ApiKey, message_row, requested_event
+from mailbus.ingest.keycache import KeyCache
 from mailbus.ingest.models import MessageRequest
 from mailbus.ingest.problems import Problem, unauthorized, unavailable
 from mailbus.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
 SQL = queries.load(Path(__file__).with_name("queries.sql"))
+# Concurrent runs of each kind, from the connection pool; what arrives while
+# they are busy waits for the next, together.
+LOOKUPS_IN_FLIGHT = 2
+LOOKUP_GROUP_MAX = 500
 
 
 @dataclass(frozen=True)
@@ -52,10 +64,19 @@ class Ingestor:
     """The I/O of the ingest API: keys, idempotency, messages, Kafka."""
 
     def __init__(self, pool: AsyncConnectionPool, producer: AsyncProducer, registry: Registry,
-                 directory: Directory, topic: str, retention_seconds: int = 86_400):
+                 directory: Directory, topic: str, retention_seconds: int = 86_400,
+                 groups_in_flight: int = 2, group_max: int = 256,
+                 key_cache_seconds: float = 0.0):
         self.pool, self.producer, self.registry = pool, producer, registry
         self.directory, self.topic = directory, topic
         self.retention_seconds = retention_seconds
+        self.sql = SQL
+        self.keys = KeyCache(key_cache_seconds)
+        self._lookups: Coalescer[str, DictRow | None] = Coalescer(
+            self._lookup_keys, max_in_flight=LOOKUPS_IN_FLIGHT, max_size=LOOKUP_GROUP_MAX)
+        self._groups: Coalescer[Member, Answer] = Coalescer(
+            partial(commit_group, self), max_in_flight=groups_in_flight, max_size=group_max,
+            key=lambda m: m.record)
 
     async def authenticate(self, token: str | None) -> ApiKey:
         """The key a Bearer token names, or 401 (missing, malformed, wrong, revoked)."""
@@ -63,8 +84,14 @@ class Ingestor:
         if parsed is None:
             raise unauthorized()
         key_id, secret = parsed
-        async with self._connection() as conn:
-            row = await (await conn.execute(SQL["key_by_id"], {"key_id": key_id})).fetchone()
+        row = self.keys.get(key_id)
+        if row is None:
+            # Its age counts from before the lookup: a revocation committed
+            # while it was under way is seen within the TTL all the same.
+            asked_at = self.keys.clock()
+            row = await self._lookups.submit(key_id)
+            if row is not None:
+                self.keys.put(key_id, row, asked_at)
         if row is None or row["revoked_at"] is not None or not apikeys.matches(
             secret, row["secret_sha256"]
         ):
@@ -73,10 +100,28 @@ class Ingestor:
         return ApiKey(row["id"], frozenset(row["scopes"]), accounts, row["default_pool"],
                       row["rate_limit"])
 
+    async def _lookup_keys(self, key_ids: Sequence[str]) -> list[Outcome[DictRow | None]]:
+        try:
+            async with self.connection() as conn:
+                cur = await conn.execute(SQL["keys_by_id"], {"ids": list(set(key_ids))})
+                by_id = {row["id"]: row for row in await cur.fetchall()}
+        except (Problem, psycopg.OperationalError):
+            return [unavailable("database unavailable") for _ in key_ids]
+        return [by_id.get(k) for k in key_ids]
+
+    async def accept_one(self, member: Member) -> Answer:
+        """Accept one single-message request in the next group commit; its (status, body)."""
+        return await self._groups.submit(member)
+
+    async def drain(self) -> None:
+        """Let every group and lookup under way finish (shutdown)."""
+        await self._groups.drain()
+        await self._lookups.drain()
+
     async def claim(self, key: ApiKey, idempotency_key: str, digest: bytes) -> str:
         """Claim an Idempotency-Key (committed at once); the generation of this use of it."""
         ids = {"key_id": key.id, "idempotency_key": idempotency_key}
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             try:
                 async with conn.transaction():
                     await conn.execute(SQL["forget_expired_idempotency"],
@@ -102,7 +147,7 @@ class Ingestor:
         planned ids derive from it.
         """
         ids = {"key_id": key.id, "idempotency_key": idempotency_key}
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             try:
                 async with conn.transaction():
                     if idempotency_key is not None:
@@ -149,7 +194,7 @@ class Ingestor:
 
     async def prune(self, batch: int) -> int:
         """Delete up to `batch` expired Idempotency-Key records; how many went."""
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(SQL["prune_idempotency"],
                                      {"retention": self.retention_seconds, "batch": batch})
             return cur.rowcount
@@ -171,13 +216,14 @@ class Ingestor:
             raise failed[0] if isinstance(failed[0], UnavailableError) else UnavailableError(
                 f"kafka: {failed[0]}")
 
-    def _connection(self) -> Any:
+    def connection(self) -> Any:
+        """A pooled connection with dict rows; no connection to be had is a 503."""
         return _Connection(self.pool)
 
     async def database_ok(self) -> bool:
         """True when PostgreSQL answers."""
         try:
-            async with self._connection() as conn:
+            async with self.connection() as conn:
                 await conn.execute("SELECT 1")
         except (Problem, psycopg.Error):
             return False

@@ -28,6 +28,19 @@ class IngestSettings(ServiceSettings):
     # statement (short statements: a backlog never holds many row locks).
     idempotency_prune_seconds: float = Field(default=300.0, gt=0, le=86_400)
     idempotency_prune_batch: int = Field(default=1000, ge=1, le=100_000)
+    # How long each process keeps an API key it read: a revocation, or a
+    # changed scope or rate, takes effect within this time. 0 (the default):
+    # every request reads its key, and changes take effect at once.
+    key_cache_seconds: float = Field(default=0.0, ge=0, le=60)
+    # Worker processes accepting on the one port (workers.py). Each keeps its
+    # own request-rate windows: a key may make up to this many times its rate.
+    ingest_workers: int = Field(default=1, ge=1, le=64)
+    # Group commit of single-message requests: how many transactions may be
+    # under way at once (each holds a pooled connection), and the most
+    # requests one may carry. Requests arriving while all are busy wait and
+    # go together in the next.
+    group_commits_in_flight: int = Field(default=2, ge=1, le=64)
+    group_commit_max: int = Field(default=256, ge=1, le=1000)
     # Webhook endpoints with a plain http:// URL (local use; production refuses it).
     webhooks_allow_http: bool = False
     # Endpoints one key may register.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from typing import Any
 
+import httpx
 import pytest
 
 from mailbus.codec import Registry
@@ -87,6 +89,29 @@ def test_revoked_key_is_401(api, make_key, admin):
     with psycopg.connect(admin.postgres.conninfo()) as conn:
         conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key_id,))
     assert api.post("/v1/messages", json=MESSAGE, headers=auth(token)).status_code == 401
+
+
+def test_with_the_key_cache_a_revoked_key_is_401_within_its_time(ingest_settings, make_key,
+                                                                 admin):
+    import psycopg
+
+    key_id, token = make_key()
+    ttl = 1.0
+    settings = ingest_settings.model_copy(update={"key_cache_seconds": ttl})
+    with LiveServer(settings) as server, httpx.Client(base_url=server.url, timeout=30) as api:
+        assert api.post("/v1/messages", json=MESSAGE, headers=auth(token)).status_code == 202
+        with psycopg.connect(admin.postgres.conninfo()) as conn:
+            conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key_id,))
+        revoked = time.monotonic()
+        statuses = []
+        while time.monotonic() - revoked < ttl + 1.0:
+            statuses.append(api.post("/v1/messages", json=MESSAGE,
+                                     headers=auth(token)).status_code)
+            if statuses[-1] == 401:
+                break
+        # Refused within the cache time (and a second of slack for a loaded machine).
+        assert statuses[-1] == 401 and set(statuses[:-1]) <= {202}, statuses
+        assert api.post("/v1/messages", json=MESSAGE, headers=auth(token)).status_code == 401
 
 
 def test_scopes_are_enforced(api, make_key):
