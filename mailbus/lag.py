@@ -68,6 +68,7 @@ class LagReporter:
                     TopicPartition(tp.topic, tp.partition), timeout=self.timeout, cached=False)
                 start = tp.offset if tp.offset >= 0 else low
                 lag[(tp.topic, tp.partition)] = max(0, high - start)
+            consumer.poll(0)  # hands over librdkafka's log lines (client_config's logger)
             return lag
 
     def refresh(self) -> bool:

@@ -10,6 +10,7 @@ refuses to start.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -19,6 +20,8 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mailbus.errors import ConfigError
+
+KAFKA_LOG = logging.getLogger("mailbus.kafka")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VAR = REPO_ROOT / "var"
@@ -72,6 +75,10 @@ class KafkaSettings(BaseModel):
             "sasl.mechanisms": self.sasl_mechanism,
             "sasl.username": self.username,
             "sasl.password": read_secret(self.password, self.password_file, "kafka.password"),
+            # librdkafka's own lines (a broker gone, a refused login) through Python's
+            # logging, so they come out as every other line does (JSON on request),
+            # not as raw text on stderr. A client hands them over when it is polled.
+            "logger": KAFKA_LOG,
         }
         # Without a CA file librdkafka probes the system's CA paths. The
         # broker's host name is checked either way
