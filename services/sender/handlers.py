@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -147,6 +148,20 @@ def failover(directory: Directory, pool: str | None, current: str, reroutes: int
     if not members:
         return None
     return max(members, key=lambda a: (left.get(a, -1), a))
+
+
+def retry_exhausted_at(reroutes: int, until: datetime,
+                       members_ready: Iterable[datetime | None]) -> datetime:
+    """When a pool message that no member could take from an exhausted account goes again.
+
+    Moved MAX_REROUTES times already, it stays on this account: at this
+    account's reset (trying sooner would only claim and requeue it again).
+    Otherwise as soon as another member may send (one only paused by a rate
+    limit can soon), and at the latest at this account's reset.
+    """
+    if reroutes >= MAX_REROUTES:
+        return until
+    return min((t for t in members_ready if t is not None), default=until)
 
 
 def _head(message_id: str, now: datetime) -> dict[str, Any]:

@@ -140,14 +140,11 @@ class AccountWorker:
                                        row.reroutes, self.ctx.capacity())
             request = self.ctx.decode(row)
             if target is None:
-                # No member can take it right now; one only paused (a rate limit) can
-                # soon: try again then, not at this account's own quota reset.
-                soonest = min((t for t in (self.ctx.ready_at(a) for a in
-                                           self.ctx.directory.pools.get(row.pool or "", ())
-                                           if a != self.account.id) if t is not None),
-                              default=until)
-                await self.ctx.requeue(row, Retry(min(until, soonest),
-                                                  "account quota exhausted", refund=1))
+                others = [self.ctx.ready_at(a)
+                          for a in self.ctx.directory.pools.get(row.pool or "", ())
+                          if a != self.account.id]
+                due = min(until, handlers.retry_exhausted_at(row.reroutes, until, others))
+                await self.ctx.requeue(row, Retry(due, "account quota exhausted", refund=1))
             else:
                 await self.ctx.reroute(row, request, Reroute(target, "account quota exhausted"))
 

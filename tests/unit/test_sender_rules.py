@@ -168,3 +168,14 @@ def test_reason_labels_are_bounded():
     assert reason_class("550 5.1.1 no such user") == "smtp_5xx"
     assert reason_class("gave up after 8 attempts: 451") == "gave_up"
     assert reason_class("anything else at all") == "other"
+
+
+def test_a_message_no_pool_member_can_take_waits_for_the_first_that_may_send():
+    until = at(3600)
+    # Another member only paused by its rate: as soon as it may send.
+    assert handlers.retry_exhausted_at(0, until, [at(2), None, at(7200)]) == at(2)
+    # Nobody known: at this account's reset.
+    assert handlers.retry_exhausted_at(0, until, [None]) == until
+    # Moved as often as allowed already: it stays here, so at this account's reset,
+    # however soon another member could send.
+    assert handlers.retry_exhausted_at(handlers.MAX_REROUTES, until, [at(2)]) == until
