@@ -33,20 +33,23 @@ def _read(config: dict[str, Any], topic: str, count: int) -> list[tuple[bytes, b
     return got
 
 
-def test_produce_many_acknowledges_each_record(admin_kafka: dict[str, Any],
-                                               namespace: str) -> None:
-    topic = namespace + topics.SENT
-    records = [(topic, f"value-{i}".encode(), f"key-{i}".encode(), [("n", str(i))])
-               for i in range(300)]
-
+def _produce_many(config: dict[str, Any], records: list[Any]) -> list[UnavailableError | None]:
     async def run() -> list[UnavailableError | None]:
-        producer = AsyncProducer(admin_kafka)
+        producer = AsyncProducer(config)
         try:
             return await producer.produce_many(records)
         finally:
             producer.close()
 
-    assert asyncio.run(run()) == [None] * 300
+    return asyncio.run(run())
+
+
+def test_produce_many_acknowledges_each_record(admin_kafka: dict[str, Any],
+                                               namespace: str) -> None:
+    topic = namespace + topics.SENT
+    records = [(topic, f"value-{i}".encode(), f"key-{i}".encode(), [("n", str(i))])
+               for i in range(300)]
+    assert _produce_many(admin_kafka, records) == [None] * 300
     got = _read(admin_kafka, topic, 300)
     assert sorted(got) == sorted((key, value) for _, value, key, _ in records)
 
@@ -57,26 +60,11 @@ def test_produce_many_reports_a_refused_record_and_delivers_the_rest(
     too_big = b"x" * 2_000_000  # past message.max.bytes: refused before it leaves
     records = [(topic, b"first", b"k1", None), (topic, too_big, b"k2", None),
                (topic, b"third", b"k3", None)]
-
-    async def run() -> list[UnavailableError | None]:
-        producer = AsyncProducer(admin_kafka)
-        try:
-            return await producer.produce_many(records)
-        finally:
-            producer.close()
-
-    results = asyncio.run(run())
+    results = _produce_many(admin_kafka, records)
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], UnavailableError)
     assert sorted(_read(admin_kafka, topic, 2)) == [(b"k1", b"first"), (b"k3", b"third")]
 
 
 def test_produce_many_of_nothing_returns_at_once(admin_kafka: dict[str, Any]) -> None:
-    async def run() -> list[UnavailableError | None]:
-        producer = AsyncProducer(admin_kafka)
-        try:
-            return await producer.produce_many([])
-        finally:
-            producer.close()
-
-    assert asyncio.run(run()) == []
+    assert _produce_many(admin_kafka, []) == []
