@@ -15,14 +15,13 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from typer.testing import CliRunner
 
-from mailbus.cli import app
 from mailbus.domaincheck import public_key_der
 from mailbus.tokens import Keyring
 from tests.integration.test_hooks import HooksServer, settings_for
 from tests.support import dovecot
 from tests.support.dns import DnsServer
+from tests.support.doctor import run_doctor
 from tests.support.gmail_emulator import DEFAULT_SCOPES, GmailEmulator
 from tests.support.smtp import ScriptedHandler, free_port
 
@@ -141,14 +140,7 @@ read_inbox = true
 
 
 def doctor(parts: dict[str, Any], *args: str) -> tuple[int, dict[tuple[str, str], str], str]:
-    result = CliRunner().invoke(app, ["doctor", "--dns-server", parts["dns"].address, *args],
-                                env={"COLUMNS": "400"})
-    rows: dict[tuple[str, str], str] = {}
-    for line in result.output.splitlines():
-        cells = [c.strip() for c in line.strip().split("│")[1:-1]]
-        if len(cells) == 5 and cells[2] in ("ok", "warn", "fail"):
-            rows[(cells[0], cells[1])] = cells[2]
-    return result.exit_code, rows, result.output
+    return run_doctor(["--dns-server", parts["dns"].address, *args])
 
 
 def test_a_healthy_installation_passes_every_row(parts: dict[str, Any]) -> None:

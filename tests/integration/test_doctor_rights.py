@@ -16,12 +16,11 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
-from typer.testing import CliRunner
 
 from mailbus import db, doctor_infra
-from mailbus.cli import app
 from mailbus.settings import PostgresSettings, ServiceSettings
 from tests.support.dns import DnsServer
+from tests.support.doctor import run_doctor
 from tests.support.sender import smtp_account
 from tests.support.smtp import SmtpServer
 
@@ -63,16 +62,10 @@ SERVICES = ("ingest", "sender", "projector", "replies", "webhooks")
 
 
 def doctor(dns: DnsServer) -> tuple[int, dict[tuple[str, str], str], str]:
-    args = ["doctor", "--dns-server", dns.address]
+    args = ["--dns-server", dns.address]
     for service in SERVICES:
         args += ["--service", service]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
-    rows: dict[tuple[str, str], str] = {}
-    for line in result.output.splitlines():
-        cells = [c.strip() for c in line.strip().split("│")[1:-1]]
-        if len(cells) == 5 and cells[2] in ("ok", "warn", "fail"):
-            rows[(cells[0], cells[1])] = cells[2]
-    return result.exit_code, rows, result.output
+    return run_doctor(args)
 
 
 def test_doctor_fails_a_role_missing_a_right_or_holding_one_too_many(
