@@ -19,7 +19,6 @@ answer, or 409 for another body), an event that does not encode (500).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -159,11 +158,9 @@ def _event(m: Member, now: datetime) -> dict[str, Any]:
 async def _produce(ing: Ingestor, records: list[tuple[str, bytes]]) -> None:
     """Every record of the group acknowledged by the broker, or UnavailableError."""
     start = time.perf_counter()
-    results = await asyncio.gather(
-        *(ing.producer.produce(ing.topic, value, key=account.encode())
-          for account, value in records), return_exceptions=True)
+    results = await ing.producer.produce_many(
+        [(ing.topic, value, account.encode(), None) for account, value in records])
     metrics.PRODUCE_SECONDS.observe(time.perf_counter() - start)
-    failed = [r for r in results if isinstance(r, BaseException)]
+    failed = [r for r in results if r is not None]
     if failed:
-        raise failed[0] if isinstance(failed[0], UnavailableError) else UnavailableError(
-            f"kafka: {failed[0]}")
+        raise failed[0]

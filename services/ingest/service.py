@@ -14,7 +14,6 @@ arrive together share one (groupcommit.py), and so do their key lookups
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -201,20 +200,13 @@ class Ingestor:
 
     async def _produce_all(self, events: list[dict[str, Any]]) -> None:
         start = time.perf_counter()
-        futures = [
-            self.producer.produce(
-                self.topic,
-                self.registry.encode(topics.REQUESTED, e),
-                key=e["account_id"].encode(),
-            )
-            for e in events
-        ]
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        results = await self.producer.produce_many([
+            (self.topic, self.registry.encode(topics.REQUESTED, e), e["account_id"].encode(), None)
+            for e in events])
         metrics.PRODUCE_SECONDS.observe(time.perf_counter() - start)
-        failed = [r for r in results if isinstance(r, BaseException)]
+        failed = [r for r in results if r is not None]
         if failed:
-            raise failed[0] if isinstance(failed[0], UnavailableError) else UnavailableError(
-                f"kafka: {failed[0]}")
+            raise failed[0]
 
     def connection(self) -> Any:
         """A pooled connection with dict rows; no connection to be had is a 503."""
