@@ -38,7 +38,7 @@ _HEADER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
 HEADER_DENIED_PREFIXES = (
     "x-mailbus-",
     "x-ms-exchange-", "x-microsoft-", "x-forefront-", "x-spam", "x-virus", "x-google-",
-    "x-gm-", "x-received", "x-original", "x-envelope-", "x-authenticat", "x-auth-",
+    "x-gm-", "x-received", "x-origin", "x-envelope-", "x-authenticat", "x-auth-",
     "x-sender", "x-apple-", "x-forwarded-", "x-delivered-to", "x-rcpt-to", "x-beenthere",
     "x-report-abuse", "x-complaints-to",
     "x-smtpapi", "x-sg-", "x-ses-", "x-mailgun-", "x-mc-", "x-pm-",

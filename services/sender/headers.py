@@ -66,7 +66,7 @@ CUSTOM_DENIED_PREFIXES = (
     "x-mailbus-",  # ours
     # what receiving systems read as their own verdicts or as routing facts
     "x-ms-exchange-", "x-microsoft-", "x-forefront-", "x-spam", "x-virus", "x-google-",
-    "x-gm-", "x-received", "x-original", "x-envelope-", "x-authenticat", "x-auth-",
+    "x-gm-", "x-received", "x-origin", "x-envelope-", "x-authenticat", "x-auth-",
     "x-sender", "x-apple-", "x-forwarded-", "x-delivered-to", "x-rcpt-to", "x-beenthere",
     "x-report-abuse", "x-complaints-to",
     # other mail services' control headers
