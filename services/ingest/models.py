@@ -250,7 +250,15 @@ class MessageRequest(BaseModel):
     send_at: AwareDatetime | None = None
     # name -> value; checked by header_problems (cross_field_problems), so each
     # refusal names its header. The count and size caps hold before that check.
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description=(f"Extra header fields, name -> value: X-... names (except reserved "
+                     f"prefixes such as X-Mailbus-), Precedence (bulk, list, junk) and "
+                     f"Auto-Submitted; at most {MAX_HEADERS}, values of at most "
+                     f"{MAX_HEADER_VALUE} characters on one line, {MAX_HEADERS_BYTES} bytes "
+                     "in all. See docs/api.md, Custom headers."),
+        json_schema_extra={"maxProperties": MAX_HEADERS,
+                           "examples": [{"X-Campaign": "spring-2026"}]})
 
     @field_validator("from_")
     @classmethod
