@@ -119,6 +119,7 @@ def requested_event(
         "metadata": dict(req.metadata),
         "send_at": req.send_at,
         "requested_at": now,
+        "headers": [{"name": n, "value": v} for n, v in req.headers.items()],
     }
 
 

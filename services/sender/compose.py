@@ -6,6 +6,8 @@ Decisions:
 - Bodies: text alone is text/plain; html always travels in multipart/alternative
   with a text/plain part first (RFC 2046: least faithful first), derived from the
   html when the event has no text, because html-only mail scores as spam.
+- Caller-chosen headers (allow-listed X- names, Precedence, Auto-Submitted) come
+  after the headers mailbus writes, folded like the subject.
 - Nothing from the event is trusted: every value bound for a header is refused
   (ComposeFailed) if it holds CR, LF, NUL, other control characters or an RFC 2047
   encoded word, every address is re-validated, and the finished bytes are parsed
@@ -252,6 +254,7 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
     if not recipients:
         raise ComposeFailed("the message has no recipients")
     msgid = f"<{message_id}@{_domain(domain, sender.addr_spec)}>"
+    custom = headers.custom_headers(event.get("headers"))
     body = body or content(event)
     # A subject of whitespace alone folds to nothing: the message has no Subject.
     subject = header_text(body.subject, body.subject_field, MAX_SUBJECT) or None if (
@@ -295,6 +298,9 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
         head.append(("List-Unsubscribe", ",\r\n ".join(f"<{u}>" for u in unsubscribe)))
         head.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))  # RFC 8058
     head.append(("X-Mailbus-Message-Id", message_id))
+    for name, value in custom:  # allow-listed names, checked values (headers.py)
+        head.append((name, headers.unstructured(value)))
+        intended.texts[name] = value
 
     text = text or ""
     if actions:

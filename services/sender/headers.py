@@ -13,10 +13,12 @@ header lines; and its folder drops spaces in long non-ASCII values. Hence:
   sends one, and failing that message is safer than guessing.
 - Writing: Subject and the address headers are folded here (unstructured(),
   mailbox_list()) and stored raw, never parsed or refolded by Python.
+- Caller-chosen headers (the event's `headers`) pass an allow-list of names
+  (custom_name_problem) and the same value rules as the subject.
 - Parse-back: the composed bytes are split into header lines again, by our own
   byte rules and by Python's parser, and must name exactly the headers the
   message was built with, and decode to exactly the intended Subject, From,
-  To, Cc and Reply-To. Whatever a future library quirk does, a message whose
+  To, Cc, Reply-To and caller-chosen values. Whatever a future library quirk does, a message whose
   headers differ from the intended ones does not leave.
 """
 
@@ -49,6 +51,79 @@ _FIELDS = {"from": "from", "to": "to", "cc": "cc", "reply-to": "reply_to",
 _PARSER = BytesHeaderParser(policy=policy.compat32)
 _REGISTRY = BytesHeaderParser(policy=policy.default)
 FOLD = "\r\n "  # a line break before whitespace: unfolded, it is that whitespace
+
+# Caller-chosen headers (docs/api.md, "Custom headers"). An allow-list: X- names,
+# minus prefixes that mailbus, mail providers or receiving filters own or trust,
+# plus a few standard fields whose values are keywords. The API applies the same
+# rules (services/ingest/models.py; tests/unit/test_custom_headers.py keeps the
+# two in step); these run again because a producer may bypass the API.
+MAX_CUSTOM = 20
+MAX_CUSTOM_NAME = 64
+MAX_CUSTOM_VALUE = 1000
+MAX_CUSTOM_BYTES = 8192  # every name and value, UTF-8
+_CUSTOM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
+CUSTOM_DENIED_PREFIXES = (
+    "x-mailbus-",  # ours
+    # what receiving systems read as their own verdicts or as routing facts
+    "x-ms-exchange-", "x-microsoft-", "x-forefront-", "x-spam", "x-virus", "x-google-",
+    "x-gm-", "x-received", "x-origin", "x-envelope-", "x-authenticat", "x-auth-",
+    "x-sender", "x-apple-", "x-forwarded-", "x-delivered-to", "x-rcpt-to", "x-beenthere",
+    "x-report-abuse", "x-complaints-to",
+    # other mail services' control headers
+    "x-smtpapi", "x-sg-", "x-ses-", "x-mailgun-", "x-mc-", "x-pm-",
+)
+CUSTOM_KEYWORDS = {  # standard fields a caller may set, and their allowed values
+    "precedence": frozenset({"bulk", "list", "junk"}),
+    "auto-submitted": frozenset({"no", "auto-generated", "auto-replied", "auto-notified"}),
+}
+
+
+def custom_name_problem(name: str) -> str | None:
+    """Why a caller may not set a header of this name, or None when it may."""
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_CUSTOM_NAME:
+        return f"a header name has 1 to {MAX_CUSTOM_NAME} characters"
+    if not _CUSTOM_NAME.fullmatch(name):
+        return "a header name has ASCII letters, digits and hyphens only, starting with a letter"
+    lower = name.lower()
+    if lower in CUSTOM_KEYWORDS:
+        return None
+    if not lower.startswith("x-") or len(lower) == 2:
+        return ("only X-... names, Precedence and Auto-Submitted may be set; mailbus writes "
+                "every other header itself")
+    if lower.startswith(CUSTOM_DENIED_PREFIXES):
+        return "this X- name is reserved: mailbus or receiving systems own it"
+    return None
+
+
+def custom_headers(entries: list[dict[str, str]] | None) -> list[tuple[str, str]]:
+    """The event's caller-chosen headers as (name, one-line text), every rule re-checked."""
+    entries = entries or []
+    if len(entries) > MAX_CUSTOM:
+        raise ComposeFailed(f"headers: more than {MAX_CUSTOM} headers")
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    size = 0
+    for entry in entries:
+        name, value = entry.get("name", ""), entry.get("value", "")
+        problem = custom_name_problem(name)
+        if problem is not None:
+            raise ComposeFailed(f"headers.{name[:MAX_CUSTOM_NAME]!r}: {problem}")
+        if name.lower() in seen:
+            raise ComposeFailed(f"headers.{name}: given more than once")
+        seen.add(name.lower())
+        if not isinstance(value, str):
+            raise ComposeFailed(f"headers.{name}: the value is not text")
+        size += len(name.encode("utf-8")) + len(value.encode("utf-8"))
+        if size > MAX_CUSTOM_BYTES:
+            raise ComposeFailed(f"headers: names and values exceed {MAX_CUSTOM_BYTES} bytes")
+        text = header_text(value, f"headers.{name}", MAX_CUSTOM_VALUE)
+        if not text:
+            raise ComposeFailed(f"headers.{name}: the value is empty")
+        keywords = CUSTOM_KEYWORDS.get(name.lower())
+        if keywords is not None and text.lower() not in keywords:
+            raise ComposeFailed(f"headers.{name}: one of {', '.join(sorted(keywords))}")
+        out.append((name, text))
+    return out
 
 
 def has_encoded_word(value: str) -> bool:
@@ -164,6 +239,7 @@ class Intended:
 
     names: list[str] = field(default_factory=list)  # every header, in order, as written
     subject: str | None = None
+    texts: dict[str, str] = field(default_factory=dict)  # caller-chosen name -> text
     mailboxes: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # "To" -> pairs
 
 
@@ -188,13 +264,21 @@ def _names(head: bytes) -> list[str]:
     return found
 
 
+def _field(name: str) -> str:
+    """The request field a header comes from: `subject`, `headers.X-Campaign`..."""
+    lower = name.lower()
+    if lower in _FIELDS:
+        return _FIELDS[lower]
+    return f"headers.{name}" if custom_name_problem(name) is None else "headers"
+
+
 def _culprit(written: list[str], intended: list[str]) -> str:
     """The request field whose header spilled: the one just before the first difference."""
     for i, (got, want) in enumerate(zip(written, intended, strict=False)):
         if got.lower() != want.lower():
-            return _FIELDS.get(written[i - 1].lower(), "headers") if i else "headers"
+            return _field(written[i - 1]) if i else "headers"
     shorter = min(len(written), len(intended))
-    return _FIELDS.get(written[shorter - 1].lower(), "headers") if shorter else "headers"
+    return _field(written[shorter - 1]) if shorter else "headers"
 
 
 def check(raw: bytes, intended: Intended) -> None:
@@ -223,6 +307,12 @@ def check(raw: bytes, intended: Intended) -> None:
         registry = _REGISTRY.parsebytes(block)
         if str(registry["Subject"]) != subject:
             raise ComposeFailed("subject: does not decode back to the intended text")
+    for name, text in intended.texts.items():
+        if _rfc2047_text(raw_values.get(name.lower(), "")) == text:
+            continue
+        registry = registry or _REGISTRY.parsebytes(block)
+        if str(registry[name]) != text:
+            raise ComposeFailed(f"headers.{name}: does not decode back to the intended text")
     for name, pairs in intended.mailboxes.items():
         if _rfc2047_pairs(raw_values.get(name.lower(), "")) == pairs:
             continue
@@ -230,7 +320,7 @@ def check(raw: bytes, intended: Intended) -> None:
         decoded = [(a.display_name, a.addr_spec)
                    for a in getattr(registry[name], "addresses", ())]
         if decoded != pairs:
-            raise ComposeFailed(f"{_FIELDS[name.lower()]}: does not decode back to the "
+            raise ComposeFailed(f"{_field(name)}: does not decode back to the "
                                 "intended addresses")
 
 

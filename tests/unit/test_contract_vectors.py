@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from functools import cache
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastavro import parse_schema, schemaless_writer
 from fastavro.schema import to_parsing_canonical_form
 
 from mailbus.codec import TOPIC_SCHEMAS, Registry
@@ -69,7 +71,9 @@ def murmur2(data: bytes) -> int:
 def test_every_vector_is_there() -> None:
     assert set(readme_vectors()) == {
         "partition", "crc64-null", "canonical-form-email.requested-v1",
-        "fingerprint-email.requested-v1", "record-fields", "record-bytes"}
+        "fingerprint-email.requested-v1", "record-fields", "record-bytes",
+        "canonical-form-email.requested-v2", "fingerprint-email.requested-v2",
+        "record-bytes-v2"}
 
 
 def test_crc64avro_of_null() -> None:
@@ -77,53 +81,77 @@ def test_crc64avro_of_null() -> None:
     assert crc64avro(vector["input"].encode()) == int(vector["fingerprint"], 16)
 
 
-def test_canonical_form_is_the_schema_files() -> None:
-    schema = json.loads((README.parent / "email.requested" / "v1.avsc").read_text())
-    assert readme_vectors()["canonical-form-email.requested-v1"] == json.loads(
-        to_parsing_canonical_form(schema))
+def _schema(topic: str, version: int) -> dict[str, Any]:
+    return json.loads((README.parent / topic / f"v{version}.avsc").read_text())
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_canonical_form_is_the_schema_files(version: int) -> None:
+    schema = _schema("email.requested", version)
+    name = f"canonical-form-email.requested-v{version}"
+    assert readme_vectors()[name] == json.loads(to_parsing_canonical_form(schema))
     # The block is the exact byte string, not only the same JSON.
-    text = re.search(r"<!-- vector: canonical-form-email.requested-v1 -->\n```json\n(.*)\n",
+    text = re.search(rf"<!-- vector: {name} -->\n```json\n(.*)\n",
                      README.read_text(encoding="utf-8"))
     assert text is not None and text[1] == to_parsing_canonical_form(schema)
 
 
-def test_fingerprint_of_the_canonical_form(registry: Registry) -> None:
-    vector = readme_vectors()["fingerprint-email.requested-v1"]
-    schema = json.loads((README.parent / "email.requested" / "v1.avsc").read_text())
+@pytest.mark.parametrize("version", [1, 2])
+def test_fingerprint_of_the_canonical_form(registry: Registry, version: int) -> None:
+    vector = readme_vectors()[f"fingerprint-email.requested-v{version}"]
+    schema = _schema("email.requested", version)
     fingerprint = crc64avro(to_parsing_canonical_form(schema).encode())
     assert fingerprint == int(vector["fingerprint"], 16)
     header = bytes.fromhex(vector["header"])
     assert header == b"\xc3\x01" + fingerprint.to_bytes(8, "little")
-    assert header[2:] == registry.fingerprint("email.requested", 1)
+    assert header[2:] == registry.fingerprint("email.requested", version)
 
 
 @pytest.mark.parametrize("topic", sorted(TOPIC_SCHEMAS))
 def test_fingerprint_table_by_the_readme_algorithm(topic: str, registry: Registry) -> None:
-    row = re.search(rf"^\| {re.escape(topic)} \| \S+ \| 1 \| `([0-9a-f]{{16}})` \|$",
-                    README.read_text(encoding="utf-8"), re.MULTILINE)
-    assert row is not None, f"{topic} is missing from the fingerprint table"
-    schema = json.loads((README.parent / topic / "v1.avsc").read_text())
-    little_endian = crc64avro(to_parsing_canonical_form(schema).encode()).to_bytes(8, "little")
-    assert little_endian.hex() == row[1] == registry.fingerprint(topic, 1).hex()
+    for version, _ in registry.versions(topic):
+        row = re.search(rf"^\| {re.escape(topic)} \| \S+ \| {version} \| `([0-9a-f]{{16}})` \|$",
+                        README.read_text(encoding="utf-8"), re.MULTILINE)
+        assert row is not None, f"{topic} v{version} is missing from the fingerprint table"
+        schema = _schema(topic, version)
+        little_endian = crc64avro(to_parsing_canonical_form(schema).encode()).to_bytes(8, "little")
+        assert little_endian.hex() == row[1] == registry.fingerprint(topic, version).hex()
 
 
-def _with_defaults(fields: dict[str, Any]) -> dict[str, Any]:
-    schema = json.loads((README.parent / "email.requested" / "v1.avsc").read_text())
+def _with_defaults(fields: dict[str, Any], version: int) -> dict[str, Any]:
+    schema = _schema("email.requested", version)
     defaults = {f["name"]: f["default"] for f in schema["fields"] if "default" in f}
     return {**defaults, **fields}
 
 
 def test_record_bytes(registry: Registry) -> None:
+    """The v1 vector: what a producer on v1 writes, read by today's registry."""
     fields, hex_text = readme_vectors()["record-fields"], readme_vectors()["record-bytes"]
     expected = bytes.fromhex("".join(hex_text.split()))
-    assert registry.encode("email.requested", _with_defaults(fields)) == expected
+    body = io.BytesIO()
+    schemaless_writer(body, parse_schema(_schema("email.requested", 1), named_schemas={}),
+                      _with_defaults(fields, 1))
+    assert registry.fingerprint("email.requested", 1) + body.getvalue() == expected[2:]
+    assert expected[:2] == b"\xc3\x01"
     name, decoded = registry.decode(expected)
     assert name == "mailbus.EmailRequested"
     assert {k: decoded[k] for k in ("event_id", "message_id", "account_id", "to", "subject",
                                     "text")} == {k: fields[k] for k in (
         "event_id", "message_id", "account_id", "to", "subject", "text")}
+    assert decoded["headers"] == []  # v1 read as v2: the default
     assert int(decoded["requested_at"].timestamp() * 1_000_000) == fields["requested_at"]
     assert re.search(rf"encode to these {len(expected)} bytes", README.read_text())
+
+
+def test_record_bytes_v2(registry: Registry) -> None:
+    """The v2 vector: what the registry writes today, the v1 body followed by `headers`."""
+    headers = [{"name": "X-Campaign", "value": "spring-2026"}]
+    fields = {**readme_vectors()["record-fields"], "headers": headers}
+    expected = bytes.fromhex("".join(readme_vectors()["record-bytes-v2"].split()))
+    assert registry.encode("email.requested", _with_defaults(fields, 2)) == expected
+    assert registry.decode(expected)[1]["headers"] == headers
+    v1 = bytes.fromhex("".join(readme_vectors()["record-bytes"].split()))
+    assert expected[10:].startswith(v1[10:])
 
 
 def test_murmur2_matches_kafka() -> None:
