@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from mailbus import customheaders
+
 MAX_RECIPIENTS = 100  # To + Cc + Bcc, as Gmail allows per message
 MAX_SUBJECT = 998  # RFC 5322's line limit; longer subjects are folded anyway
 MAX_NAME = 200
@@ -28,26 +30,6 @@ MAX_TAGS = 20
 MAX_METADATA = 20
 MAX_BATCH = 1000
 MAX_SCHEDULE_AHEAD = timedelta(days=7)  # email.requested keeps a week
-# Caller-chosen headers (docs/api.md, "Custom headers"). The sender holds the same
-# rules (services/sender/headers.py) and checks them again on every event.
-MAX_HEADERS = 20
-MAX_HEADER_NAME = 64
-MAX_HEADER_VALUE = 1000
-MAX_HEADERS_BYTES = 8192  # every name and value, UTF-8
-_HEADER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
-HEADER_DENIED_PREFIXES = (
-    "x-mailbus-",
-    "x-ms-exchange-", "x-microsoft-", "x-forefront-", "x-spam", "x-virus", "x-google-",
-    "x-gm-", "x-received", "x-origin", "x-envelope-", "x-authenticat", "x-auth-",
-    "x-sender", "x-apple-", "x-forwarded-", "x-delivered-to", "x-rcpt-to", "x-beenthere",
-    "x-report-abuse", "x-complaints-to",
-    "x-smtpapi", "x-sg-", "x-ses-", "x-mailgun-", "x-mc-", "x-pm-",
-)
-HEADER_KEYWORDS = {
-    "precedence": frozenset({"bulk", "list", "junk"}),
-    "auto-submitted": frozenset({"no", "auto-generated", "auto-replied", "auto-notified"}),
-}
-
 # Any of these in a value that becomes a header would let input write headers.
 _HEADER_BREAKERS = re.compile(r"[\r\n\0]")
 # Header-bound fields also refuse every other control character and Unicode line
@@ -91,36 +73,19 @@ def header_value(value: str) -> str:
     return value
 
 
-def header_name_problem(name: str) -> str | None:
-    """Why a caller may not set a header of this name, or None when it may (an allow-list)."""
-    if not 1 <= len(name) <= MAX_HEADER_NAME:
-        return f"a header name has 1 to {MAX_HEADER_NAME} characters"
-    if not _HEADER_NAME.fullmatch(name):
-        return "a header name has ASCII letters, digits and hyphens only, starting with a letter"
-    lower = name.lower()
-    if lower in HEADER_KEYWORDS:
-        return None
-    if not lower.startswith("x-") or len(lower) == 2:
-        return ("only X-... names, Precedence and Auto-Submitted may be set; mailbus writes "
-                "every other header itself")
-    if lower.startswith(HEADER_DENIED_PREFIXES):
-        return "this X- name is reserved: mailbus or receiving systems own it"
-    return None
-
-
 def header_problems(headers: dict[str, str]) -> list[tuple[str, str]]:
     """(field, message) for each caller-chosen header that may not be sent, e.g.
     ("headers.X-Foo", ...); linear in the size of the headers."""
     problems: list[tuple[str, str]] = []
-    if len(headers) > MAX_HEADERS:
-        return [("headers", f"at most {MAX_HEADERS} headers")]
+    if len(headers) > customheaders.MAX_HEADERS:
+        return [("headers", f"at most {customheaders.MAX_HEADERS} headers")]
     size = sum(len(n.encode()) + len(v.encode()) for n, v in headers.items())
-    if size > MAX_HEADERS_BYTES:
-        return [("headers", f"names and values together exceed {MAX_HEADERS_BYTES} bytes")]
+    if size > customheaders.MAX_BYTES:
+        return [("headers", f"names and values together exceed {customheaders.MAX_BYTES} bytes")]
     seen: set[str] = set()
     for name, value in headers.items():
-        field = f"headers.{name[:MAX_HEADER_NAME]}"
-        problem = header_name_problem(name)
+        field = f"headers.{name[:customheaders.MAX_NAME]}"
+        problem = customheaders.name_problem(name)
         if problem is None and name.lower() in seen:
             problem = "given more than once (names are case-insensitive)"
         seen.add(name.lower())
@@ -132,9 +97,9 @@ def header_problems(headers: dict[str, str]) -> list[tuple[str, str]]:
         text = " ".join(value.split())
         if problem is None and not text:
             problem = "must not be empty"
-        if problem is None and len(text) > MAX_HEADER_VALUE:
-            problem = f"must be at most {MAX_HEADER_VALUE} characters"
-        keywords = HEADER_KEYWORDS.get(name.lower())
+        if problem is None and len(text) > customheaders.MAX_VALUE:
+            problem = f"must be at most {customheaders.MAX_VALUE} characters"
+        keywords = customheaders.KEYWORDS.get(name.lower())
         if problem is None and keywords is not None and text.lower() not in keywords:
             problem = f"must be one of {', '.join(sorted(keywords))}"
         if problem is not None:
@@ -254,10 +219,10 @@ class MessageRequest(BaseModel):
         default_factory=dict,
         description=(f"Extra header fields, name -> value: X-... names (except reserved "
                      f"prefixes such as X-Mailbus-), Precedence (bulk, list, junk) and "
-                     f"Auto-Submitted; at most {MAX_HEADERS}, values of at most "
-                     f"{MAX_HEADER_VALUE} characters on one line, {MAX_HEADERS_BYTES} bytes "
-                     "in all. See docs/api.md, Custom headers."),
-        json_schema_extra={"maxProperties": MAX_HEADERS,
+                     f"Auto-Submitted; at most {customheaders.MAX_HEADERS}, values of at most "
+                     f"{customheaders.MAX_VALUE} characters on one line,"
+                     f" {customheaders.MAX_BYTES} bytes in all. See docs/api.md, Custom headers."),
+        json_schema_extra={"maxProperties": customheaders.MAX_HEADERS,
                            "examples": [{"X-Campaign": "spring-2026"}]})
 
     @field_validator("from_")

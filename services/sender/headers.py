@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 from email_validator import EmailNotValidError, validate_email
 
+from mailbus import customheaders
 from mailbus.errors import MailbusError
 
 # C0 controls (TAB excepted: it is whitespace and folds), DEL, and C1 controls
@@ -52,74 +53,32 @@ _PARSER = BytesHeaderParser(policy=policy.compat32)
 _REGISTRY = BytesHeaderParser(policy=policy.default)
 FOLD = "\r\n "  # a line break before whitespace: unfolded, it is that whitespace
 
-# Caller-chosen headers (docs/api.md, "Custom headers"). An allow-list: X- names,
-# minus prefixes that mailbus, mail providers or receiving filters own or trust,
-# plus a few standard fields whose values are keywords. The API applies the same
-# rules (services/ingest/models.py; tests/unit/test_custom_headers.py keeps the
-# two in step); these run again because a producer may bypass the API.
-MAX_CUSTOM = 20
-MAX_CUSTOM_NAME = 64
-MAX_CUSTOM_VALUE = 1000
-MAX_CUSTOM_BYTES = 8192  # every name and value, UTF-8
-_CUSTOM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
-CUSTOM_DENIED_PREFIXES = (
-    "x-mailbus-",  # ours
-    # what receiving systems read as their own verdicts or as routing facts
-    "x-ms-exchange-", "x-microsoft-", "x-forefront-", "x-spam", "x-virus", "x-google-",
-    "x-gm-", "x-received", "x-origin", "x-envelope-", "x-authenticat", "x-auth-",
-    "x-sender", "x-apple-", "x-forwarded-", "x-delivered-to", "x-rcpt-to", "x-beenthere",
-    "x-report-abuse", "x-complaints-to",
-    # other mail services' control headers
-    "x-smtpapi", "x-sg-", "x-ses-", "x-mailgun-", "x-mc-", "x-pm-",
-)
-CUSTOM_KEYWORDS = {  # standard fields a caller may set, and their allowed values
-    "precedence": frozenset({"bulk", "list", "junk"}),
-    "auto-submitted": frozenset({"no", "auto-generated", "auto-replied", "auto-notified"}),
-}
-
-
-def custom_name_problem(name: str) -> str | None:
-    """Why a caller may not set a header of this name, or None when it may."""
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_CUSTOM_NAME:
-        return f"a header name has 1 to {MAX_CUSTOM_NAME} characters"
-    if not _CUSTOM_NAME.fullmatch(name):
-        return "a header name has ASCII letters, digits and hyphens only, starting with a letter"
-    lower = name.lower()
-    if lower in CUSTOM_KEYWORDS:
-        return None
-    if not lower.startswith("x-") or len(lower) == 2:
-        return ("only X-... names, Precedence and Auto-Submitted may be set; mailbus writes "
-                "every other header itself")
-    if lower.startswith(CUSTOM_DENIED_PREFIXES):
-        return "this X- name is reserved: mailbus or receiving systems own it"
-    return None
-
-
 def custom_headers(entries: list[dict[str, str]] | None) -> list[tuple[str, str]]:
-    """The event's caller-chosen headers as (name, one-line text), every rule re-checked."""
+    """The event's caller-chosen headers as (name, one-line text), every rule re-checked
+    (mailbus/customheaders.py: the API applies the same; a producer may bypass it)."""
     entries = entries or []
-    if len(entries) > MAX_CUSTOM:
-        raise ComposeFailed(f"headers: more than {MAX_CUSTOM} headers")
+    if len(entries) > customheaders.MAX_HEADERS:
+        raise ComposeFailed(f"headers: more than {customheaders.MAX_HEADERS} headers")
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
     size = 0
     for entry in entries:
         name, value = entry.get("name", ""), entry.get("value", "")
-        problem = custom_name_problem(name)
+        problem = customheaders.name_problem(name)
         if problem is not None:
-            raise ComposeFailed(f"headers.{name[:MAX_CUSTOM_NAME]!r}: {problem}")
+            raise ComposeFailed(f"headers.{name[:customheaders.MAX_NAME]!r}: {problem}")
         if name.lower() in seen:
             raise ComposeFailed(f"headers.{name}: given more than once")
         seen.add(name.lower())
         if not isinstance(value, str):
             raise ComposeFailed(f"headers.{name}: the value is not text")
         size += len(name.encode("utf-8")) + len(value.encode("utf-8"))
-        if size > MAX_CUSTOM_BYTES:
-            raise ComposeFailed(f"headers: names and values exceed {MAX_CUSTOM_BYTES} bytes")
-        text = header_text(value, f"headers.{name}", MAX_CUSTOM_VALUE)
+        if size > customheaders.MAX_BYTES:
+            raise ComposeFailed(f"headers: names and values exceed {customheaders.MAX_BYTES} bytes")
+        text = header_text(value, f"headers.{name}", customheaders.MAX_VALUE)
         if not text:
             raise ComposeFailed(f"headers.{name}: the value is empty")
-        keywords = CUSTOM_KEYWORDS.get(name.lower())
+        keywords = customheaders.KEYWORDS.get(name.lower())
         if keywords is not None and text.lower() not in keywords:
             raise ComposeFailed(f"headers.{name}: one of {', '.join(sorted(keywords))}")
         out.append((name, text))
@@ -269,7 +228,7 @@ def _field(name: str) -> str:
     lower = name.lower()
     if lower in _FIELDS:
         return _FIELDS[lower]
-    return f"headers.{name}" if custom_name_problem(name) is None else "headers"
+    return f"headers.{name}" if customheaders.name_problem(name) is None else "headers"
 
 
 def _culprit(written: list[str], intended: list[str]) -> str:
