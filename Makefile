@@ -35,6 +35,7 @@ test-e2e: infra
 	$(PYTEST) tests/e2e
 
 bench: infra
+	@scripts/bench-deps.sh
 	$(VENV)/bin/python bench/ingest_throughput.py
 	$(VENV)/bin/python bench/sender_throughput.py
 	$(VENV)/bin/python bench/replies_throughput.py
