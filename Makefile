@@ -68,3 +68,17 @@ compose-test: install
 	@scripts/podman.sh build
 	@scripts/podman.sh standins
 	$(PYTEST) tests/containers/compose_check.py
+
+# The suite against Kafka and PostgreSQL from a container engine instead of
+# `make infra` (tests/support/containers.py, through testcontainers): the
+# images of docker-compose.yml, secured and provisioned as the native ones,
+# on free host ports, removed at the end. Docker where DOCKER_HOST (or its
+# default socket) is; here podman's Docker-compatible API, on the local
+# stand-ins of those images. Nothing is pulled at test time. TESTS picks
+# the layers (CI: tests/integration).
+TESTS ?= tests
+.PHONY: test-containers
+test-containers: install
+	@if [[ -z "$${DOCKER_HOST:-}" ]] && { command -v podman >/dev/null || \
+		[[ ! -S /var/run/docker.sock ]]; }; then scripts/podman.sh standins; fi
+	MAILBUS_TEST_CONTAINERS=1 $(PYTEST) $(TESTS)

@@ -1,7 +1,15 @@
-"""Fixtures shared by every layer: the real broker and PostgreSQL that `make infra` started."""
+"""Fixtures shared by every layer: the real broker and PostgreSQL.
+
+By default those `make infra` started natively. With MAILBUS_TEST_CONTAINERS=1
+(or DOCKER_HOST set), tests/support/containers.py starts them from the
+images of docker-compose.yml through testcontainers, provisions them as
+`make infra` does, and points every setting at them through the environment
+before the first test is collected; they are removed when the session ends.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +23,7 @@ from mailbus.codec import Registry
 from mailbus.ingest.settings import IngestSettings
 from mailbus.provision import provision
 from mailbus.settings import ServiceSettings
-from tests.support import dovecot
+from tests.support import containers, dovecot
 from tests.support.kafka import drop_namespace, new_prefix
 
 ACCOUNTS = """
@@ -51,6 +59,22 @@ pools = []
 [accounts.gmail]
 token_file = "/nonexistent/token.json"
 """
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if containers.wanted():
+        os.environ.update(containers.start())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    containers.stop()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if containers.wanted():
+        return ["mailbus: Kafka and PostgreSQL in containers (testcontainers): "
+                + ", ".join(containers.compose_images().values())]
+    return []
 
 
 @pytest.fixture(scope="session")
