@@ -73,10 +73,8 @@ class AsyncProducer:
             self._producer.produce(
                 topic, value=value, key=key, headers=headers, on_delivery=delivered
             )
-        except BufferError as exc:
-            raise UnavailableError("kafka: local produce queue is full") from exc
-        except KafkaException as exc:
-            raise UnavailableError(f"kafka: {exc.args[0]}") from exc
+        except (BufferError, KafkaException) as exc:
+            raise _refused(exc) from exc
         return await future
 
     async def produce_many(
@@ -112,11 +110,8 @@ class AsyncProducer:
             try:
                 self._producer.produce(topic, value=value, key=key, headers=headers,
                                        on_delivery=partial(one_done, index))
-            except BufferError:
-                results[index] = UnavailableError("kafka: local produce queue is full")
-                one_done(index, None, None)
-            except KafkaException as exc:
-                results[index] = UnavailableError(f"kafka: {exc.args[0]}")
+            except (BufferError, KafkaException) as exc:
+                results[index] = _refused(exc)
                 one_done(index, None, None)
         await future
         return results
@@ -135,6 +130,13 @@ class AsyncProducer:
         self._stop.set()
         self._thread.join(timeout=1.0)
         return left
+
+
+def _refused(exc: BufferError | KafkaException) -> UnavailableError:
+    """Why librdkafka refused a record before it was queued."""
+    if isinstance(exc, BufferError):
+        return UnavailableError("kafka: local produce queue is full")
+    return UnavailableError(f"kafka: {exc.args[0]}")
 
 
 def _finish(future: asyncio.Future[None]) -> None:
