@@ -23,15 +23,8 @@ command -v npm >/dev/null || need+=(npm)
 command -v go >/dev/null || need+=(golang-go)
 ((${#need[@]})) || exit 0
 
-SUDO=""
-if [[ "$(id -u)" != 0 ]]; then
-    command -v sudo >/dev/null || { echo "system-deps: need root to install ${need[*]}" >&2; exit 1; }
-    SUDO=sudo
-fi
-echo "system-deps: apt-get install ${need[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q
-$SUDO apt-get install -y -q --no-install-recommends "${need[@]}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/apt.sh"
+apt_install system-deps "${need[@]}"
 # Debian starts a system Prometheus on install; the stack runs its own.
 if [[ " ${need[*]} " == *" prometheus "* ]]; then
     $SUDO service prometheus stop >/dev/null 2>&1 || true
