@@ -36,12 +36,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mailbus import apikeys  # noqa: E402
+from mailbus import webhook_signing as signing  # noqa: E402
 from mailbus.codec import Registry  # noqa: E402
-from mailbus.confirm.projection import event_row  # noqa: E402
 from mailbus.provision import provision  # noqa: E402
 from mailbus.settings import ServiceSettings  # noqa: E402
-from mailbus.webhooks import signing  # noqa: E402
-from mailbus.webhooks.rules import event_of  # noqa: E402
+from mailbus.timeline import event_row  # noqa: E402
+from mailbus.webhook_events import event_of  # noqa: E402
 from tests.support import projector as build  # noqa: E402
 from tests.support.kafka import drop_namespace  # noqa: E402
 from tests.support.smtp import free_port  # noqa: E402

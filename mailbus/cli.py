@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Annotated
@@ -192,6 +193,26 @@ def devmail(
     console.print(table)
 
 
+# Each service's settings class: its principal names and whether it has a
+# database role. By name, so a command imports only the service it runs.
+SERVICE_SETTINGS = {
+    "ingest": "mailbus.ingest.settings:IngestSettings",
+    "sender": "mailbus.sender.settings:SenderSettings",
+    "confirm": "mailbus.confirm.settings:ConfirmSettings",
+    "projector": "mailbus.confirm.projector:ProjectorSettings",
+    "replies": "mailbus.replies.settings:RepliesSettings",
+    "hooks": "mailbus.hooks.settings:HooksSettings",
+    "webhooks": "mailbus.webhooks.settings:WebhooksSettings",
+}
+
+
+def service_settings(service: str) -> ServiceSettings:
+    """The settings the service itself would build from this environment."""
+    module, _, name = SERVICE_SETTINGS[service].partition(":")
+    cls: type[ServiceSettings] = getattr(importlib.import_module(module), name)
+    return cls()
+
+
 @app.command()
 def doctor(
     dns_server: Annotated[str | None, typer.Option(
@@ -204,13 +225,12 @@ def doctor(
 ) -> None:
     """Check the installation: every row a verdict and a fix; exit 1 if any row fails."""
     from mailbus import doctor as d
-    from mailbus.doctor_infra import SETTINGS
 
-    unknown = set(service or ()) - set(SETTINGS)
+    unknown = set(service or ()) - set(SERVICE_SETTINGS)
     if unknown:
-        raise typer.BadParameter(f"--service must be among {', '.join(SETTINGS)}")
-    checks = d.run(services=tuple(service or SETTINGS), dns_server=dns_server,
-                   check_infra=not skip_infra)
+        raise typer.BadParameter(f"--service must be among {', '.join(SERVICE_SETTINGS)}")
+    checks = d.run(services=tuple(service or SERVICE_SETTINGS), settings_of=service_settings,
+                   dns_server=dns_server, check_infra=not skip_infra)
     wide = Console(width=max(console.width, 160))
     if not d.render(checks, wide):
         raise typer.Exit(1)
@@ -224,18 +244,14 @@ app.add_typer(accounts_app, name="accounts")
 def accounts_list() -> None:
     """Each account with its quota, used and left in the rolling 24 h."""
     from mailbus.accounts import load_accounts
+    from mailbus.sender.usage import usage
 
     settings = _admin()
     assert settings.accounts_file is not None
     directory = load_accounts(settings.accounts_file)
     with psycopg.connect(settings.postgres.conninfo()) as conn:
-        ns = (settings.kafka.topic_prefix,)
-        used: dict[str, int] = dict(conn.execute(
-            "SELECT account_id, count(*) FROM send_ledger WHERE namespace = %s AND state = 'sent'"
-            " AND sent_at > now() - interval '24 hours' GROUP BY account_id", ns).fetchall())
-        queued: dict[str, int] = dict(conn.execute(
-            "SELECT account_id, count(*) FROM send_ledger WHERE namespace = %s"
-            " AND state = 'queued' GROUP BY account_id", ns).fetchall())
+        counts = usage(conn, settings.kafka.topic_prefix)
+    used, queued = counts.sent_last_day, counts.queued
     table = Table("account", "kind", "from", "pools", "quota/24h", "used", "left", "queued",
                   "rate/s")
     for a in directory.by_id.values():

@@ -8,7 +8,9 @@ command exit 1. Nothing is sent and no mailbox is changed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from rich.console import Console
 from rich.table import Table
@@ -18,10 +20,31 @@ from mailbus.accounts import Account, load_accounts
 from mailbus.db import OWNER_ROLE
 from mailbus.errors import ConfigError
 from mailbus.findings import Check, Finding
-from mailbus.sender.settings import SenderSettings
 from mailbus.settings import ServiceSettings
 
 STYLE = {"ok": "green", "warn": "yellow", "fail": "red"}
+# The settings a service itself would build from this environment, by service
+# name. The command line, which knows the services, passes it in: the doctor
+# is core and imports none of them.
+SettingsOf = Callable[[str], ServiceSettings]
+
+
+@runtime_checkable
+class Outbound(Protocol):
+    """What the doctor reads of the sender's settings: where links point, the Gmail endpoints."""
+
+    hooks_base_url: str
+    link_keys_file: Path | None
+    gmail_api_endpoint: str | None
+    gmail_token_uri: str | None
+
+
+def outbound(settings_of: SettingsOf) -> Outbound:
+    """The sender's settings, as far as the doctor reads them."""
+    sender = settings_of("sender")
+    if not isinstance(sender, Outbound):
+        raise TypeError(f"{type(sender).__name__} lacks the sender's link and Gmail settings")
+    return sender
 
 
 def owner() -> ServiceSettings:
@@ -33,10 +56,10 @@ def owner() -> ServiceSettings:
     return admin
 
 
-def infrastructure(services: tuple[str, ...]) -> Iterator[Check]:
+def infrastructure(services: tuple[str, ...], settings_of: SettingsOf) -> Iterator[Check]:
     """Kafka and PostgreSQL as each service, the schema, the keyring and the hooks URL."""
     for service in services:
-        settings = doctor_infra.service_settings(service)
+        settings = settings_of(service)
         yield Check("kafka", service, doctor_infra.kafka(settings))
         if settings.uses_postgres:
             login = doctor_infra.postgres(settings)
@@ -44,7 +67,7 @@ def infrastructure(services: tuple[str, ...]) -> Iterator[Check]:
             if login.verdict != "fail":
                 yield Check("postgres rights", service, doctor_infra.table_rights(settings))
     yield Check("postgres", "migrations", doctor_infra.migrations(owner()))
-    sender = SenderSettings()
+    sender = outbound(settings_of)
     yield Check("links", "link keys", doctor_infra.link_keys(sender))
     yield Check("links", "hooks base URL",
                 doctor_infra.hooks_url(sender.hooks_base_url))
@@ -84,10 +107,10 @@ def domains(directory: dict[str, Account], dns_server: str | None) -> Iterator[C
             yield Check(what, domain + (signer if what == "DKIM" else ""), finding)
 
 
-def run(*, services: tuple[str, ...], dns_server: str | None, check_infra: bool = True
-        ) -> list[Check]:
+def run(*, services: tuple[str, ...], settings_of: SettingsOf, dns_server: str | None,
+        check_infra: bool = True) -> list[Check]:
     """Every check, in the order the table shows them."""
-    checks: list[Check] = list(infrastructure(services)) if check_infra else []
+    checks: list[Check] = list(infrastructure(services, settings_of)) if check_infra else []
     admin = ServiceSettings(service_name="admin")
     assert admin.accounts_file is not None
     try:
@@ -98,7 +121,7 @@ def run(*, services: tuple[str, ...], dns_server: str | None, check_infra: bool 
         return checks
     checks.append(Check("accounts", str(admin.accounts_file),
                         Finding("ok", f"{len(directory)} account(s)")))
-    sender = SenderSettings()
+    sender = outbound(settings_of)
     checks += accounts(directory, gmail_api_endpoint=sender.gmail_api_endpoint,
                        gmail_token_uri=sender.gmail_token_uri)
     checks += domains(directory, dns_server)

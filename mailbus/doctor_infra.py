@@ -8,7 +8,6 @@ written, shows up as that service's row.
 
 from __future__ import annotations
 
-import importlib
 import time
 from typing import Any
 
@@ -26,25 +25,6 @@ from mailbus.tokens import Keyring
 from mailbus.topics import GRANTS
 
 TIMEOUT = 10.0
-# Each service's settings class: its principal names and whether it has a database role.
-SETTINGS = {
-    "ingest": "mailbus.ingest.settings:IngestSettings",
-    "sender": "mailbus.sender.settings:SenderSettings",
-    "confirm": "mailbus.confirm.settings:ConfirmSettings",
-    "projector": "mailbus.confirm.projector:ProjectorSettings",
-    "replies": "mailbus.replies.settings:RepliesSettings",
-    "hooks": "mailbus.hooks.settings:HooksSettings",
-    "webhooks": "mailbus.webhooks.settings:WebhooksSettings",
-}
-
-
-def service_settings(service: str) -> ServiceSettings:
-    """The settings the service itself would build from this environment."""
-    module, _, name = SETTINGS[service].partition(":")
-    cls: type[ServiceSettings] = getattr(importlib.import_module(module), name)
-    return cls()
-
-
 def kafka(settings: ServiceSettings) -> Finding:
     """Log in as the service's principal; see every topic and group its grant names."""
     errors: list[KafkaError] = []

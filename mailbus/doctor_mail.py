@@ -147,10 +147,10 @@ def imap_mailbox(account: Account) -> Finding:
 
 
 def _gmail(account: Account, api_endpoint: str | None, token_uri: str | None) -> Any:
-    from mailbus.sender.gmail import GmailTransport  # the sender's own credential handling
+    from mailbus.gmail import GmailClient  # the sender's and the inbox's credential handling
 
-    return GmailTransport.from_account(account, api_endpoint=api_endpoint, token_uri=token_uri,
-                                       timeout=15.0)
+    return GmailClient.from_account(account, api_endpoint=api_endpoint, token_uri=token_uri,
+                                    timeout=15.0)
 
 
 def gmail_account(account: Account, api_endpoint: str | None = None,

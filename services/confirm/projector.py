@@ -37,10 +37,7 @@ from mailbus.codec import Registry
 from mailbus.confirm import metrics
 from mailbus.confirm.projection import (
     SUPPRESSION_SCHEMA,
-    EventRow,
-    InvalidEvent,
     SuppressionRow,
-    event_row,
     fold,
     increments,
     suppression_row,
@@ -48,6 +45,7 @@ from mailbus.confirm.projection import (
 from mailbus.errors import DecodeError
 from mailbus.lag import LagReporter
 from mailbus.settings import ServiceSettings
+from mailbus.timeline import EventRow, InvalidEvent, event_row
 
 log = logging.getLogger(__name__)
 SQL = queries.load(Path(__file__).with_name("projector.sql"))

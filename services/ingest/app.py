@@ -12,10 +12,9 @@ from functools import partial
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,7 +25,8 @@ from mailbus.accounts import load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
 from mailbus.ingest import metrics, openapi, problems
-from mailbus.ingest.gate import STATE_KEY, Gate, bearer_token
+from mailbus.ingest.auth import Key
+from mailbus.ingest.gate import Gate
 from mailbus.ingest.groupcommit import Member
 from mailbus.ingest.handlers import (
     ApiKey,
@@ -39,9 +39,12 @@ from mailbus.ingest.limits import BodyLimit
 from mailbus.ingest.models import BatchRequest, MessageRequest, cross_field_problems
 from mailbus.ingest.problems import Problem, invalid
 from mailbus.ingest.rates import KeyRates
+from mailbus.ingest.responses import router as responses_router
 from mailbus.ingest.retention import prune_forever
 from mailbus.ingest.service import Ingestor, Planned
 from mailbus.ingest.settings import IngestSettings
+from mailbus.ingest.status import router as status_router
+from mailbus.ingest.webhooks import router as webhooks_router
 from mailbus.ingest.workers import exposition, server_options
 from mailbus.producer import AsyncProducer
 from mailbus.reload import AccountsReloader
@@ -130,11 +133,6 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
     app.state.webhooks_allow_http = settings.webhooks_allow_http
     app.state.webhooks_max_endpoints = settings.webhooks_max_endpoints
     _routes(app)
-    # Imported here: the status routes use this module's Key dependency.
-    from mailbus.ingest.responses import router as responses_router
-    from mailbus.ingest.status import router as status_router
-    from mailbus.ingest.webhooks import router as webhooks_router
-
     app.include_router(status_router)
     app.include_router(responses_router)
     app.include_router(webhooks_router)
@@ -181,19 +179,6 @@ def _ingestor(request: Request) -> Ingestor:
     return request.app.state.ingestor  # type: ignore[no-any-return]
 
 
-# Declares the Bearer scheme in the OpenAPI document; the Gate has checked the
-# token by the time a route runs.
-_BEARER = HTTPBearer(auto_error=False, description="mbk_<key id>.<secret>")
-
-
-async def _key(request: Request,
-               _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> ApiKey:
-    key = request.scope.get("state", {}).get(STATE_KEY)
-    if isinstance(key, ApiKey):
-        return key
-    return await _ingestor(request).authenticate(bearer_token(request.scope["headers"]))
-
-
 def _idempotency(value: str | None) -> str | None:
     if value is not None and not IDEMPOTENCY_KEY.match(value):
         raise invalid([{"field": "Idempotency-Key",
@@ -215,7 +200,6 @@ def _plan(ing: Ingestor, key: ApiKey, req: MessageRequest, idem: str | None,
     return Planned(req, message_id_for(key.id, idem, index, generation), account_id, pool)
 
 
-Key = Annotated[ApiKey, Depends(_key)]
 IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
 
 

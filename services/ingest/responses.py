@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from mailbus import queries, topics
 from mailbus.accounts import ACCOUNT_ID_PATTERN
 from mailbus.errors import UnavailableError
-from mailbus.ingest.app import Key
+from mailbus.ingest.auth import Key
 from mailbus.ingest.handlers import require_scope
 from mailbus.ingest.models import no_header_breaks
 from mailbus.ingest.problems import Problem, unavailable

@@ -25,10 +25,10 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic import AwareDatetime, BeforeValidator
 
 from mailbus import queries
-from mailbus.confirm.projection import COUNTED, Status
-from mailbus.ingest.app import Key
+from mailbus.ingest.auth import Key
 from mailbus.ingest.handlers import require_scope
 from mailbus.ingest.problems import Problem, invalid, unavailable
+from mailbus.timeline import COUNTED, Status
 
 SQL = queries.load(Path(__file__).with_name("status.sql"))
 router = APIRouter()

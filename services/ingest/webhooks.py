@@ -19,14 +19,13 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-from mailbus import queries
-from mailbus.ingest.app import Key
+from mailbus import queries, webhook_signing
+from mailbus.ingest.auth import Key
 from mailbus.ingest.handlers import ApiKey, require_scope
 from mailbus.ingest.problems import Problem, invalid
 from mailbus.ingest.status import _namespace, _rows, page_of, position
-from mailbus.webhooks import signing
-from mailbus.webhooks.guard import Policy, Refused, check_url
-from mailbus.webhooks.rules import EVENT_TYPES, TEST_TYPE, ping_event
+from mailbus.webhook_events import EVENT_TYPES, TEST_TYPE, ping_event
+from mailbus.webhook_guard import Policy, Refused, check_url
 
 SQL = queries.load(Path(__file__).with_name("webhooks.sql"))
 router = APIRouter(tags=["webhooks"])
@@ -140,7 +139,7 @@ async def create_endpoint(request: Request, body: EndpointCreate, key: Key) -> J
     params = {"id": str(uuid.uuid4()), "namespace": _namespace(request), "key_id": key.id,
               "all_messages": key.is_admin, "url": body.url,
               "event_types": sorted(set(body.event_types)), "description": body.description,
-              "secret": signing.new_secret()}
+              "secret": webhook_signing.new_secret()}
     limit = request.app.state.webhooks_max_endpoints
     async with _rows(request) as cur:
         await cur.execute(SQL["count_for_key"], params)
@@ -200,7 +199,8 @@ async def rotate_secret(request: Request, endpoint_id: str, key: Key,
     """A new signing secret; the old one stays valid for `grace_seconds` (default a day)."""
     ids = _ids(request, key, endpoint_id)
     grace = (body or Rotation()).grace_seconds
-    row = await _one(request, "rotate", ids | {"secret": signing.new_secret(), "grace": grace})
+    secret = webhook_signing.new_secret()
+    row = await _one(request, "rotate", ids | {"secret": secret, "grace": grace})
     return endpoint_body(row, secret=True)
 
 

@@ -1,10 +1,11 @@
 """Reads one Gmail account's INBOX through the Gmail API and hands every new message over.
 
-Credentials, the service object and the error mapping are the sender's
-(mailbus.sender.gmail): the same token file or delegated service account,
-the same endpoint override for the emulator, and its classification of
-failures (TransientError with the HTTP code, AccountExhausted for 429 and
-rate limits).
+The Gmail client is the core's (mailbus.gmail), as the sender's: the same
+token file or delegated service account, the same endpoint override for the
+emulator, and the same reading of Google's errors (`failure`), which this
+module reports as its own read errors: ReadLimited for 429 and rate limits,
+ReadRefused for a request Gmail will not take, ReadUnavailable (with the
+HTTP code) for the rest.
 
 Behaviour:
 * First run: record the mailbox's current historyId (users.getProfile) and
@@ -49,16 +50,10 @@ from typing import Any
 from google.oauth2 import service_account
 
 from mailbus.accounts import Account
-from mailbus.errors import ConfigError
+from mailbus.errors import ConfigError, MailbusError
+from mailbus.gmail import AUTH, Failure, GmailClient, failure
 from mailbus.logs import event
 from mailbus.replies.state import Handler, HandlerFailed, MailboxState, MailRef
-from mailbus.sender.gmail import AUTH, GmailTransport
-from mailbus.sender.transport import (
-    AccountExhausted,
-    PermanentError,
-    SendError,
-    TransientError,
-)
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +65,38 @@ MAY_MODIFY = {MODIFY, "https://mail.google.com/"}
 HEADER_BYTES = 64 * 1024  # of a message over max_bytes, as much header as is handed over
 
 
-class _Mailbox(GmailTransport):
-    """The sender's Gmail client, used to read: calls run in worker threads."""
+class ReadError(MailbusError):
+    """A Gmail call of the inbox reader failed."""
+
+    def __init__(self, reason: str, *, code: int | None = None,
+                 retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.code, self.retry_after = reason, code, retry_after
+
+
+class ReadUnavailable(ReadError):
+    """Gmail unreachable, credentials refused, or an HTTP error (`code`): back off, retry."""
+
+
+class ReadLimited(ReadError):
+    """A quota or rate limit: wait `retry_after` seconds (or a second) and retry."""
+
+
+class ReadRefused(ReadError):
+    """Gmail will not take this request as it is (400, 413)."""
+
+
+def read_error(found: Failure) -> ReadError:
+    """The reader's error for a failed Gmail call."""
+    if found.kind in ("sending_limit", "rate_limit"):
+        return ReadLimited(found.reason, retry_after=found.retry_after)
+    if found.kind == "refused":
+        return ReadRefused(found.reason, code=found.code)
+    return ReadUnavailable(found.reason, code=found.code)
+
+
+class _Mailbox(GmailClient):
+    """The core Gmail client, used to read: calls run in worker threads."""
 
     def __init__(self, credentials: Any, *, modify: bool = False, **kwargs: Any):
         if modify:
@@ -79,7 +104,13 @@ class _Mailbox(GmailTransport):
         super().__init__(credentials, **kwargs)
 
     async def call(self, make_request: Callable[[], Any]) -> dict[str, Any]:
-        return await self._run(make_request)
+        """One request; every failure comes out as a ReadError."""
+        if self.closed:
+            raise ReadUnavailable(f"Gmail client for {self.account_id} is closed")
+        try:
+            return await self.execute(make_request)
+        except Exception as exc:
+            raise read_error(failure(exc, datetime.now(UTC))) from exc
 
 
 class GmailReader:
@@ -115,12 +146,12 @@ class GmailReader:
             while not self._stopping.is_set():
                 try:
                     await self._sync()
-                except AccountExhausted as exc:
+                except ReadLimited as exc:
                     self._failed(logging.WARNING, exc.reason, exc.retry_after or 1.0)
                     await self._sleep(exc.retry_after or 1.0)
                     continue
-                except (SendError, HandlerFailed) as exc:
-                    self._failed(logging.WARNING if isinstance(exc, SendError) else logging.ERROR,
+                except (ReadError, HandlerFailed) as exc:
+                    self._failed(logging.WARNING if isinstance(exc, ReadError) else logging.ERROR,
                                  str(exc), delay, exc.__cause__)
                     await self._sleep(delay)
                     delay = min(delay * 2, self._backoff[1])
@@ -177,7 +208,7 @@ class GmailReader:
             return
         try:
             await self._follow(mark.history_id)
-        except TransientError as exc:
+        except ReadUnavailable as exc:
             if exc.code != 404:
                 raise
             await self._full_sync(mark.history_id, mark.last_received_at)
@@ -257,7 +288,7 @@ class GmailReader:
                     lambda: messages.get(userId="me", id=gmail_id, format="raw"))
                 raw = _unb64(found["raw"])
                 size = max(size, len(raw))
-        except TransientError as exc:
+        except ReadUnavailable as exc:
             if exc.code == 404:  # deleted since it was added: nothing to hand over
                 return
             raise
@@ -285,15 +316,15 @@ class GmailReader:
         body = {"name": name, "labelListVisibility": "labelShow", "messageListVisibility": "show"}
         try:
             created = await self._gmail.call(lambda: labels.create(userId="me", body=body))
-        except TransientError as exc:
+        except ReadUnavailable as exc:
             # 409 "Label name exists or conflicts": created meanwhile by someone else, or
             # the name clashes with a system label (Gmail compares names ignoring case).
             if exc.code != 409:
                 raise
             found = await self._find_label(name)
             if found is None:
-                raise TransientError(f"Gmail will not create label {name!r}: {exc}",
-                                     code=409) from exc
+                raise ReadUnavailable(f"Gmail will not create label {name!r}: {exc}",
+                                      code=409) from exc
             return found
         log.info("account %s: created Gmail label %r (%s)", self.account_id, name,
                  created["id"])
@@ -313,10 +344,10 @@ class GmailReader:
         messages, body = self._gmail.service.users().messages(), {"addLabelIds": [self._label_id]}
         try:
             await self._gmail.call(lambda: messages.modify(userId="me", id=gmail_id, body=body))
-        except TransientError as exc:
+        except ReadUnavailable as exc:
             if exc.code != 404:  # 404: deleted since it was handled, nothing to label
                 raise
-        except PermanentError:
+        except ReadRefused:
             # 400 for a label deleted while the reader runs: look it up (create it) again.
             self._label_id = None
             raise

@@ -1,7 +1,7 @@
 """One delivery attempt over HTTP: to the checked address, no redirects, bounded in time and size.
 
-The request goes to the address `guard.resolve` checked, with the URL's host
-in `Host` and, for https, in the TLS server name (SNI) against which the
+The request goes to the address `webhook_guard.resolve` checked, with the URL's
+host in `Host` and, for https, in the TLS server name (SNI) against which the
 certificate is verified: the name is never resolved a second time. Each
 endpoint has a client of its own, so a pooled connection is reused only for
 the same host. Proxies from the environment are ignored (`trust_env=False`):
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from mailbus.webhooks.guard import (
+from mailbus.webhook_guard import (
     Policy,
     Refused,
     Resolver,

@@ -26,8 +26,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from mailbus import queries
-from mailbus.webhooks import metrics, signing
+from mailbus import queries, webhook_signing
+from mailbus.webhooks import metrics
 from mailbus.webhooks.client import Attempt, Limits, attempt, new_client
 from mailbus.webhooks.rules import after_attempt, should_disable, succeeded
 from mailbus.webhooks.settings import WebhooksSettings
@@ -138,7 +138,8 @@ class Dispatcher:
             secrets_.append(endpoint["previous_secret"])
         body = row["body"].encode()
         now = datetime.now(UTC)
-        headers = signing.headers(secrets_, str(row["event_id"]), int(now.timestamp()), body)
+        headers = webhook_signing.headers(secrets_, str(row["event_id"]), int(now.timestamp()),
+                                          body)
         client_key = (ids["endpoint_id"], urlsplit(endpoint["url"]).netloc)
         client = self.clients.get(client_key)
         if client is None:

@@ -26,10 +26,11 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from mailbus import queries, topics
 from mailbus.codec import Registry
-from mailbus.confirm.projection import InvalidEvent, event_row
 from mailbus.errors import DecodeError
+from mailbus.timeline import InvalidEvent, event_row
+from mailbus.webhook_events import Event, event_of
 from mailbus.webhooks import metrics
-from mailbus.webhooks.rules import LIVE_LANE, Event, event_of
+from mailbus.webhooks.rules import LIVE_LANE
 from mailbus.webhooks.settings import WebhooksSettings
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pydantic import Field, IPvAnyNetwork, model_validator
 
 from mailbus.errors import ConfigError
 from mailbus.settings import ServiceSettings
-from mailbus.webhooks.guard import Policy
+from mailbus.webhook_guard import Policy
 from mailbus.webhooks.rules import DEFAULT_SCHEDULE
 
 DAY_SECONDS = 86400

@@ -18,6 +18,7 @@ import pytest
 from psycopg import sql
 
 from mailbus import db, doctor_infra
+from mailbus.cli import service_settings
 from mailbus.settings import PostgresSettings, ServiceSettings
 from tests.support.dns import DnsServer
 from tests.support.doctor import run_doctor
@@ -99,13 +100,13 @@ def test_doctor_fails_a_role_missing_a_right_or_holding_one_too_many(
     assert rows[("postgres", "sender")] == "ok"  # the login itself is fine
 
     # The verdicts say what is wrong and the statement that puts it right.
-    sender = doctor_infra.table_rights(doctor_infra.service_settings("sender"))
+    sender = doctor_infra.table_rights(service_settings("sender"))
     assert sender.verdict == "fail" and "lacks UPDATE" in sender.detail
     assert "send_ledger" in sender.detail and "beyond" not in sender.detail
     assert 'GRANT UPDATE ("message_id",' in sender.fix and 'TO "mailbus_sender";' in sender.fix
-    ingest = doctor_infra.table_rights(doctor_infra.service_settings("ingest"))
+    ingest = doctor_infra.table_rights(service_settings("ingest"))
     assert ingest.detail == "mailbus_ingest has beyond its need DELETE on messages"
     assert ingest.fix == 'as the schema owner: REVOKE DELETE ON "messages" FROM "mailbus_ingest";'
-    webhooks: Any = doctor_infra.table_rights(doctor_infra.service_settings("webhooks"))
+    webhooks: Any = doctor_infra.table_rights(service_settings("webhooks"))
     assert "UPDATE (subject) on messages" in webhooks.detail
     assert 'REVOKE UPDATE ("subject") ON "messages"' in webhooks.fix

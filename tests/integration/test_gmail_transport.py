@@ -23,15 +23,8 @@ from httplib2 import Response
 
 from mailbus.accounts import Account, GmailAccount
 from mailbus.errors import ConfigError
-from mailbus.sender.gmail import (
-    GOOGLE_API_ENDPOINT,
-    GOOGLE_TOKEN_URI,
-    RATE_WAIT,
-    RATE_WAIT_CAP,
-    SCOPES,
-    GmailTransport,
-    classify,
-)
+from mailbus.gmail import GOOGLE_API_ENDPOINT, GOOGLE_TOKEN_URI, RATE_WAIT, RATE_WAIT_CAP, SCOPES
+from mailbus.sender.gmail import GmailTransport, classify
 from mailbus.sender.transport import (
     AccountExhausted,
     Outgoing,

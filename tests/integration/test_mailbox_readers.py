@@ -23,10 +23,10 @@ from pydantic import ValidationError
 from mailbus.accounts import Account, GmailAccount, ImapAccount, SmtpAccount
 from mailbus.db import open_pool
 from mailbus.errors import ConfigError
+from mailbus.gmail import AUTH, SCOPES
 from mailbus.replies.gmail_inbox import GmailReader
 from mailbus.replies.imap import HEADER_BYTES, ImapReader, fetch_rounds
 from mailbus.replies.state import InboundMessage, MailboxState, MailRef
-from mailbus.sender.gmail import AUTH, SCOPES
 from mailbus.settings import ServiceSettings
 from tests.support import dovecot
 from tests.support.gmail_emulator import GmailEmulator

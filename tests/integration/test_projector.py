@@ -17,9 +17,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from mailbus.confirm.projection import event_row
 from mailbus.confirm.projector import ProjectorSettings, project
 from mailbus.settings import ServiceSettings
+from mailbus.timeline import event_row
 from tests.support.projector import (
     READER,
     bounced,

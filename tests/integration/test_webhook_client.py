@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mailbus.webhook_guard import Policy
 from mailbus.webhooks.client import SNIPPET_BYTES, Attempt, Limits, attempt, new_client
-from mailbus.webhooks.guard import Policy
 from tests.support.receiver import Receiver, https_receiver
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))

@@ -8,7 +8,10 @@ from typing import Any, get_args
 
 import pytest
 
-from mailbus.confirm.projection import (
+from mailbus.confirm.projection import fold, increments, utc_day
+from mailbus.ingest.problems import Problem
+from mailbus.ingest.status import decode_cursor, encode_cursor, parse_day
+from mailbus.timeline import (
     COUNTED,
     STATUSES,
     EventRow,
@@ -16,13 +19,8 @@ from mailbus.confirm.projection import (
     Status,
     confirmed_kind,
     event_row,
-    fold,
-    increments,
     status_for,
-    utc_day,
 )
-from mailbus.ingest.problems import Problem
-from mailbus.ingest.status import decode_cursor, encode_cursor, parse_day
 
 T0 = datetime(2026, 3, 1, 23, 59, 30, tzinfo=UTC)
 MID = str(uuid.uuid4())

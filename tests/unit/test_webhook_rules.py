@@ -11,20 +11,13 @@ import jsonschema
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from mailbus import webhook_signing as signing
 from mailbus.codec import Registry
-from mailbus.confirm.projection import event_row
 from mailbus.settings import REPO_ROOT
-from mailbus.webhooks import signing
-from mailbus.webhooks.guard import Policy, Refused, check_address, check_addresses, check_url
-from mailbus.webhooks.rules import (
-    DEFAULT_SCHEDULE,
-    EVENT_TYPES,
-    after_attempt,
-    event_of,
-    ping_event,
-    should_disable,
-    succeeded,
-)
+from mailbus.timeline import event_row
+from mailbus.webhook_events import EVENT_TYPES, event_of, ping_event
+from mailbus.webhook_guard import Policy, Refused, check_address, check_addresses, check_url
+from mailbus.webhooks.rules import DEFAULT_SCHEDULE, after_attempt, should_disable, succeeded
 from tests.support import projector as build
 
 SCHEMA = json.loads((REPO_ROOT / "docs" / "webhooks.schema.json").read_text())
