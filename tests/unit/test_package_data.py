@@ -37,3 +37,13 @@ def test_no_module_finds_its_files_relative_to_the_source_tree() -> None:
             if hits != ALLOWED.get(relative, 0):
                 found[relative] = hits
     assert found == {}, "locate package files with importlib.resources, not __file__"
+
+
+def test_the_readme_states_the_mapping_of_import_names_to_folders() -> None:
+    first_screen = (REPO_ROOT / "README.md").read_text().split("\n## ", 1)[0]
+    stated = re.findall(r"`(services/[a-z]+)/` is `(mailbus\.[a-z]+)`", first_screen)
+    assert stated, "the README's first screen names no folder and its import name"
+    for folder, package in stated:
+        assert PACKAGE_DIRS[package] == folder
+    assert all(package == "mailbus" or folder.startswith("services/")
+               for package, folder in PACKAGE_DIRS.items())
