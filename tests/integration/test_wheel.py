@@ -48,6 +48,7 @@ from importlib import resources
 import mailbus
 from mailbus import db, queries
 from mailbus.codec import DEFAULT_SCHEMA_DIR, Registry
+from mailbus.settings import DEFAULT_VAR
 
 # __main__ modules run a command when imported.
 modules = sorted(m.name for m in pkgutil.walk_packages(mailbus.__path__, "mailbus.")
@@ -74,6 +75,7 @@ print(json.dumps({
     "sql": sql,
     "packaged_sql": packaged,
     "migrations": [version for version, _ in db.migration_files()],
+    "default_var": str(DEFAULT_VAR),
     "files": sorted({getattr(m, "__file__", None) or "" for m in list(sys.modules.values())}),
 }))
 """
@@ -194,6 +196,8 @@ def test_schemas_and_sql_load_from_the_wheel(installed: Installed) -> None:
     assert all(probe["packaged_sql"].values())
     assert len(probe["sql"]) >= len(service_sql) and all(probe["sql"].values())
     assert probe["migrations"] == [version for version, _ in db.migration_files()]
+    # No checkout to keep state in: var/ under the working directory.
+    assert probe["default_var"] == "var"
 
     # Nothing came from the checkout's sources (its .venv is where the dependencies are).
     sources = [REPO_ROOT / folder for folder in [*PACKAGE_DIRS.values(), "schemas"]]
