@@ -16,15 +16,17 @@ COPY requirements.lock /tmp/requirements.lock
 RUN /opt/mailbus/bin/pip install --require-hashes --no-deps -r /tmp/requirements.lock \
  && find /opt/mailbus/lib/python3.11/site-packages/googleapiclient/discovery_cache/documents \
         -type f ! -name 'gmail.v1.json' -delete
-# The project is installed in editable mode from /app: the Avro schemas and
-# SQL files stay beside the code, where mailbus looks for them.
-COPY pyproject.toml README.md /app/
-COPY schemas /app/schemas
-COPY mailbus /app/mailbus
-COPY services /app/services
-RUN /opt/mailbus/bin/pip install --no-deps --no-build-isolation -e /app \
+# The project goes in as a wheel, built here by the locked setuptools and
+# wheel: the Avro schemas and SQL files travel inside it as package data, and
+# no source tree is left in the image. pip compiles the installed modules.
+COPY pyproject.toml README.md /src/
+COPY schemas /src/schemas
+COPY mailbus /src/mailbus
+COPY services /src/services
+RUN /opt/mailbus/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/dist /src \
+ && /opt/mailbus/bin/pip install --no-deps --no-index /tmp/dist/mailbus-*.whl \
  && /opt/mailbus/bin/pip check \
- && /opt/mailbus/bin/python -m compileall -q /app/mailbus /app/services
+ && rm -rf /tmp/dist
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="mailbus" \
@@ -38,7 +40,6 @@ RUN groupadd --gid 10001 mailbus \
  && mkdir -p /var/lib/mailbus/secrets \
  && chown -R mailbus:mailbus /var/lib/mailbus && chmod 700 /var/lib/mailbus/secrets
 COPY --from=build /opt/mailbus /opt/mailbus
-COPY --from=build /app /app
 COPY deploy/compose/healthcheck.py /usr/local/bin/mailbus-healthcheck
 ENV PATH=/opt/mailbus/bin:$PATH \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \

@@ -10,6 +10,8 @@ import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,7 +24,9 @@ from mailbus.errors import DecodeError, EncodeError, SchemaError
 
 MARKER = b"\xc3\x01"
 HEADER_SIZE = 10  # marker + 8-byte fingerprint
-DEFAULT_SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# The repository's schemas/, shipped inside the package (mailbus/schemas links
+# to it), so an installed wheel carries the same files the contract documents.
+DEFAULT_SCHEMA_DIR: Traversable = resources.files("mailbus") / "schemas"
 
 TOPIC_SCHEMAS: dict[str, str] = {
     "email.requested": "mailbus.EmailRequested",
@@ -85,12 +89,13 @@ class Registry:
                     self._readers[version.fingerprint] = (schema, version, latest.parsed)
 
     @classmethod
-    def load(cls, directory: Path | None = None) -> Registry:
-        """Load every schemas/<topic>/v<N>.avsc under directory (default: the repo's)."""
-        root = Path(directory) if directory is not None else DEFAULT_SCHEMA_DIR
+    def load(cls, directory: Path | Traversable | None = None) -> Registry:
+        """Load every <topic>/v<N>.avsc under directory (default: the installed schemas/)."""
+        root = directory if directory is not None else DEFAULT_SCHEMA_DIR
         if not root.is_dir():
             raise SchemaError(f"schema directory {root} does not exist")
-        folders = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name[0] not in "._"]
+        folders = [p for p in sorted(root.iterdir(), key=_name)
+                   if p.is_dir() and p.name[0] not in "._"]
         if not folders:
             raise SchemaError(f"{root} holds no schema folders")
         return cls([_load_topic(folder) for folder in folders])
@@ -174,9 +179,15 @@ class Registry:
             raise SchemaError(f"no schema or topic named {name!r}") from None
 
 
-def _load_topic(folder: Path) -> _Schema:
+def _name(path: Traversable) -> str:
+    return path.name
+
+
+def _load_topic(folder: Traversable) -> _Schema:
     found: dict[int, _Version] = {}
-    for path in sorted(folder.glob("*.avsc")):
+    # What glob("*.avsc") matched, on any Traversable: hidden files are not schemas.
+    files = (p for p in folder.iterdir() if p.name.endswith(".avsc") and p.name[0] != ".")
+    for path in sorted(files, key=_name):
         match = _VERSION_FILE.fullmatch(path.name)
         if match is None:
             raise SchemaError(f"{path}: schema files must be named v<N>.avsc")
@@ -195,7 +206,7 @@ def _load_topic(folder: Path) -> _Schema:
     return _Schema(name=name, topic=folder.name, versions=versions)
 
 
-def _load_version(path: Path, number: int) -> _Version:
+def _load_version(path: Traversable, number: int) -> _Version:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -23,8 +23,13 @@ from mailbus.errors import ConfigError
 
 KAFKA_LOG = logging.getLogger("mailbus.kafka")
 
+# The checkout this module runs from, when it runs from one (the editable
+# install `make up` makes); an installed wheel has none, so nothing the services
+# read at run time is looked for here (schemas and SQL are package data).
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_VAR = REPO_ROOT / "var"
+# State lives in the checkout's var/, where the stack's scripts put it; installed
+# from a wheel, in var/ under the working directory (the image sets MAILBUS_VAR_DIR).
+DEFAULT_VAR = REPO_ROOT / "var" if (REPO_ROOT / "pyproject.toml").is_file() else Path("var")
 
 # Values people paste from examples; never acceptable outside local use.
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "password", "admin", "dev"})

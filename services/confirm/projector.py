@@ -23,7 +23,6 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -48,7 +47,7 @@ from mailbus.settings import ServiceSettings
 from mailbus.timeline import EventRow, InvalidEvent, event_row
 
 log = logging.getLogger(__name__)
-SQL = queries.load(Path(__file__).with_name("projector.sql"))
+SQL = queries.load_resource(__package__, "projector.sql")
 ERROR_LOG_SECONDS = 60.0
 PROJECTED = (topics.REQUESTED, topics.SENT, topics.FAILED, topics.DELIVERED, topics.BOUNCED,
              topics.RESPONSES, topics.CONFIRMED, topics.SUPPRESSIONS)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
@@ -39,7 +38,7 @@ from mailbus.ingest.status import (
     position,
 )
 
-SQL = queries.load(Path(__file__).with_name("responses.sql"))
+SQL = queries.load_resource(__package__, "responses.sql")
 router = APIRouter()
 ResponseKind = Literal["reply", "auto_reply", "action", "unsubscribe", "complaint", "open",
                        "unknown"]

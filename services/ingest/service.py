@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
 from typing import Any, cast
 
 import psycopg
@@ -42,7 +41,7 @@ from mailbus.ingest.problems import Problem, unauthorized, unavailable
 from mailbus.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
-SQL = queries.load(Path(__file__).with_name("queries.sql"))
+SQL = queries.load_resource(__package__, "queries.sql")
 # Concurrent runs of each kind, from the connection pool; what arrives while
 # they are busy waits for the next, together.
 LOOKUPS_IN_FLIGHT = 2

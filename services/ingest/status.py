@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import date, datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 import psycopg
@@ -30,7 +29,7 @@ from mailbus.ingest.handlers import require_scope
 from mailbus.ingest.problems import Problem, invalid, unavailable
 from mailbus.timeline import COUNTED, Status
 
-SQL = queries.load(Path(__file__).with_name("status.sql"))
+SQL = queries.load_resource(__package__, "status.sql")
 router = APIRouter()
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 # The first page starts after the newest possible row.

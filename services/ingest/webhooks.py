@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
@@ -27,7 +26,7 @@ from mailbus.ingest.status import _namespace, _rows, page_of, position
 from mailbus.webhook_events import EVENT_TYPES, TEST_TYPE, ping_event
 from mailbus.webhook_guard import Policy, Refused, check_url
 
-SQL = queries.load(Path(__file__).with_name("webhooks.sql"))
+SQL = queries.load_resource(__package__, "webhooks.sql")
 router = APIRouter(tags=["webhooks"])
 EventType = Literal["message.sent", "message.failed", "message.delivered", "message.bounced",
                     "message.response", "message.confirmed", "message.unconfirmed"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -18,7 +17,7 @@ from mailbus import queries
 from mailbus.replies.classify import Inbound
 from mailbus.replies.events import REPORTS, Sent, TagCheck, named, reference
 
-SQL = queries.load(Path(__file__).with_name("queries.sql"))
+SQL = queries.load_resource(__package__, "queries.sql")
 
 
 class SentMessages:

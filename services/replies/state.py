@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from psycopg.rows import dict_row
@@ -23,7 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 from mailbus import queries
 from mailbus.errors import MailbusError
 
-SQL = queries.load(Path(__file__).with_name("queries.sql"))
+SQL = queries.load_resource(__package__, "queries.sql")
 # The text kept of an inbound message; the message itself stays in the mailbox.
 TEXT_CAP = 64 * 1024
 

@@ -7,7 +7,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from psycopg.rows import dict_row
@@ -17,7 +16,7 @@ from mailbus import queries
 from mailbus.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
-SQL = queries.load(Path(__file__).with_name("queries.sql"))
+SQL = queries.load_resource(__package__, "queries.sql")
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,12 @@ than querying it itself (docs/design.md, Layout).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import psycopg
 
 from mailbus import queries
 
-SQL = queries.load(Path(__file__).with_name("usage.sql"))
+SQL = queries.load_resource(__package__, "usage.sql")
 
 
 @dataclass(frozen=True)

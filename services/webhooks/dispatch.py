@@ -17,7 +17,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,7 +32,7 @@ from mailbus.webhooks.rules import after_attempt, should_disable, succeeded
 from mailbus.webhooks.settings import WebhooksSettings
 
 log = logging.getLogger(__name__)
-SQL = queries.load(Path(__file__).with_name("queries.sql"))
+SQL = queries.load_resource(__package__, "queries.sql")
 # Rows per delete statement: a backlog never holds many row locks at once.
 PRUNE_BATCH = 1000
 

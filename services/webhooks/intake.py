@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -34,7 +33,7 @@ from mailbus.webhooks.rules import LIVE_LANE
 from mailbus.webhooks.settings import WebhooksSettings
 
 log = logging.getLogger(__name__)
-SQL = queries.load(Path(__file__).with_name("queries.sql"))
+SQL = queries.load_resource(__package__, "queries.sql")
 # Every outcome of a message; email.requested is the client's own request.
 READ = (topics.SENT, topics.FAILED, topics.DELIVERED, topics.BOUNCED, topics.RESPONSES,
         topics.CONFIRMED)

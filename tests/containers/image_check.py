@@ -54,10 +54,12 @@ def test_runs_as_an_unprivileged_user(image: str) -> None:
     ids = podman("run", "--rm", "--network", "none", image, "id", "-u").stdout.strip()
     assert ids == str(IMAGE_UID)
     # The installed code and the interpreter are not the service user's to change.
-    probe = ("import os; print(os.access('/app/mailbus', os.W_OK),"
+    probe = ("import os, mailbus; print(os.path.dirname(mailbus.__file__),"
+             " os.access(os.path.dirname(mailbus.__file__), os.W_OK),"
              " os.access('/opt/mailbus/bin', os.W_OK))")
     assert podman("run", "--rm", "--network", "none", image, "python", "-c",
-                  probe).stdout.split() == ["False", "False"]
+                  probe).stdout.split() == [
+        "/opt/mailbus/lib/python3.11/site-packages/mailbus", "False", "False"]
 
 
 def test_no_layer_holds_a_secret(image: str, tmp_path: Path) -> None:
