@@ -47,6 +47,21 @@ def _iso_only(value: object) -> object:
 
 
 Since = Annotated[AwareDatetime, BeforeValidator(_iso_only)]
+# Filters of the listing; each value is bound as a parameter, never spliced.
+MAX_ADDRESS = 254  # RFC 5321's path limit, less the angle brackets
+# One @, no space or control character: what an address of a request can be.
+ADDRESS_PATTERN = r"^[^\s@\x00-\x1f\x7f]{1,64}@[^\s@\x00-\x1f\x7f]{1,253}$"
+TAG_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"  # as a request's tags
+ACCOUNT_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"  # as accounts.toml's ids
+# (driving filter, admin) -> the named query of status.sql.
+QUERIES = {("list", False): "list_for_key", ("list", True): "list_all",
+           ("account", False): "account_for_key", ("account", True): "account_all",
+           ("search", False): "search_for_key", ("search", True): "search_all"}
+# Counting a recipient's or a tag's messages stops here: enough to tell
+# the smaller of the two apart, cheap enough to do before every search.
+TERM_SIZE_CAP = 10_000
+# Sorts before every real id at the same instant: (until, this) excludes `until` itself.
+_LOWEST_ID = "00000000-0000-0000-0000-000000000000"
 _MESSAGE_FIELDS = ("status", "pool", "subject", "recipients", "tags", "send_at",
                    "requested_at", "updated_at")
 
@@ -82,6 +97,14 @@ def decode_cursor(cursor: str, keys: tuple[str, ...]) -> dict[str, str]:
 def position(cursor: str | None, start: dict[str, str]) -> dict[str, str]:
     """Where a page starts: after the row a cursor names, or at a listing's `start`."""
     return decode_cursor(cursor, tuple(start)) if cursor else dict(start)
+
+
+def start_of_page(after: dict[str, str], until: datetime | None) -> dict[str, str]:
+    """The earlier of a page's start and `until` (excluded): pages never reach past it."""
+    if until is None or (after["t"] != "infinity"
+                         and datetime.fromisoformat(after["t"]) < until):
+        return after
+    return {"t": until.isoformat(), "id": _LOWEST_ID}
 
 
 def page_of(rows: list[Any], limit: int, cursor_of: Callable[[Any], dict[str, str]]
@@ -165,17 +188,41 @@ async def get_message(request: Request, message_id: str, key: Key) -> dict[str, 
 async def list_messages(
     request: Request, key: Key,
     status: Status | None = None,
+    recipient: Annotated[str | None, Query(
+        max_length=MAX_ADDRESS, pattern=ADDRESS_PATTERN,
+        description="An address of to, cc or bcc; compared without regard to case")] = None,
+    tag: Annotated[str | None, Query(pattern=TAG_PATTERN)] = None,
+    account: Annotated[str | None, Query(pattern=ACCOUNT_PATTERN)] = None,
     since: Since | None = None,
+    until: Annotated[Since | None, Query(description="Requested before this time")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: Annotated[str | None, Query(max_length=256)] = None,
 ) -> dict[str, Any]:
-    """This key's messages (admin keys: all), newest first, a page at a time."""
+    """This key's messages (admin keys: all), newest first, a page at a time, filtered."""
     require_scope(key, "read")
-    after = position(cursor, FIRST_PAGE)
+    if since is not None and until is not None and until <= since:
+        raise invalid([{"field": "until", "message": "must be later than since"}])
+    after = start_of_page(position(cursor, FIRST_PAGE), until)
     params = {"after_at": after["t"], "after_id": after["id"], "status": status,
-              "since": since or "-infinity", "limit": limit + 1, "key_id": key.id}
+              "since": since or "-infinity", "limit": limit + 1, "key_id": key.id,
+              "account": account, "field": None, "value": None, "also_field": None,
+              "also_value": None}
+    terms = [t for t in (("recipient", recipient and recipient.lower()), ("tag", tag))
+             if t[1] is not None]
     async with _rows(request) as cur:
-        await cur.execute(SQL["list_all" if key.is_admin else "list_for_key"], params)
+        if len(terms) == 2:
+            scope = None if key.is_admin else key.id
+            sizes = []
+            for field, value in terms:
+                await cur.execute(SQL["term_size"], {"field": field, "value": value,
+                                                     "key_id": scope, "cap": TERM_SIZE_CAP})
+                sizes.append((await cur.fetchone() or {"n": 0})["n"])
+            terms = [t for _, t in sorted(zip(sizes, terms, strict=True))]
+            params |= {"also_field": terms[1][0], "also_value": terms[1][1]}
+        if terms:
+            params |= {"field": terms[0][0], "value": terms[0][1]}
+        name = "search" if terms else "account" if account else "list"
+        await cur.execute(SQL[QUERIES[name, key.is_admin]], params)
         rows = await cur.fetchall()
     page, after_last = page_of(rows, limit, lambda r: {"t": r["requested_at"].isoformat(),
                                                        "id": str(r["id"])})
