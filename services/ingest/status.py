@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 import psycopg
@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic import AwareDatetime, BeforeValidator
 
 from mailbus import queries
+from mailbus.confirm.search import NotAnAddress, search_address
 from mailbus.ingest.auth import Key
 from mailbus.ingest.handlers import require_scope
 from mailbus.ingest.problems import Problem, invalid, unavailable
@@ -53,13 +54,15 @@ MAX_ADDRESS = 254  # RFC 5321's path limit, less the angle brackets
 ADDRESS_PATTERN = r"^[^\s@\x00-\x1f\x7f]{1,64}@[^\s@\x00-\x1f\x7f]{1,253}$"
 TAG_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"  # as a request's tags
 ACCOUNT_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"  # as accounts.toml's ids
-# (driving filter, admin) -> the named query of status.sql.
-QUERIES = {("list", False): "list_for_key", ("list", True): "list_all",
-           ("account", False): "account_for_key", ("account", True): "account_all",
-           ("search", False): "search_for_key", ("search", True): "search_all"}
-# Counting a recipient's or a tag's messages stops here: enough to tell
-# the smaller of the two apart, cheap enough to do before every search.
+# (searched, admin) -> the named query of status.sql.
+QUERIES = {(False, False): "list_for_key", (False, True): "list_all",
+           (True, False): "search_for_key", (True, True): "search_all"}
+# Counting a filter's messages stops here: enough to tell the smallest of
+# two or three apart, cheap enough to do before every search.
 TERM_SIZE_CAP = 10_000
+# The times a listing takes: pydantic stops at year 9999; before 1970 no
+# message was accepted, and such a bound only ever widens a scan.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 # Sorts before every real id at the same instant: (until, this) excludes `until` itself.
 _LOWEST_ID = "00000000-0000-0000-0000-000000000000"
 _MESSAGE_FIELDS = ("status", "pool", "subject", "recipients", "tags", "send_at",
@@ -105,6 +108,40 @@ def start_of_page(after: dict[str, str], until: datetime | None) -> dict[str, st
                          and datetime.fromisoformat(after["t"]) < until):
         return after
     return {"t": until.isoformat(), "id": _LOWEST_ID}
+
+
+def check_range(since: datetime | None, until: datetime | None) -> None:
+    """422 naming `since` or `until` when out of bounds, or `until` not after `since`."""
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and value < EARLIEST:
+            raise invalid([{"field": name, "message": "must be 1970 or later"}])
+    if since is not None and until is not None and until <= since:
+        raise invalid([{"field": "until", "message": "must be later than since"}])
+
+
+def search_terms(recipient: str | None, tag: str | None, account: str | None
+                 ) -> list[tuple[str, str]]:
+    """(field, value) of the filters served by message_search, as its rows hold them.
+
+    The recipient is normalised as POST normalised the addresses it
+    accepted, then case-folded; 422 naming it when POST would refuse it.
+    """
+    terms = [("tag", tag), ("account", account)]
+    if recipient is not None:
+        try:
+            terms.insert(0, ("recipient", search_address(recipient)))
+        except NotAnAddress as exc:
+            raise invalid([{"field": "recipient", "message": str(exc)}]) from None
+    return [(f, v) for f, v in terms if v is not None]
+
+
+def driving_first(terms: list[tuple[str, str]], sizes: list[int]) -> list[tuple[str, str]]:
+    """The filters, the one with the fewest messages first: it drives, the others are probed.
+
+    Ties keep the given order (recipient, tag, account: usually the rarest first).
+    """
+    order = sorted(range(len(terms)), key=lambda i: sizes[i])
+    return [terms[i] for i in order]
 
 
 def page_of(rows: list[Any], limit: int, cursor_of: Callable[[Any], dict[str, str]]
@@ -200,29 +237,27 @@ async def list_messages(
 ) -> dict[str, Any]:
     """This key's messages (admin keys: all), newest first, a page at a time, filtered."""
     require_scope(key, "read")
-    if since is not None and until is not None and until <= since:
-        raise invalid([{"field": "until", "message": "must be later than since"}])
+    check_range(since, until)
+    terms = search_terms(recipient, tag, account)
     after = start_of_page(position(cursor, FIRST_PAGE), until)
     params = {"after_at": after["t"], "after_id": after["id"], "status": status,
               "since": since or "-infinity", "limit": limit + 1, "key_id": key.id,
-              "account": account, "field": None, "value": None, "also_field": None,
-              "also_value": None}
-    terms = [t for t in (("recipient", recipient and recipient.lower()), ("tag", tag))
-             if t[1] is not None]
+              "namespace": _namespace(request), "field": None, "value": None,
+              "also_fields": [], "also_values": []}
     async with _rows(request) as cur:
-        if len(terms) == 2:
-            scope = None if key.is_admin else key.id
+        if len(terms) > 1:
             sizes = []
             for field, value in terms:
-                await cur.execute(SQL["term_size"], {"field": field, "value": value,
-                                                     "key_id": scope, "cap": TERM_SIZE_CAP})
+                await cur.execute(SQL["term_size"], params | {
+                    "field": field, "value": value, "cap": TERM_SIZE_CAP,
+                    "key_id": None if key.is_admin else key.id})
                 sizes.append((await cur.fetchone() or {"n": 0})["n"])
-            terms = [t for _, t in sorted(zip(sizes, terms, strict=True))]
-            params |= {"also_field": terms[1][0], "also_value": terms[1][1]}
+            terms = driving_first(terms, sizes)
         if terms:
-            params |= {"field": terms[0][0], "value": terms[0][1]}
-        name = "search" if terms else "account" if account else "list"
-        await cur.execute(SQL[QUERIES[name, key.is_admin]], params)
+            params |= {"field": terms[0][0], "value": terms[0][1],
+                       "also_fields": [f for f, _ in terms[1:]],
+                       "also_values": [v for _, v in terms[1:]]}
+        await cur.execute(SQL[QUERIES[bool(terms), key.is_admin]], params)
         rows = await cur.fetchall()
     page, after_last = page_of(rows, limit, lambda r: {"t": r["requested_at"].isoformat(),
                                                        "id": str(r["id"])})

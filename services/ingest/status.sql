@@ -78,84 +78,69 @@ WHERE (requested_at, id) < (%(after_at)s::timestamptz, %(after_id)s::uuid)
 ORDER BY requested_at DESC, id DESC
 LIMIT %(limit)s;
 
--- name: account_for_key
--- One account's messages of the key, newest first (index messages_key_account,
--- scanned backwards from the cursor).
-SELECT id, account_id, pool, status, subject, recipients, tags, send_at, requested_at,
-       updated_at
-FROM messages
-WHERE key_id = %(key_id)s AND account_id = %(account)s
-  AND (requested_at, id) < (%(after_at)s::timestamptz, %(after_id)s::uuid)
-  AND requested_at >= %(since)s::timestamptz
-  AND (%(status)s::text IS NULL OR status = %(status)s)
-ORDER BY requested_at DESC, id DESC
-LIMIT %(limit)s;
-
--- name: account_all
--- The same for admin keys (index messages_account).
-SELECT id, account_id, pool, status, subject, recipients, tags, send_at, requested_at,
-       updated_at
-FROM messages
-WHERE account_id = %(account)s
-  AND (requested_at, id) < (%(after_at)s::timestamptz, %(after_id)s::uuid)
-  AND requested_at >= %(since)s::timestamptz
-  AND (%(status)s::text IS NULL OR status = %(status)s)
-ORDER BY requested_at DESC, id DESC
-LIMIT %(limit)s;
-
 -- name: term_size
--- How many messages a recipient or tag has in the scope, counted up to a cap
--- (an index-only scan of at most `cap` entries): with both a recipient and
--- a tag, the smaller drives the search and the other is probed per row.
+-- How many messages a filter's value has in the scope, counted up to a cap
+-- (an index-only scan of at most `cap` entries): with two or three of
+-- recipient, tag and account, the smallest drives the search and the others
+-- are probed per row.
 SELECT count(*) AS n FROM (
     SELECT 1 FROM message_search
-    WHERE field = %(field)s AND value = %(value)s
+    WHERE namespace = %(namespace)s AND field = %(field)s AND value = %(value)s
       AND (%(key_id)s::text IS NULL OR key_id = %(key_id)s)
     LIMIT %(cap)s) AS capped;
 
 -- name: search_for_key
--- By recipient or tag (`field`, `value`): the key's range of message_search's
--- primary key gives the page in order; each row is then joined to its
--- message for the other filters. With both a recipient and a tag, the other
--- one (`also_field`, `also_value`) is one primary-key probe per row: inside
--- an OR the EXISTS stays a per-row subplan, so the planner cannot turn it
--- into a hash join of both ranges, which it picks when it underestimates
--- how many messages have both (1.6 s instead of milliseconds at 10^6
--- rows, bench/README.md). m.key_id is checked again on the message itself,
--- so the scope never rests on the side table alone.
+-- By recipient, tag or account (`field`, `value`; message_search, written by
+-- the projector, 0015): the key's range of its primary key gives the page
+-- in order, scanned backwards from the cursor; each row is then joined to
+-- its message for the status and the page's columns. The other filters
+-- (`also_fields`, `also_values`, at most two) are one primary-key probe each
+-- per row, written as "no other filter is missing": inside NOT EXISTS over
+-- the arrays the probe stays a per-row subplan, so the planner cannot turn
+-- it into a hash join of two whole ranges, which it picks when it
+-- underestimates how many messages have both (1.6 s instead of milliseconds
+-- at 10^6 rows, docs/api.md). The join to messages also checks m.key_id, so
+-- the scope never rests on the side table alone, and it holds back a
+-- message projected before the API committed its row (the API commits after
+-- Kafka's acknowledgement) until that row exists.
 SELECT m.id, m.account_id, m.pool, m.status, m.subject, m.recipients, m.tags, m.send_at,
-       m.requested_at, m.updated_at
+       s.requested_at, m.updated_at
 FROM message_search s
 JOIN messages m ON m.id = s.message_id
-WHERE s.field = %(field)s AND s.value = %(value)s AND s.key_id = %(key_id)s
+WHERE s.namespace = %(namespace)s AND s.field = %(field)s AND s.value = %(value)s
+  AND s.key_id = %(key_id)s
   AND (s.requested_at, s.message_id) < (%(after_at)s::timestamptz, %(after_id)s::uuid)
   AND s.requested_at >= %(since)s::timestamptz
   AND m.key_id = %(key_id)s
   AND (%(status)s::text IS NULL OR m.status = %(status)s)
-  AND (%(account)s::text IS NULL OR m.account_id = %(account)s)
-  AND (%(also_field)s::text IS NULL OR EXISTS (
-      SELECT 1 FROM message_search t
-      WHERE t.field = %(also_field)s AND t.value = %(also_value)s AND t.key_id = s.key_id
-        AND t.requested_at = s.requested_at AND t.message_id = s.message_id))
+  AND NOT EXISTS (
+      SELECT 1 FROM unnest(%(also_fields)s::text[], %(also_values)s::text[]) AS o(field, value)
+      WHERE NOT EXISTS (
+          SELECT 1 FROM message_search t
+          WHERE t.namespace = s.namespace AND t.field = o.field AND t.value = o.value
+            AND t.key_id = s.key_id AND t.requested_at = s.requested_at
+            AND t.message_id = s.message_id))
 ORDER BY s.requested_at DESC, s.message_id DESC
 LIMIT %(limit)s;
 
 -- name: search_all
--- The same for admin keys (index message_search_all; the probe stays on the
--- primary key, a message's rows all having its key).
+-- The same for admin keys (index message_search_all; the probes stay on the
+-- primary key, all rows of a message having its key).
 SELECT m.id, m.account_id, m.pool, m.status, m.subject, m.recipients, m.tags, m.send_at,
-       m.requested_at, m.updated_at
+       s.requested_at, m.updated_at
 FROM message_search s
 JOIN messages m ON m.id = s.message_id
-WHERE s.field = %(field)s AND s.value = %(value)s
+WHERE s.namespace = %(namespace)s AND s.field = %(field)s AND s.value = %(value)s
   AND (s.requested_at, s.message_id) < (%(after_at)s::timestamptz, %(after_id)s::uuid)
   AND s.requested_at >= %(since)s::timestamptz
   AND (%(status)s::text IS NULL OR m.status = %(status)s)
-  AND (%(account)s::text IS NULL OR m.account_id = %(account)s)
-  AND (%(also_field)s::text IS NULL OR EXISTS (
-      SELECT 1 FROM message_search t
-      WHERE t.field = %(also_field)s AND t.value = %(also_value)s AND t.key_id = s.key_id
-        AND t.requested_at = s.requested_at AND t.message_id = s.message_id))
+  AND NOT EXISTS (
+      SELECT 1 FROM unnest(%(also_fields)s::text[], %(also_values)s::text[]) AS o(field, value)
+      WHERE NOT EXISTS (
+          SELECT 1 FROM message_search t
+          WHERE t.namespace = s.namespace AND t.field = o.field AND t.value = o.value
+            AND t.key_id = s.key_id AND t.requested_at = s.requested_at
+            AND t.message_id = s.message_id))
 ORDER BY s.requested_at DESC, s.message_id DESC
 LIMIT %(limit)s;
 
