@@ -227,9 +227,16 @@ async def list_messages(
     status: Status | None = None,
     recipient: Annotated[str | None, Query(
         max_length=MAX_ADDRESS, pattern=ADDRESS_PATTERN,
-        description="An address of to, cc or bcc; compared without regard to case")] = None,
-    tag: Annotated[str | None, Query(pattern=TAG_PATTERN)] = None,
-    account: Annotated[str | None, Query(pattern=ACCOUNT_PATTERN)] = None,
+        description="An address of to, cc or bcc, normalised as POST normalises it and "
+                    "compared without regard to case; found once the message is projected")
+    ] = None,
+    tag: Annotated[str | None, Query(
+        pattern=TAG_PATTERN, description="A tag of the message, exact; found once projected")
+    ] = None,
+    account: Annotated[str | None, Query(
+        pattern=ACCOUNT_PATTERN,
+        description="The account the message was sent through; found once its send is projected")
+    ] = None,
     since: Since | None = None,
     until: Annotated[Since | None, Query(description="Requested before this time")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,

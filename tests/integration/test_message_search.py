@@ -374,3 +374,13 @@ def test_percent_encoded_and_unicode_addresses_find_what_post_stored(api, make_k
         assert walk(api, token, recipient=given) == [idn["id"]], given
     # A look-alike (Cyrillic a) is another address.
     assert walk(api, token, recipient=f"\u0430da.{u}@example.com") == []
+
+
+def test_openapi_describes_every_filter(api):
+    spec = api.get("/openapi.json").json()
+    params = {p["name"]: p for p in spec["paths"]["/v1/messages"]["get"]["parameters"]}
+    assert {"recipient", "tag", "account", "status", "since", "until", "limit",
+            "cursor"} <= set(params)
+    for name in ("recipient", "tag", "account", "until"):
+        assert params[name].get("description"), name
+    assert params["recipient"]["schema"]["anyOf"][0]["maxLength"] == 254
