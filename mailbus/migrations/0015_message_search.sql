@@ -8,12 +8,12 @@
 -- a common value (a tag on half a million messages) would fetch and sort
 -- every match before returning fifty. A btree on (namespace, field, value,
 -- key_id, requested_at, message_id) returns the page in order, scanned
--- backwards from the cursor, at any depth and any selectivity (docs/api.md,
--- "Finding a message", has the plans).
+-- backwards from the cursor, at any depth and any selectivity (bench/README.md,
+-- "Finding a message", has the plans at 1,000,000 messages).
 --
 -- The projector writes these rows, not the ingest API: off the request path
--- (written in the request's transaction they cost the batch endpoint two
--- thirds of its throughput), from the events it reads anyway, in the
+-- (written in the request's statement they tripled the time of the batch
+-- endpoint's insert), from the events it reads anyway, in the
 -- transaction that projects them. So a message is found once projected:
 -- recipients and tags when its email.requested is, its account when its
 -- email.sent is. Rows are never deleted, like the events they come from.
