@@ -41,9 +41,9 @@ from mailbus.confirm.projection import (
     increments,
     suppression_row,
 )
-from mailbus.confirm.search import Findable, SearchTerms, findable
 from mailbus.errors import DecodeError
 from mailbus.lag import LagReporter
+from mailbus.search import Findable, SearchTerms, findable
 from mailbus.settings import ServiceSettings
 from mailbus.timeline import EventRow, InvalidEvent, event_row
 

@@ -24,10 +24,10 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic import AwareDatetime, BeforeValidator
 
 from mailbus import queries
-from mailbus.confirm.search import NotAnAddress, search_address
 from mailbus.ingest.auth import Key
 from mailbus.ingest.handlers import require_scope
 from mailbus.ingest.problems import Problem, invalid, unavailable
+from mailbus.search import NotAnAddress, search_address
 from mailbus.timeline import COUNTED, Status
 
 SQL = queries.load_resource(__package__, "status.sql")

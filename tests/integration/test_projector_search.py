@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from mailbus.confirm.projection import event_row
 from mailbus.confirm.projector import ProjectorSettings, project
-from mailbus.confirm.search import MAX_VALUE, Findable, findable
+from mailbus.search import MAX_VALUE, Findable, findable
+from mailbus.timeline import event_row
 from tests.support.projector import requested, rows, sent
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)

@@ -7,8 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from mailbus.confirm.projection import EventRow
-from mailbus.confirm.search import (
+from mailbus.ingest.models import Address
+from mailbus.ingest.problems import Problem
+from mailbus.ingest.status import check_range, driving_first, search_terms
+from mailbus.search import (
     MAX_TERMS,
     MAX_VALUE,
     NotAnAddress,
@@ -16,9 +18,7 @@ from mailbus.confirm.search import (
     findable,
     search_address,
 )
-from mailbus.ingest.models import Address
-from mailbus.ingest.problems import Problem
-from mailbus.ingest.status import check_range, driving_first, search_terms
+from mailbus.timeline import EventRow
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 MID = str(uuid.uuid4())

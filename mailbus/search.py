@@ -21,7 +21,7 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
-from mailbus.confirm.projection import EventRow
+from mailbus.timeline import EventRow
 
 # Longest value stored: an address is at most 254 characters (RFC 5321's
 # path, less the brackets), an API tag 64, an account id 64. Well under
