@@ -28,8 +28,11 @@ NOTHING = Rights(select=False)
 
 PROJECTOR_ROLE: dict[str, Rights] = {
     "message_events": Rights(insert=True),
-    "message_status": Rights(insert=True,
-                             update=("account_id", "kinds", "status", "updated_at")),
+    "message_status": Rights(insert=True, update=("account_id", "kinds", "status", "updated_at",
+                                                  "key_id", "requested_at")),
+    # Recipient, tag and account rows of the search, written as events are
+    # projected (0015); never changed afterwards.
+    "message_search": Rights(insert=True),
     "daily_counts": Rights(insert=True, update=("requested", "sent", "delivered", "confirmed",
                                                 "failed", "bounced", "unconfirmed")),
     "messages": Rights(update=("status", "updated_at")),
@@ -52,6 +55,8 @@ TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
         "webhook_deliveries": Rights(insert=True),
         "webhook_attempts": Rights(),
         "webhook_replays": Rights(insert=True),
+        # GET /v1/messages searches what the projector wrote (0015).
+        "message_search": Rights(),
     },
     "sender": {
         # DELETE: settled rows are pruned (0010).

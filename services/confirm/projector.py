@@ -43,6 +43,7 @@ from mailbus.confirm.projection import (
 )
 from mailbus.errors import DecodeError
 from mailbus.lag import LagReporter
+from mailbus.search import Findable, SearchTerms, findable
 from mailbus.settings import ServiceSettings
 from mailbus.timeline import EventRow, InvalidEvent, event_row
 
@@ -71,11 +72,14 @@ class ProjectorSettings(ServiceSettings):
 
 
 def project(conn: psycopg.Connection[Any], namespace: str, rows: list[EventRow],
-            suppressions: list[SuppressionRow] | None = None) -> int:
+            suppressions: list[SuppressionRow] | None = None,
+            findables: dict[str, Findable] | None = None) -> int:
     """Write one batch of events (and suppression states) in one transaction.
 
-    Returns how many events were new.
+    `findables` are the search terms of the batch's email.requested events,
+    by event id. Returns how many events were new.
     """
+    findables = findables or {}
     unique: dict[str, EventRow] = {}
     for row in rows:
         unique.setdefault(row.event_id, row)
@@ -93,7 +97,8 @@ def project(conn: psycopg.Connection[Any], namespace: str, rows: list[EventRow],
             return 0
         cur.execute(SQL["ensure_status"], ns | {"ids": message_ids})
         cur.execute(SQL["lock_status"], ns | {"ids": message_ids})
-        state = {mid: (kinds, account) for mid, kinds, account in cur.fetchall()}
+        state = {mid: (kinds, account, (key, at)) for mid, kinds, account, key, at
+                 in cur.fetchall()}
         cur.execute(SQL["known_events"], ns | {"ids": sorted(unique)})
         known = {eid for (eid,) in cur.fetchall()}
         per_message: dict[str, list[EventRow]] = defaultdict(list)
@@ -103,11 +108,14 @@ def project(conn: psycopg.Connection[Any], namespace: str, rows: list[EventRow],
         events: list[dict[str, Any]] = []
         statuses: list[dict[str, Any]] = []
         counted: list[tuple[Any, ...]] = []
+        terms = SearchTerms()
         for message_id, new in sorted(per_message.items()):
-            kinds, account = state[message_id]
+            kinds, account, scope = state[message_id]
             result = fold(kinds, account, new)
+            scope = terms.add(message_id, scope, kinds, result.account_id, new, findables)
             statuses.append(ns | {"message_id": message_id, "kinds": sorted(result.kinds),
-                                  "status": result.status, "account_id": result.account_id})
+                                  "status": result.status, "account_id": result.account_id,
+                                  "key_id": scope[0], "requested_at": scope[1]})
             for row in new:
                 day, counted_account = result.counted.get(row.event_id, (None, None))
                 if day is not None:
@@ -135,8 +143,14 @@ def project(conn: psycopg.Connection[Any], namespace: str, rows: list[EventRow],
                             "statuses": [s["status"] for s in statuses]}
             cur.execute(SQL["update_status"], columns | {
                 "kinds": [",".join(s["kinds"]) for s in statuses],
-                "accounts": [s["account_id"] for s in statuses]})
+                "accounts": [s["account_id"] for s in statuses],
+                "key_ids": [s["key_id"] for s in statuses],
+                "requested": [s["requested_at"] for s in statuses]})
             cur.execute(SQL["update_message"], columns)
+            if terms.rows:
+                cur.execute(SQL["insert_search"], ns | terms.columns())
+            if terms.sent_before:
+                cur.execute(SQL["insert_sent_accounts"], ns | {"ids": sorted(terms.sent_before)})
         if counted:
             cur.executemany(SQL["count"], [ns | row for row in increments(counted)])
     for kind, n in Counter(e["kind"] for e in events).items():  # once committed
@@ -194,11 +208,12 @@ class Projector:
         self._stop.set()
 
     def _apply(self, messages: list[Message]) -> bool:
-        decoded = [row for msg in messages if (row := self._row(msg)) is not None]
+        found: dict[str, Findable] = {}  # the search terms of email.requested, by event id
+        decoded = [row for msg in messages if (row := self._row(msg, found)) is not None]
         rows = [r for r in decoded if isinstance(r, EventRow)]
         states = [r for r in decoded if isinstance(r, SuppressionRow)]
         try:
-            self.projected += project(self._connection(), self.namespace, rows, states)
+            self.projected += project(self._connection(), self.namespace, rows, states, found)
         except psycopg.Error as exc:
             self.failures += 1
             metrics.BATCH_ERRORS.inc()
@@ -209,7 +224,7 @@ class Projector:
             return False
         return True
 
-    def _row(self, msg: Message) -> EventRow | SuppressionRow | None:
+    def _row(self, msg: Message, found: dict[str, Findable]) -> EventRow | SuppressionRow | None:
         err = msg.error()
         if err is not None:
             self._consume_error(err)
@@ -221,7 +236,10 @@ class Projector:
             name, record = self.registry.decode(msg.value() or b"")
             if name == SUPPRESSION_SCHEMA:
                 return suppression_row(record)
-            return event_row(name, record)
+            row = event_row(name, record)
+            if row.kind == "requested" and (terms := findable(row.message_id, record)):
+                found[row.event_id] = terms
+            return row
         except (DecodeError, InvalidEvent) as exc:
             # No DLQ: the confirm principal may not write one. Logged and skipped.
             log.error("projector: skipping %s: %s", where, exc)

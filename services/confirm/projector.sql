@@ -14,8 +14,10 @@ ON CONFLICT (namespace, message_id) DO NOTHING;
 -- (email.requested is keyed by account, the rest by message) waits here
 -- until this batch commits, so each sees the other's kinds and a kind is
 -- counted once. The account falls back to the API's row for events that do
--- not name one.
-SELECT s.message_id::text, s.kinds, coalesce(s.account_id, m.account_id)
+-- not name one. key_id and requested_at: the message's search scope, once
+-- its email.requested was projected (0015).
+SELECT s.message_id::text, s.kinds, coalesce(s.account_id, m.account_id), s.key_id,
+       s.requested_at
 FROM message_status s
 LEFT JOIN messages m ON m.id = s.message_id
 WHERE s.namespace = %(namespace)s AND s.message_id = ANY(%(ids)s::uuid[])
@@ -47,12 +49,15 @@ ON CONFLICT (namespace, event_id) DO NOTHING;
 -- name: update_status
 -- Every message of the batch in one statement; its kinds travel as one
 -- comma-separated text each (kind names have no comma), as arrays of
--- arrays must all be one length.
+-- arrays must all be one length. The search scope (key_id, requested_at) is
+-- set once, by the first email.requested of the message, and kept.
 UPDATE message_status s
 SET kinds = string_to_array(v.kinds, ','), status = v.status, account_id = v.account_id,
-    updated_at = now()
-FROM unnest(%(ids)s::uuid[], %(kinds)s::text[], %(statuses)s::text[], %(accounts)s::text[])
-     AS v(message_id, kinds, status, account_id)
+    key_id = coalesce(s.key_id, v.key_id),
+    requested_at = coalesce(s.requested_at, v.requested_at), updated_at = now()
+FROM unnest(%(ids)s::uuid[], %(kinds)s::text[], %(statuses)s::text[], %(accounts)s::text[],
+            %(key_ids)s::text[], %(requested)s::timestamptz[])
+     AS v(message_id, kinds, status, account_id, key_id, requested_at)
 WHERE s.namespace = %(namespace)s AND s.message_id = v.message_id;
 
 -- name: update_message
@@ -61,6 +66,36 @@ WHERE s.namespace = %(namespace)s AND s.message_id = v.message_id;
 UPDATE messages m SET status = v.status, updated_at = now()
 FROM unnest(%(ids)s::uuid[], %(statuses)s::text[]) AS v(id, status)
 WHERE m.id = v.id AND m.status IS DISTINCT FROM v.status;
+
+-- name: insert_search
+-- The batch's search rows (0015) in one statement, in primary-key order: the
+-- order of the locks a concurrent projector's insert of the same keys would
+-- wait on. The messages' status rows are locked above, so two instances
+-- never write one message's rows at once anyway. DO NOTHING: a redelivered
+-- or rerouted email.requested, a second email.sent through the same
+-- account, writes no second row.
+INSERT INTO message_search (namespace, field, value, key_id, requested_at, message_id)
+SELECT %(namespace)s, v.field, v.value, v.key_id, v.requested_at, v.message_id
+FROM unnest(%(fields)s::text[], %(values)s::text[], %(key_ids)s::text[],
+            %(times)s::timestamptz[], %(message_ids)s::uuid[])
+     WITH ORDINALITY AS v(field, value, key_id, requested_at, message_id, n)
+ORDER BY v.n
+ON CONFLICT DO NOTHING;
+
+-- name: insert_sent_accounts
+-- Messages whose email.sent was projected before their email.requested (the
+-- topics are read in parallel, so a lagging partition of email.requested can
+-- arrive last): their account rows, from the sent events already stored
+-- (index message_events_message), now that the scope is known.
+INSERT INTO message_search (namespace, field, value, key_id, requested_at, message_id)
+SELECT DISTINCT e.namespace, 'account', e.account_id, s.key_id, s.requested_at, e.message_id
+FROM message_events e
+JOIN message_status s ON s.namespace = e.namespace AND s.message_id = e.message_id
+WHERE e.namespace = %(namespace)s AND e.message_id = ANY(%(ids)s::uuid[])
+  AND e.kind = 'sent' AND e.account_id IS NOT NULL AND length(e.account_id) <= 320
+  AND s.key_id IS NOT NULL
+ORDER BY 3, 4, 5, 6
+ON CONFLICT DO NOTHING;
 
 -- name: count
 -- Increments only: run once, in the transaction that inserted the counted

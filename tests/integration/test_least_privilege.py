@@ -538,3 +538,34 @@ def test_hooks_reads_no_key_and_replies_cannot_touch_the_ledger() -> None:
                           "DELETE FROM sender_outbox", "SELECT * FROM api_keys"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)  # type: ignore[arg-type]
+
+
+def test_search_rows_are_written_by_the_projector_and_read_by_the_api() -> None:
+    # Written out, whatever TABLE_RIGHTS says (0015): the projector inserts
+    # and never rewrites a row; the API reads them and may not write one,
+    # so a key cannot plant a row that would widen its searches.
+    row = ("INSERT INTO message_search (namespace, field, value, key_id, requested_at,"
+           " message_id) SELECT 'x', 'tag', 't', 'k', now(), gen_random_uuid() WHERE false")
+    projector = ServiceSettings(service_name="projector").postgres
+    ingest = ServiceSettings(service_name="ingest").postgres
+    with psycopg.connect(projector.conninfo(), autocommit=True) as conn:
+        conn.execute(row)
+        conn.execute("SELECT key_id, requested_at FROM message_status LIMIT 0")
+        conn.execute("UPDATE message_status SET key_id = NULL, requested_at = NULL WHERE false")
+        for statement in ("UPDATE message_search SET key_id = 'k' WHERE false",
+                          "DELETE FROM message_search WHERE false"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[arg-type]
+    with psycopg.connect(ingest.conninfo(), autocommit=True) as conn:
+        conn.execute("SELECT namespace, field, value, key_id, requested_at, message_id"
+                     " FROM message_search LIMIT 0")
+        for statement in (row, "UPDATE message_search SET key_id = 'k' WHERE false",
+                          "DELETE FROM message_search WHERE false",
+                          "UPDATE message_status SET key_id = 'k' WHERE false"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[arg-type]
+    for service in ("sender", "confirm", "replies", "hooks", "webhooks"):
+        role = ServiceSettings(service_name=service).postgres
+        with psycopg.connect(role.conninfo(), autocommit=True) as conn, pytest.raises(
+                psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT 1 FROM message_search LIMIT 0")
