@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -32,81 +33,44 @@ def _admin() -> ServiceSettings:
     return ServiceSettings(service_name="admin")
 
 
-@app.command()
-def ingest() -> None:
-    """Run the ingest API."""
-    from mailbus.ingest.settings import IngestSettings
-    from mailbus.ingest.workers import run
-
-    settings = IngestSettings()
-    _logging(settings)
-    run(settings)
-
-
-@app.command()
-def sender() -> None:
-    """Run the sender: deliver email.requested through each account's transport."""
-    from mailbus.sender.app import main as run
-    from mailbus.sender.settings import SenderSettings
-
-    settings = SenderSettings()
-    _logging(settings)
-    run(settings)
-
-
-@app.command()
-def confirm() -> None:
-    """Run the confirm stream (Faust): sent + delivered -> email.confirmed."""
-    from mailbus.confirm.settings import ConfirmSettings
-    from mailbus.confirm.stream import main as run
-
-    settings = ConfirmSettings()
-    _logging(settings)
-    run(settings)
+# Each service's one entry point: `mailbus <name>` imports it only when run, so
+# a command never loads the other services (cli is the one core module that
+# names them).
+SERVICES = {
+    "ingest": ("mailbus.ingest.workers:main", "Run the ingest API."),
+    "sender": ("mailbus.sender.app:main",
+               "Run the sender: deliver email.requested through each account's transport."),
+    "confirm": ("mailbus.confirm.stream:main",
+                "Run the confirm stream (Faust): sent + delivered -> email.confirmed."),
+    "projector": ("mailbus.confirm.projector:main",
+                  "Run the projector: every event into PostgreSQL, for status and reports."),
+    "hooks": ("mailbus.hooks.app:main",
+              "Run the public hooks service: action links, one-click unsubscribe."),
+    "webhooks": ("mailbus.webhooks.app:main",
+                 "Run the webhooks service: every outcome, signed, to its key's HTTPS"
+                 " endpoints."),
+    "replies": ("mailbus.replies.app:main",
+                "Run the mailbox reader: replies, bounces, complaints into Kafka."),
+}
 
 
-@app.command()
-def projector() -> None:
-    """Run the projector: every event into PostgreSQL, for status and reports."""
-    from mailbus.confirm.projector import ProjectorSettings
-    from mailbus.confirm.projector import main as run
-
-    settings = ProjectorSettings()
-    _logging(settings)
-    run(settings)
+def service_main(name: str) -> Callable[[], None]:
+    """The `main` of service `name`, imported now."""
+    module, _, function = SERVICES[name][0].partition(":")
+    main: Callable[[], None] = getattr(importlib.import_module(module), function)
+    return main
 
 
-@app.command()
-def hooks() -> None:
-    """Run the public hooks service: action links, one-click unsubscribe."""
-    from mailbus.hooks.app import main as run
-    from mailbus.hooks.settings import HooksSettings
+def _service_command(name: str) -> None:
+    def command() -> None:
+        service_main(name)()
 
-    settings = HooksSettings()
-    _logging(settings)
-    run(settings)
+    command.__doc__ = SERVICES[name][1]
+    app.command(name)(command)
 
 
-@app.command()
-def webhooks() -> None:
-    """Run the webhooks service: every outcome, signed, to its key's HTTPS endpoints."""
-    from mailbus.webhooks.app import main as run
-    from mailbus.webhooks.settings import WebhooksSettings
-
-    settings = WebhooksSettings()
-    _logging(settings)
-    run(settings)
-
-
-@app.command()
-def replies() -> None:
-    """Run the mailbox reader: replies, bounces, complaints into Kafka."""
-    from mailbus.replies.app import main as run
-    from mailbus.replies.settings import RepliesSettings
-
-    settings = RepliesSettings()
-    _logging(settings)
-    run(settings)
+for _name in SERVICES:
+    _service_command(_name)
 
 
 @app.command()

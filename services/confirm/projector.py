@@ -19,19 +19,18 @@ the dead-letter topic, so the log is where it goes.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections import Counter, defaultdict
+from functools import partial
 from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
-from prometheus_client import start_http_server
 from psycopg.types.json import Jsonb
 from pydantic import Field
 
-from mailbus import queries, topics
+from mailbus import queries, runtime, topics
 from mailbus.codec import Registry
 from mailbus.confirm import metrics
 from mailbus.confirm.projection import (
@@ -166,14 +165,11 @@ class Projector:
         self.namespace = settings.kafka.topic_prefix
         self.registry = registry or Registry.load()
         self.topics = [settings.kafka.topic(t) for t in PROJECTED]
-        self._consumer = Consumer({
-            **settings.kafka.client_config(),
-            "group.id": self.namespace + settings.group_id,
-            "client.id": "mailbus-projector",
-            # Offsets are committed by hand, after the transaction committed.
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        })
+        self.group = runtime.group_id(settings, settings.group_id)
+        # Offsets are committed by hand (CONSUMER_DEFAULTS), after the transaction committed.
+        self.config = runtime.consumer_config(settings, settings.group_id)
+        self.lag_config = runtime.consumer_config(settings, settings.group_id, "lag")
+        self._consumer: Consumer  # made in run(): building the projector connects nothing
         self._conn: psycopg.Connection[Any] | None = None
         self._stop = threading.Event()
         self._logged: dict[str, float] = {}
@@ -183,6 +179,7 @@ class Projector:
     def run(self) -> None:
         """Project until stop(); leaves the group on the way out."""
         s = self.settings
+        self._consumer = Consumer(self.config)
         self._consumer.subscribe(self.topics)
         log.info("projector: namespace %r, topics %s", self.namespace, self.topics)
         delay = s.retry_base_seconds
@@ -301,18 +298,25 @@ def _next_offsets(messages: list[Message]) -> list[TopicPartition]:
     return [TopicPartition(t, p, o + 1) for (t, p), o in sorted(last.items())]
 
 
-def main(settings: ProjectorSettings) -> None:
-    """`mailbus projector`: project events into PostgreSQL until SIGTERM or SIGINT."""
-    settings.check_secrets()
+def build(settings: ProjectorSettings) -> runtime.Service:
+    """The projector wired from its settings; its consumer connects when it runs."""
     projector = Projector(settings)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: projector.stop())
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    lag = LagReporter(settings.kafka.client_config(),
-                      projector.namespace + settings.group_id,
+    return runtime.Service(settings, {"consumer": projector.config, "lag": projector.lag_config},
+                           partial(_run, projector), {"projector": projector})
+
+
+def _run(projector: Projector) -> None:
+    settings = projector.settings
+    runtime.on_stop(projector.stop)
+    runtime.metrics_server(settings.metrics_host, settings.metrics_port)
+    lag = LagReporter(projector.lag_config, projector.group,
                       projector.topics).start(settings.lag_seconds)
     try:
         projector.run()
     finally:
         lag.close()
+
+
+def main(settings: ProjectorSettings | None = None) -> None:
+    """`mailbus projector`: project events into PostgreSQL until SIGTERM or SIGINT."""
+    runtime.start(ProjectorSettings, build, settings)

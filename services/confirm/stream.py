@@ -19,9 +19,8 @@ from typing import Any
 
 import faust
 from faust.types import EventT, StreamT
-from prometheus_client import start_http_server
 
-from mailbus import logs, topics
+from mailbus import runtime, topics
 from mailbus.accounts import Directory, load_accounts
 from mailbus.codec import Registry
 from mailbus.confirm import join, metrics
@@ -97,6 +96,11 @@ def app_config(settings: ConfirmSettings) -> dict[str, Any]:
         "topic_replication_factor": settings.changelog_replicas,
         "broker_commit_interval": settings.commit_interval_seconds,
         "broker_session_timeout": settings.session_timeout_seconds,
+        "broker_client_id": runtime.client_id(settings),
+        # aiokafka's request timeout is also when a batch expires unsent: an
+        # event waits for the broker's ack this long (MAILBUS_KAFKA__DELIVERY_TIMEOUT_MS),
+        # then fails, and the agent sends it again.
+        "producer_request_timeout": kafka.delivery_timeout_ms / 1000,
         "broker_heartbeat_interval": min(3.0, settings.session_timeout_seconds / 3),
         # Exactly-once would need TRANSACTIONAL_ID ACLs that `confirm` lacks.
         "processing_guarantee": "at_least_once",
@@ -297,16 +301,18 @@ class ConfirmApp:
                                   "set table_partitions to the source topics' count")
 
 
-def main(settings: ConfirmSettings) -> None:
-    """`mailbus confirm`: run the Faust worker until SIGTERM or SIGINT."""
-    # Before anything connects: production refuses placeholder secrets and
-    # clear-text Kafka or PostgreSQL, as every other service does.
-    settings.check_secrets()
-    logs.setup(settings.log_level, settings.log_format)
+def build(settings: ConfirmSettings) -> runtime.Service:
+    """The confirm stream wired from its settings; Faust connects when the worker runs."""
     confirm = ConfirmApp(settings)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    lag = LagReporter(settings.kafka.client_config(), confirm.app.conf.id,
+    lag_config = runtime.consumer_config(settings, APP_NAME, "lag")
+    return runtime.Service(settings, {"lag": lag_config}, partial(_run, confirm, lag_config),
+                           {"confirm": confirm})
+
+
+def _run(confirm: ConfirmApp, lag_config: dict[str, Any]) -> None:
+    settings = confirm.settings
+    runtime.metrics_server(settings.metrics_host, settings.metrics_port)
+    lag = LagReporter(lag_config, confirm.app.conf.id,
                       list(confirm.logical)).start(settings.lag_seconds)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
     # The service's logging (mailbus/logs.py: text, or JSON on request) stays: mode's
@@ -327,3 +333,10 @@ def main(settings: ConfirmSettings) -> None:
             raise
     finally:
         lag.close()
+
+
+def main(settings: ConfirmSettings | None = None) -> None:
+    """`mailbus confirm`: run the Faust worker until SIGTERM or SIGINT."""
+    # load() refuses placeholder secrets and clear-text Kafka before anything
+    # connects, as for every other service.
+    runtime.start(ConfirmSettings, build, settings)

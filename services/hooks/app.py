@@ -12,16 +12,16 @@ import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from urllib.parse import quote
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mailbus import tokens
+from mailbus import runtime, tokens
 from mailbus.codec import Registry
 from mailbus.errors import UnavailableError
 from mailbus.hooks import handlers, metrics, pages
@@ -68,9 +68,7 @@ def create_app(settings: HooksSettings, keyring: Keyring, clock: Clock | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        conf = {**settings.kafka.client_config(), "client.id": "mailbus-hooks",
-                "message.timeout.ms": settings.kafka.delivery_timeout_ms}
-        app.state.producer = AsyncProducer(conf)
+        app.state.producer = AsyncProducer(runtime.producer_config(settings))
         app.state.registry = Registry.load()
         log.info("hooks ready: open tracking %s, %d trusted prox(ies)",
                  "on" if settings.open_tracking else "off", len(settings.trusted_proxies))
@@ -203,11 +201,19 @@ def _html(page: pages.Page) -> HTMLResponse:
     return HTMLResponse(page.html, status_code=page.status, headers=page.headers)
 
 
-def main(settings: HooksSettings) -> None:
-    """`mailbus hooks`: serve the links and the metrics until SIGTERM or SIGINT."""
-    settings.check_secrets()
+def build(settings: HooksSettings) -> runtime.Service:
+    """The hooks service wired from its settings; the producer opens when it serves."""
     keyring = load_keyring(settings)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    return runtime.Service(settings, {"producer": runtime.producer_config(settings)},
+                           partial(_serve, settings, keyring))
+
+
+def _serve(settings: HooksSettings, keyring: Keyring) -> None:
+    runtime.metrics_server(settings.metrics_host, settings.metrics_port)
     # uvicorn turns SIGTERM into a graceful shutdown; the lifespan then flushes the producer.
     uvicorn.Server(server_config(settings, keyring)).run()
+
+
+def main(settings: HooksSettings | None = None) -> None:
+    """`mailbus hooks`: serve the links and the metrics until SIGTERM or SIGINT."""
+    runtime.start(HooksSettings, build, settings)

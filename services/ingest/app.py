@@ -45,17 +45,11 @@ from mailbus.ingest.service import Ingestor, Planned
 from mailbus.ingest.settings import IngestSettings
 from mailbus.ingest.status import router as status_router
 from mailbus.ingest.webhooks import router as webhooks_router
-from mailbus.ingest.workers import exposition, server_options
+from mailbus.ingest.workers import exposition, producer_config, server_options
 from mailbus.producer import AsyncProducer
 from mailbus.reload import AccountsReloader
 
 log = logging.getLogger(__name__)
-# A group commit produces its records in one burst and waits for their acks:
-# the group is the batch, so lingering mostly adds to every request's time
-# (5 ms, the shared default, was half of a lone request's). 1 ms still lets
-# librdkafka put a burst into one produce request rather than a first record
-# alone and the rest after it.
-INGEST_LINGER_MS = 1
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
@@ -79,16 +73,12 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.check_secrets()
         assert settings.accounts_file is not None
         directory = load_accounts(settings.accounts_file)
         registry = Registry.load()
         pool = open_pool(settings.postgres)
         await pool.open(wait=False)
-        conf = {**settings.kafka.client_config(), "client.id": "mailbus-ingest",
-                "message.timeout.ms": settings.kafka.delivery_timeout_ms,
-                "linger.ms": INGEST_LINGER_MS}
-        producer = (producer_factory or AsyncProducer)(conf)
+        producer = (producer_factory or AsyncProducer)(producer_config(settings))
         app.state.ingestor = ingestor = Ingestor(
             pool, producer, registry, directory, settings.kafka.topic(topics.REQUESTED),
             settings.idempotency_retention_seconds, settings.group_commits_in_flight,

@@ -15,18 +15,42 @@ from __future__ import annotations
 
 import os
 import tempfile
+from functools import partial
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
-from mailbus import logs
+from mailbus import runtime
 from mailbus.ingest.settings import IngestSettings
 
 # prometheus_client's switch: set before a worker imports it, it makes every
 # metric write to files in this directory.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# A group commit produces its records in one burst and waits for their acks:
+# the group is the batch, so lingering mostly adds to every request's time
+# (5 ms, the shared default, was half of a lone request's). 1 ms still lets
+# librdkafka put a burst into one produce request rather than a first record
+# alone and the rest after it.
+INGEST_LINGER_MS = 1
+
+
+def producer_config(settings: IngestSettings) -> dict[str, Any]:
+    """The configuration of the one producer of each ingest process."""
+    return runtime.producer_config(settings, overrides={"linger.ms": INGEST_LINGER_MS})
+
+
+def build(settings: IngestSettings) -> runtime.Service:
+    """The ingest API wired from its settings; each process opens its connections
+    in the app's lifespan."""
+    return runtime.Service(settings, {"producer": producer_config(settings)},
+                           partial(run, settings))
+
+
+def main(settings: IngestSettings | None = None) -> None:
+    """`mailbus ingest`: serve the API until SIGTERM or SIGINT."""
+    runtime.start(IngestSettings, build, settings)
 
 
 def server_options(settings: IngestSettings) -> dict[str, Any]:
@@ -58,9 +82,7 @@ def worker_app() -> FastAPI:
     """The app of one worker process, from the environment (uvicorn's factory)."""
     from mailbus.ingest.app import create_app
 
-    settings = IngestSettings()
-    logs.setup(settings.log_level, settings.log_format)
-    return create_app(settings)
+    return create_app(runtime.load(IngestSettings))
 
 
 def exposition() -> bytes:

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import uuid
 from collections import Counter
 from contextlib import suppress
 from datetime import UTC, datetime
 from functools import partial
 
-from prometheus_client import start_http_server
-
-from mailbus import tokens
+from mailbus import runtime, tokens
 from mailbus.accounts import Account, Directory, load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
@@ -74,9 +71,9 @@ class Replies:
 
     def __init__(self, settings: RepliesSettings, directory: Directory | None = None,
                  classifier: Classify = classify):
-        settings.check_secrets()
         assert settings.accounts_file is not None and settings.link_keys_file is not None
         self.settings = settings
+        self.producer_config = runtime.producer_config(settings)
         self.directory = directory or load_accounts(settings.accounts_file)
         self.registry = Registry.load()
         self.keyring = tokens.load_keyring(settings.link_keys_file,
@@ -158,7 +155,7 @@ class Replies:
         self.sandbox = Sandbox(s.classify_deadline_seconds, s.classify_workers,
                                target=self.classifier)
         self.sent = SentMessages(self.pool, s.kafka.topic_prefix)
-        self.producer = AsyncProducer(s.kafka.client_config(), **{"client.id": "mailbus-replies"})
+        self.producer = AsyncProducer(self.producer_config)
         for account in self.directory.by_id.values():
             if account.reads_mailbox:
                 self._start(account)
@@ -267,16 +264,22 @@ def _count(account_id: str, planned: Plan) -> None:
             metrics.SUPPRESSED.labels(value["reason"]).inc()
 
 
-def main(settings: RepliesSettings) -> None:
-    """`mailbus replies`: serve metrics, read mailboxes until SIGTERM or SIGINT."""
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+def build(settings: RepliesSettings) -> runtime.Service:
+    """The mailbox reader wired from its settings; it connects when it runs."""
+    replies = Replies(settings)
 
     async def serve() -> None:
-        replies = Replies(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, replies.stop)
+        runtime.on_stop(replies.stop, asyncio.get_running_loop())
         await replies.run()
 
-    asyncio.run(serve())
+    def run() -> None:
+        runtime.metrics_server(settings.metrics_host, settings.metrics_port)
+        asyncio.run(serve())
+
+    return runtime.Service(settings, {"producer": replies.producer_config}, run,
+                           {"replies": replies})
+
+
+def main(settings: RepliesSettings | None = None) -> None:
+    """`mailbus replies`: serve metrics, read mailboxes until SIGTERM or SIGINT."""
+    runtime.start(RepliesSettings, build, settings)

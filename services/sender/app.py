@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import uuid
 from contextlib import suppress
 from datetime import datetime, timedelta
@@ -12,7 +11,7 @@ from typing import Any
 
 import uvloop
 
-from mailbus import topics
+from mailbus import runtime, topics
 from mailbus.accounts import Directory, load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
@@ -60,9 +59,17 @@ class Sender:
     """The running service."""
 
     def __init__(self, settings: SenderSettings, directory: Directory | None = None):
-        settings.check_secrets()
         assert settings.accounts_file is not None
         self.settings = settings
+        # Every Kafka client of the sender, by role; the suppression reader joins no
+        # group but librdkafka wants one even for assigned partitions: the
+        # namespace's own (the one its ACLs name), though nothing is committed to it.
+        self.kafka = {
+            "producer": runtime.producer_config(settings),
+            "admission": runtime.consumer_config(settings, settings.group_id),
+            "suppressions": runtime.consumer_config(settings, settings.group_id, "suppressions"),
+            "lag": runtime.consumer_config(settings, settings.group_id, "lag"),
+        }
         self.directory = directory or load_accounts(settings.accounts_file)
         self.registry = Registry.load()
         self.links = link_builder(settings)
@@ -125,21 +132,20 @@ class Sender:
     async def run(self) -> None:
         """Start every part, run until stop(), then shut down in order."""
         s = self.settings
-        kafka = s.kafka.client_config()
-        probes = (metrics.serve(s.metrics_host, s.metrics_port, self.readiness)
-                  if s.metrics_port else None)
+        kafka = self.kafka
+        probes = runtime.metrics_server(s.metrics_host, s.metrics_port, self.readiness)
         self.pool = open_pool(s.postgres)
         await self.pool.open(wait=True, timeout=30)
-        self.producer = AsyncProducer(kafka, **{"client.id": "mailbus-sender"})
+        self.producer = AsyncProducer(kafka["producer"])
         self.outbox = Outbox(self.pool, self.producer, s.kafka.topic_prefix, self.instance)
         self.settler = Settler(self.pool, s.kafka.topic_prefix, self.instance, self.outbox.emit,
                                window=s.settle_window_seconds, outbox=self.outbox)
         self._settler_task = asyncio.create_task(self.settler.run())
         self.feed = SuppressionFeed(lambda: SuppressionReader(
-            kafka, self.topic(topics.SUPPRESSIONS), self.registry, self.suppressions,
-            s.kafka.topic_prefix + s.group_id))
+            kafka["suppressions"], self.topic(topics.SUPPRESSIONS), self.registry,
+            self.suppressions))
         self.admission = Admission(
-            config=kafka, group_id=s.kafka.topic_prefix + s.group_id,
+            config=kafka["admission"], group_id=kafka["admission"]["group.id"],
             topic=self.topic(topics.REQUESTED), dlq_topic=self.topic(topics.REQUESTED_DLQ),
             registry=self.registry, directory=self.directory, ledger=self.outbox.ledger,
             producer=self.producer, on_change=self._wake_all, on_assign=self._take_over)
@@ -159,7 +165,7 @@ class Sender:
             composer=self._composer())
         for part in parts.values():
             await self._start_worker(part)
-        self.lag = LagReporter(kafka, s.kafka.topic_prefix + s.group_id,
+        self.lag = LagReporter(kafka["lag"], kafka["lag"]["group.id"],
                                [self.topic(topics.REQUESTED)])
         self._admission_task = asyncio.create_task(self.admission.run())
         self._tasks += [asyncio.create_task(t) for t in (
@@ -441,16 +447,21 @@ class Sender:
             await asyncio.sleep(5)
 
 
-def main(settings: SenderSettings) -> None:
-    """`mailbus sender`: serve metrics and probes, run until SIGTERM or SIGINT."""
+def build(settings: SenderSettings) -> runtime.Service:
+    """The sender wired from its settings (accounts, links, Kafka configuration);
+    it connects when it runs."""
+    sender = Sender(settings)
 
     async def serve() -> None:
-        sender = Sender(settings)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, sender.stop)
+        runtime.on_stop(sender.stop, asyncio.get_running_loop())
         await sender.run()
 
     # uvloop: the sender's loop turns over a future, a socket write and a read per
     # SMTP command and per settle; libuv's are a good deal cheaper than asyncio's own.
-    uvloop.run(serve())
+    return runtime.Service(settings, sender.kafka, lambda: uvloop.run(serve()),
+                           {"sender": sender})
+
+
+def main(settings: SenderSettings | None = None) -> None:
+    """`mailbus sender`: serve metrics and probes, run until SIGTERM or SIGINT."""
+    runtime.start(SenderSettings, build, settings)

@@ -1,20 +1,17 @@
 """Prometheus metrics and probes of the sender. Labels are bounded: accounts, transports, reasons.
 
-The metrics port also answers `/healthz` (the process is up) and `/readyz`
-(it may send: the suppression list is loaded and followed, admission runs,
-every account worker runs), which the image's HEALTHCHECK calls.
+The metrics port (mailbus.runtime.metrics_server) also answers `/healthz`
+(the process is up) and `/readyz` (it may send: the suppression list is
+loaded and followed, admission runs, every account worker runs), which the
+image's HEALTHCHECK calls.
 """
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
+from collections.abc import Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import Counter, Gauge, Histogram
 
 SENT = Counter("mailbus_sender_sent_total", "Messages handed over", ["account", "transport"])
 FAILED = Counter(
@@ -88,33 +85,3 @@ def readiness(suppressions: bool, admission: bool, workers: Iterable[bool]) -> d
     """The /readyz body: ready only when every part is."""
     parts = {"suppressions": suppressions, "admission": admission, "workers": all(workers)}
     return {"status": "ok" if all(parts.values()) else "unavailable", **parts}
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes and probes every few seconds are not worth a log line."""
-
-
-def serve(host: str, port: int, ready: Callable[[], dict[str, Any]]) -> WSGIServer:
-    """Serve /metrics, /healthz and /readyz in a thread; shutdown() the result to stop."""
-    exposition = make_wsgi_app()
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path in ("/healthz", "/readyz"):
-            body = {"status": "ok"} if path == "/healthz" else ready()
-            status = "200 OK" if body["status"] == "ok" else "503 Service Unavailable"
-            headers = [("Content-Type", "application/json")]
-            if body["status"] != "ok":
-                headers.append(("Retry-After", "5"))
-            start_response(status, headers)
-            return [json.dumps(body).encode()]
-        return exposition(environ, start_response)  # type: ignore[no-any-return]
-
-    server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return server

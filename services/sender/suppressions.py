@@ -101,11 +101,10 @@ class SuppressionReader:
     """
 
     def __init__(self, config: dict[str, Any], topic: str, registry: Registry,
-                 target: Suppressions, group_id: str = "mailbus-sender"):
-        # librdkafka wants a group even for assigned partitions; the namespace's own
-        # (the one its ACLs name), though nothing is ever committed to it.
-        self._config = {**config, "group.id": group_id, "enable.auto.commit": False,
-                        "enable.partition.eof": True}
+                 target: Suppressions):
+        # `config` names a group (librdkafka wants one even for assigned
+        # partitions); nothing is ever committed to it.
+        self._config = {**config, "enable.auto.commit": False, "enable.partition.eof": True}
         self._topic, self._registry, self._target = topic, registry, target
         self.loaded = threading.Event()
         self.error: BaseException | None = None

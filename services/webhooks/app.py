@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import threading
 
-from prometheus_client import start_http_server
-
+from mailbus import runtime
 from mailbus.codec import Registry
 from mailbus.db import open_pool
 from mailbus.lag import LagReporter
@@ -19,43 +17,63 @@ from mailbus.webhooks.settings import WebhooksSettings
 log = logging.getLogger(__name__)
 
 
-async def serve(settings: WebhooksSettings, stop: asyncio.Event) -> None:
-    """Run until `stop` is set: two Kafka threads queue, the event loop delivers."""
-    registry = Registry.load()
-    stopping = threading.Event()
-    intake = Intake(settings, registry, stopping)
-    threads = [threading.Thread(target=intake.run, name="webhooks-intake", daemon=True),
-               threading.Thread(target=Rewinds(settings, registry, stopping).run,
-                                name="webhooks-rewinds", daemon=True)]
-    for thread in threads:
-        thread.start()
-    lag = LagReporter(settings.kafka.client_config(), intake.group,
-                      intake.topics).start(settings.lag_seconds)
-    pool = open_pool(settings.postgres)
-    await pool.open(wait=False)
-    log.info("webhooks: namespace %r, topics %s", intake.namespace, intake.topics)
-    try:
-        await Dispatcher(settings, pool).run(stop)
-    finally:
-        stopping.set()
+class Webhooks:
+    """The service's parts, built from its settings; nothing connects before serve()."""
+
+    def __init__(self, settings: WebhooksSettings):
+        self.settings = settings
+        self.registry = Registry.load()
+        self.stopping = threading.Event()
+        self.intake = Intake(settings, self.registry, self.stopping)
+        self.rewinds = Rewinds(settings, self.registry, self.stopping)
+        self.lag_config = runtime.consumer_config(settings, settings.group_id, "lag")
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set: two Kafka threads queue, the event loop delivers."""
+        settings = self.settings
+        threads = [threading.Thread(target=self.intake.run, name="webhooks-intake",
+                                    daemon=True),
+                   threading.Thread(target=self.rewinds.run, name="webhooks-rewinds",
+                                    daemon=True)]
         for thread in threads:
-            await asyncio.to_thread(thread.join, 30)
-        lag.close()
-        await pool.close()
-        log.info("webhooks stopped")
+            thread.start()
+        lag = LagReporter(self.lag_config, self.intake.group,
+                          self.intake.topics).start(settings.lag_seconds)
+        pool = open_pool(settings.postgres)
+        await pool.open(wait=False)
+        log.info("webhooks: namespace %r, topics %s", self.intake.namespace,
+                 self.intake.topics)
+        try:
+            await Dispatcher(settings, pool).run(stop)
+        finally:
+            self.stopping.set()
+            for thread in threads:
+                await asyncio.to_thread(thread.join, 30)
+            lag.close()
+            await pool.close()
+            log.info("webhooks stopped")
 
 
-def main(settings: WebhooksSettings) -> None:
+async def serve(settings: WebhooksSettings, stop: asyncio.Event) -> None:
+    """Build the service and run it until `stop` is set."""
+    await Webhooks(settings).serve(stop)
+
+
+def build(settings: WebhooksSettings) -> runtime.Service:
+    """The webhooks service wired from its settings."""
+    service = Webhooks(settings)
+    kafka = {"intake": service.intake.config, "rewinds": service.rewinds.config,
+             "lag": service.lag_config}
+    return runtime.Service(settings, kafka, lambda: asyncio.run(_until_signalled(service)))
+
+
+def main(settings: WebhooksSettings | None = None) -> None:
     """`mailbus webhooks`: deliver every outcome to its key's endpoints."""
-    settings.check_secrets()
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    asyncio.run(_until_signalled(settings))
+    runtime.start(WebhooksSettings, build, settings)
 
 
-async def _until_signalled(settings: WebhooksSettings) -> None:
+async def _until_signalled(service: Webhooks) -> None:
+    runtime.metrics_server(service.settings.metrics_host, service.settings.metrics_port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(settings, stop)
+    runtime.on_stop(stop.set, asyncio.get_running_loop())
+    await service.serve(stop)

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
-from mailbus import queries, topics
+from mailbus import queries, runtime, topics
 from mailbus.codec import Registry
 from mailbus.errors import DecodeError
 from mailbus.timeline import InvalidEvent, event_row
@@ -85,24 +85,17 @@ class Intake:
         self.namespace = settings.kafka.topic_prefix
         self.registry = registry
         self.topics = [settings.kafka.topic(t) for t in READ]
-        self.group = self.namespace + settings.group_id
+        self.group = runtime.group_id(settings, settings.group_id)
+        # Committed by hand (CONSUMER_DEFAULTS), once the deliveries are in PostgreSQL.
+        self.config = runtime.consumer_config(
+            settings, settings.group_id, overrides={"session.timeout.ms": SESSION_TIMEOUT_MS})
         self._stop = stop
         self._conn: psycopg.Connection[Any] | None = None
 
     def run(self) -> None:
         """Queue deliveries until the stop event is set."""
         s = self.settings
-        consumer = Consumer({
-            **s.kafka.client_config(), "group.id": self.group,
-            "client.id": "mailbus-webhooks",
-            "session.timeout.ms": SESSION_TIMEOUT_MS,
-            # Committed by hand, once the deliveries are in PostgreSQL.
-            "enable.auto.commit": False,
-            # A new installation's endpoints want what happens from now on,
-            # but the group's first start must not skip what came before it
-            # joined: the topics' retention bounds this.
-            "auto.offset.reset": "earliest",
-        })
+        consumer = Consumer(self.config)
         consumer.subscribe(self.topics)
         delay = 0.5
         try:
@@ -146,6 +139,10 @@ class Rewinds:
         self.settings = settings
         self.namespace = settings.kafka.topic_prefix
         self.registry = registry
+        # The service's own group id: librdkafka looks its coordinator up even
+        # for assign(); nothing is committed, so the group's live offsets are
+        # not touched.
+        self.config = runtime.consumer_config(settings, settings.group_id, "replay")
         self._stop = stop
 
     def run(self) -> None:
@@ -183,14 +180,7 @@ class Rewinds:
                since: Any) -> int:
         """Queue the endpoint's events since `since` into the replay's lane."""
         s = self.settings
-        consumer = Consumer({
-            **s.kafka.client_config(),
-            # The service's own group id: librdkafka looks its coordinator up
-            # even for assign(); nothing is committed, so the group's live
-            # offsets are not touched.
-            "group.id": self.namespace + s.group_id,
-            "client.id": "mailbus-webhooks-replay", "enable.auto.commit": False,
-        })
+        consumer = Consumer(self.config)
         try:
             ends = self._positions(consumer, int(since.timestamp() * 1000))
             consumer.assign([TopicPartition(t, p, start) for (t, p), (start, _) in ends.items()
