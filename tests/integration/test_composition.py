@@ -25,8 +25,8 @@ import certifi
 import pytest
 
 from mailbus import logs, runtime
+from mailbus.cli import SERVICE_SETTINGS as SETTINGS
 from mailbus.cli import SERVICES, service_main
-from mailbus.doctor_infra import SETTINGS
 from mailbus.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[2]
