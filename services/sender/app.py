@@ -25,8 +25,8 @@ from mailbus.sender.admit import Admission
 from mailbus.sender.composer import DEADLINE_SECONDS as COMPOSER_DEADLINE
 from mailbus.sender.composer import Composer, Setup
 from mailbus.sender.context import Context
+from mailbus.sender.decisions import utcnow
 from mailbus.sender.dkim import DkimSigner
-from mailbus.sender.handlers import utcnow
 from mailbus.sender.outbox import Outbox
 from mailbus.sender.quota import Budget, Exhausted
 from mailbus.sender.roster import (

@@ -178,7 +178,7 @@ class GmailTransport:
         try:
             result = await asyncio.to_thread(self._execute, make_request)
         except Exception as exc:  # the scheduler understands SendError only
-            error = classify(exc, self._clock())
+            error = classify_api_error(exc, self._clock())
             # Credentials refused, Gmail unreachable or failing: the account's way out
             # is down. A message refused or a rate limit says nothing about it.
             if isinstance(error, TransientError):
@@ -217,7 +217,7 @@ class GmailTransport:
                             self.account_id, self._token_file, exc)
 
 
-def classify(exc: BaseException, now: datetime) -> SendError:
+def classify_api_error(exc: BaseException, now: datetime) -> SendError:
     """What a failed Gmail call means for the scheduler."""
     if isinstance(exc, SendError):
         return exc

@@ -16,12 +16,12 @@ from functools import partial
 
 from mailbus.accounts import Account
 from mailbus.errors import MailbusError
-from mailbus.sender import handlers, metrics
+from mailbus.sender import decisions, metrics
 from mailbus.sender.compose import compose, compose_inline, needs_sandbox
 from mailbus.sender.composer import Composed, Failure
 from mailbus.sender.context import Claimed, Context
+from mailbus.sender.decisions import Fail, Reroute, Retry
 from mailbus.sender.dkim import DkimSigner
-from mailbus.sender.handlers import Fail, Reroute, Retry
 from mailbus.sender.quota import Budget, Exhausted, Wait
 from mailbus.sender.sandbox import SandboxUnavailable, compose_failure
 from mailbus.sender.transport import (
@@ -136,14 +136,14 @@ class AccountWorker:
         """Move this account's pool messages to another pool member while it is exhausted."""
         rows = await self.ctx.claim(self.account.id, owned, limit=100, pool_only=True)
         for row in rows:
-            target = handlers.failover(self.ctx.directory, row.pool, self.account.id,
+            target = decisions.failover(self.ctx.directory, row.pool, self.account.id,
                                        row.reroutes, self.ctx.capacity())
             request = self.ctx.decode(row)
             if target is None:
                 others = [self.ctx.ready_at(a)
                           for a in self.ctx.directory.pools.get(row.pool or "", ())
                           if a != self.account.id]
-                due = min(until, handlers.retry_exhausted_at(row.reroutes, until, others))
+                due = min(until, decisions.retry_exhausted_at(row.reroutes, until, others))
                 await self.ctx.requeue(row, Retry(due, "account quota exhausted", refund=1))
             else:
                 await self.ctx.reroute(row, request, Reroute(target, "account quota exhausted"))
@@ -260,12 +260,12 @@ class AccountWorker:
                 self.budget.give_back(now)
                 self.budget.park(exc.until or now + timedelta(seconds=exc.retry_after or 60))
                 # A message already handed over for some recipients stays on its account.
-                target = None if row.pending is not None else handlers.failover(
+                target = None if row.pending is not None else decisions.failover(
                     ctx.directory, row.pool, account.id, row.reroutes, ctx.capacity())
                 if target is not None:
                     await ctx.reroute(row, ctx.decode(row), Reroute(target, exc.reason))
                     return
-            verdict = handlers.after_error(exc, attempts=row.attempts,
+            verdict = decisions.after_error(exc, attempts=row.attempts,
                                            max_attempts=ctx.max_attempts, now=ctx.clock(),
                                            retry_base=ctx.retry_base, retry_cap=ctx.retry_cap)
             if isinstance(verdict, Retry):
@@ -284,7 +284,7 @@ class AccountWorker:
         """Nothing was tried for this message: requeue it with backoff, or give up."""
         self.budget.give_back(now)
         ctx = self.ctx
-        verdict = handlers.after_error(TransientError(reason), attempts=row.attempts,
+        verdict = decisions.after_error(TransientError(reason), attempts=row.attempts,
                                        max_attempts=ctx.max_attempts, now=ctx.clock(),
                                        retry_base=ctx.retry_base, retry_cap=ctx.retry_cap)
         if isinstance(verdict, Retry):
