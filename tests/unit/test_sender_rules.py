@@ -101,10 +101,10 @@ def test_what_errors_mean():
     gave_up = decisions.after_error(TransientError("451 later", code=451), attempts=3, **kw)
     assert isinstance(gave_up, Fail) and not gave_up.permanent and gave_up.dead_letter
     perm = decisions.after_error(PermanentError("550 no", code=550, enhanced_status="5.1.1"),
-                                attempts=1, **kw)
+                                 attempts=1, **kw)
     assert perm == Fail("550 no", True, 550, "5.1.1", None)
     parked = decisions.after_error(AccountExhausted("daily limit", until=at(3600)),
-                                  attempts=3, **kw)
+                                   attempts=3, **kw)
     assert parked == Retry(at(3600), "daily limit", refund=1)  # never a failure
 
 
