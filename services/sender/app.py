@@ -148,7 +148,7 @@ class Sender:
         # Workers see no partition, so claim nothing, while the suppression
         # list is not loaded or not followed: who may be mailed is unknown.
         self.ctx = ctx = Context(
-            pool=self.pool, outbox=self.outbox, settler=self.settler, registry=self.registry,
+            outbox=self.outbox, settler=self.settler, registry=self.registry,
             directory=self.directory, suppressions=self.suppressions,
             links=self.links, owned=self._sendable,
             capacity=self._capacity, ready_at=self._ready_at, topic=self.topic,

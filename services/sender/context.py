@@ -13,8 +13,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
-
 from mailbus import topics
 from mailbus.accounts import Account, Directory
 from mailbus.codec import Registry
@@ -58,7 +56,7 @@ class Claimed:
 class Context:
     """What the workers share: the ledger, the outbox, the clock, the settings."""
 
-    def __init__(self, *, pool: AsyncConnectionPool, outbox: Outbox, settler: Settler,
+    def __init__(self, *, outbox: Outbox, settler: Settler,
                  registry: Registry, directory: Directory, suppressions: Suppressions,
                  links: LinkBuilder | None, owned: Callable[[], dict[int, int]],
                  capacity: Callable[[], dict[str, int]],
@@ -68,7 +66,7 @@ class Context:
                  settling_per_connection: int = 0,
                  clock: Callable[[], datetime] = decisions.utcnow,
                  sandbox: ContentSandbox | None = None, composer: Composer | None = None):
-        self.pool, self.outbox, self.settler, self.registry = pool, outbox, settler, registry
+        self.outbox, self.settler, self.registry = outbox, settler, registry
         self.directory, self.suppressions, self.links = directory, suppressions, links
         self.owned, self.capacity, self.topic = owned, capacity, topic
         self.ready_at = ready_at  # when a pool member may send again (app.Sender._ready_at)
