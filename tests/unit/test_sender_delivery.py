@@ -12,7 +12,7 @@ import pytest
 
 from mailbus.accounts import Account, Directory, SmtpAccount
 from mailbus.errors import MailbusError
-from mailbus.sender import delivery
+from mailbus.sender import delivery, metrics
 from mailbus.sender.composer import Failure
 from mailbus.sender.context import Claimed
 from mailbus.sender.decisions import MAX_REROUTES, Fail, Reroute, Retry
@@ -225,6 +225,7 @@ def test_an_exhausted_account_with_nowhere_to_move_requeues_without_counting_the
 @dataclass
 class FakeLedger:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    committed: asyncio.Event | None = None  # when set, settles wait for it
 
     def decode(self, row: Claimed) -> dict[str, Any]:
         return {"message_id": row.message_id, "payload": row.payload}
@@ -238,6 +239,8 @@ class FakeLedger:
 
     async def sent(self, row: Claimed, account: Account, accepted: Accepted, header: str, *,
                    possible_duplicate: bool, latency_us: int | None) -> None:
+        if self.committed is not None:
+            await self.committed.wait()
         self.calls.append(("sent", row.message_id, account.id, accepted, header,
                            possible_duplicate, latency_us))
 
@@ -280,12 +283,13 @@ class FakeTransport:
 
 
 def executor(ledger: FakeLedger, transport: FakeTransport, budget: Budget | None = None, *,
-             replay: FakeTransport | None = None, connections: int = 2,
-             left: dict[str, int] | None = None) -> Executor:
+             replay: FakeTransport | None = None, connections: int = 2, settling: int = 0,
+             chained: bool = False, left: dict[str, int] | None = None) -> Executor:
     return Executor(ledger, ACCOUNT, transport, budget or Budget(1000, 1_000_000.0),
                     retries=RETRIES, directory=DIRECTORY, capacity=lambda: dict(left or {}),
                     clock=lambda: T0, replay=(SINK, replay) if replay else None,
-                    connections=connections)
+                    connections=connections, settling_per_connection=settling,
+                    chained=chained)
 
 
 def run(ex: Executor, step: Delivery, claimed: Claimed | None = None) -> None:
@@ -372,22 +376,58 @@ def test_the_executor_records_each_decision_that_needs_no_hand_over():
     assert transport.sent == [] and budget.used(T0) == 0
 
 
-def test_the_executor_hands_over_no_more_at_once_than_the_account_has_connections():
+@pytest.mark.parametrize(("chained", "at_once"), [(False, 1), (True, 2)])
+def test_the_executor_hands_over_no_more_at_once_than_the_account_has_connections(
+        chained: bool, at_once: int):
+    """One connection; an SMTP session chains two transactions on it. Settles may wait
+    for three more, which does not let more hand-overs through."""
     ledger, transport = FakeLedger(), FakeTransport(gate=asyncio.Event())
 
     async def scenario() -> None:
-        ex = executor(ledger, transport, connections=1)  # its semaphores bind to this loop
+        ex = executor(ledger, transport, connections=1, settling=3, chained=chained)
         runs = [asyncio.create_task(ex.run(row(message_id=f"m{i}"), handover(), T0))
-                for i in range(4)]
+                for i in range(6)]
         for _ in range(20):  # let every run reach the hand-over it can
             await asyncio.sleep(0)
-        assert transport.inside == 1  # the others wait for the one connection
+        assert transport.inside == at_once  # the others wait for the connection
         assert transport.gate is not None
         transport.gate.set()
         await asyncio.gather(*runs)
 
     asyncio.run(scenario())
-    assert transport.most_inside == 1 and len(ledger.calls) == 4
+    assert transport.most_inside == at_once and len(ledger.calls) == 6
+
+
+def test_what_the_server_took_and_the_ledger_does_not_know_yet_stays_bounded():
+    """One connection and one settle waiting per connection: at most two messages are
+    out while their settles are not committed (what a crash may send twice)."""
+    ledger, transport = FakeLedger(committed=asyncio.Event()), FakeTransport()
+
+    async def scenario() -> None:
+        ex = executor(ledger, transport, connections=1, settling=1)
+        runs = [asyncio.create_task(ex.run(row(message_id=f"m{i}"), handover(), T0))
+                for i in range(5)]
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(transport.sent) == 2 and ledger.calls == []
+        assert ledger.committed is not None
+        ledger.committed.set()
+        await asyncio.gather(*runs)
+
+    asyncio.run(scenario())
+    assert len(transport.sent) == 5 and len(ledger.calls) == 5
+
+
+def test_only_a_hand_over_that_reached_the_transport_counts_as_a_retry():
+    retries = metrics.RETRIES.labels(ACCOUNT.id)
+    before = retries._value.get()
+    ledger = FakeLedger()
+    ex = executor(ledger, FakeTransport([TransientError("451 later")]))
+    run(ex, handover())
+    assert retries._value.get() == before + 1
+    run(ex, Delivery(Requeue(Retry(T0, "content sandbox: down")), give_back=True))
+    assert retries._value.get() == before + 1
+    assert [c[0] for c in ledger.calls] == ["requeue", "requeue"]
 
 
 def test_the_executor_refuses_to_record_a_hand_over_it_was_not_asked_to_run():
