@@ -237,7 +237,7 @@ class Admission:
                                   " a UUID"))
                 continue
             rows.append(decisions.admission(event, value, msg.partition() or 0, now,
-                                           replayed=is_replayed(msg)))
+                                            replayed=is_replayed(msg)))
         await self._ledger.admit(rows)
         metrics.ADMITTED.inc(len(rows))
         await asyncio.gather(*(self._dead_letter(msg, reason) for msg, reason in dead))

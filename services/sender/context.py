@@ -129,11 +129,11 @@ class Context:
         if account.evidence == "smtp_final":
             records += [Record(self.topic(topics.DELIVERED), key, self.registry.encode(
                 topics.DELIVERED, decisions.delivered_event(row.message_id, account, r,
-                                                           accepted.response, now)))
+                                                            accepted.response, now)))
                         for r in accepted.recipients]
         refused = decisions.refused(accepted.rejected, attempts=row.attempts,
-                                   max_attempts=self.max_attempts, now=now,
-                                   retry_base=self.retry_base, retry_cap=self.retry_cap)
+                                    max_attempts=self.max_attempts, now=now,
+                                    retry_base=self.retry_base, retry_cap=self.retry_cap)
         records += self._failed_records(row, account.id, refused.failed, now)
         if refused.retry is not None:
             # Taken for the others, refused for now for these: the same message again,
@@ -151,7 +151,7 @@ class Context:
                         now: datetime) -> list[Record]:
         return [Record(self.topic(topics.FAILED), row.message_id.encode(), self.registry.encode(
             topics.FAILED, decisions.failed_event(row.message_id, account_id, fail,
-                                                 attempt=row.attempts, now=now)))
+                                                  attempt=row.attempts, now=now)))
             for fail in fails]
 
     async def fail(self, row: Claimed, account_id: str, fail: Fail) -> None:
@@ -170,7 +170,7 @@ class Context:
         key = row.message_id.encode()
         records = [Record(self.topic(topics.FAILED), key, self.registry.encode(
             topics.FAILED, decisions.failed_event(row.message_id, account_id, fail,
-                                                 attempt=row.attempts, now=self.clock())))]
+                                                  attempt=row.attempts, now=self.clock())))]
         if fail.dead_letter:
             records.append(Record(self.topic(topics.REQUESTED_DLQ), account_id.encode(),
                                   row.payload, [("mailbus.reason", fail.reason)]))

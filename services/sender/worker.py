@@ -130,7 +130,7 @@ class AccountWorker:
         rows = await self.ctx.claim(self.account.id, owned, limit=100, pool_only=True)
         for row in rows:
             target = decisions.failover(self.ctx.directory, row.pool, self.account.id,
-                                       row.reroutes, self.ctx.capacity())
+                                        row.reroutes, self.ctx.capacity())
             request = self.ctx.decode(row)
             if target is None:
                 others = [self.ctx.ready_at(a)
