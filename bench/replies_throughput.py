@@ -1,7 +1,7 @@
 """Inbound mail CPU cost: classify, plan and encode, against a baseline in the same run.
 
 What the replies service does to each message it reads, without the I/O around
-it: `classify()` the raw bytes, `plan()` the records, Avro-encode each record
+it: `classify_inbound()` the raw bytes, `plan()` the records, Avro-encode each record
 with the registry. The baseline is what any reader of the same mail must at
 least do: parse it with the stdlib (`policy.default`), walk the parts and
 decode every text part with `get_content()`.
@@ -123,7 +123,7 @@ def baseline() -> Callable[[bytes], object]:
 def mailbus() -> Callable[[bytes], object]:
     from mailbus.codec import Registry
     from mailbus.replies.app import token_check
-    from mailbus.replies.classify import classify
+    from mailbus.replies.classify import classify_inbound
     from mailbus.replies.events import plan
     from mailbus.replytag import verify_tag
     from mailbus.tokens import Keyring
@@ -134,7 +134,7 @@ def mailbus() -> Callable[[bytes], object]:
     seq = iter(range(1, 1 << 62))
 
     def handle(raw: bytes) -> object:
-        inbound = classify(raw, domains=DOMAINS)
+        inbound = classify_inbound(raw, domains=DOMAINS)
         planned = plan(inbound, account_id="dev", source="imap:dev",
                        source_ref=f"imap:1:{next(seq)}", now=datetime.now(UTC),
                        check_token=check_token, check_tag=check_tag)
@@ -186,9 +186,9 @@ def pct(values: list[int], q: float) -> float:
 
 def kinds() -> dict[str, str]:
     """Corpus file -> what the classifier makes of it."""
-    from mailbus.replies.classify import classify
+    from mailbus.replies.classify import classify_inbound
 
-    return {name: classify(raw, domains=DOMAINS).kind
+    return {name: classify_inbound(raw, domains=DOMAINS).kind
             for name, raw in messages("corpus").items()}
 
 

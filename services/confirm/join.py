@@ -34,12 +34,15 @@ from typing import Any, NamedTuple
 
 State = dict[str, Any]
 
-SENT = "mailbus.EmailSent"
-DELIVERED = "mailbus.EmailDelivered"
-FAILED = "mailbus.EmailFailed"
-BOUNCED = "mailbus.EmailBounced"
-CONFIRMED = "confirmed"
-UNCONFIRMED = "unconfirmed"
+# The Avro schema names of the events the join folds (the `kind` apply() is given);
+# the topics they come from are mailbus.topics.SENT and the others.
+SENT_SCHEMA = "mailbus.EmailSent"
+DELIVERED_SCHEMA = "mailbus.EmailDelivered"
+FAILED_SCHEMA = "mailbus.EmailFailed"
+BOUNCED_SCHEMA = "mailbus.EmailBounced"
+# The verdicts, as the email.confirmed record's `outcome` and the state's `verdict`.
+OUTCOME_CONFIRMED = "confirmed"
+OUTCOME_UNCONFIRMED = "unconfirmed"
 # A message has at most 100 recipients (To, Cc and Bcc, as the API takes them),
 # so a genuine message never has more bounces than this.
 MAX_BOUNCED = 100
@@ -82,22 +85,22 @@ def apply(state: State | None, kind: str, event: dict[str, Any], partition: int,
     """Fold one decoded event (kind = its schema name) into a message's state."""
     old = state if state is not None else new_state(partition)
     new = dict(old, bounced=list(old["bounced"]))
-    if kind == SENT and new["sent_at"] is None:
+    if kind == SENT_SCHEMA and new["sent_at"] is None:
         new.update(account_id=event["account_id"], sent_at=micros(event["occurred_at"]),
                    requested_at=micros(event.get("requested_at")))
-    elif kind == DELIVERED and new["delivered_at"] is None:
+    elif kind == DELIVERED_SCHEMA and new["delivered_at"] is None:
         new.update(delivered_at=micros(event["occurred_at"]), evidence=event["evidence"])
-    elif (kind == FAILED and event["permanent"] and event.get("recipient") is None
+    elif (kind == FAILED_SCHEMA and event["permanent"] and event.get("recipient") is None
           and new["failed_at"] is None):
         new["failed_at"] = micros(event["occurred_at"])
-    elif kind == BOUNCED and _room_for(new["bounced"], event["recipient"]):
+    elif kind == BOUNCED_SCHEMA and _room_for(new["bounced"], event["recipient"]):
         new["bounced"] = sorted([*new["bounced"], event["recipient"]])
     else:
         return Step(None)
     new["touched_at"] = now_us
     if new["sent_at"] is not None and new["delivered_at"] is not None \
-            and new["verdict"] != CONFIRMED:
-        new["verdict"] = CONFIRMED
+            and new["verdict"] != OUTCOME_CONFIRMED:
+        new["verdict"] = OUTCOME_CONFIRMED
         return Step(new, confirmed_record(event["message_id"], new, now_us))
     return Step(new)
 
@@ -114,7 +117,7 @@ def overdue(state: State, message_id: str, now_us: int, within_seconds: int) -> 
     if (sent_at is None or state["delivered_at"] is not None or state["verdict"] is not None
             or now_us < sent_at + within_seconds * 1_000_000):
         return Step(None)
-    new = dict(state, verdict=UNCONFIRMED, touched_at=now_us)
+    new = dict(state, verdict=OUTCOME_UNCONFIRMED, touched_at=now_us)
     return Step(new, unconfirmed_record(message_id, new, now_us))
 
 
@@ -130,8 +133,8 @@ def confirmed_record(message_id: str, state: State, now_us: int) -> dict[str, An
     delivered_at = state["delivered_at"]
     requested_at = state["requested_at"]
     return {
-        "event_id": verdict_id(message_id, CONFIRMED), "message_id": message_id,
-        "occurred_at": now_us, "account_id": state["account_id"], "outcome": CONFIRMED,
+        "event_id": verdict_id(message_id, OUTCOME_CONFIRMED), "message_id": message_id,
+        "occurred_at": now_us, "account_id": state["account_id"], "outcome": OUTCOME_CONFIRMED,
         "evidence": state["evidence"], "requested_at": requested_at,
         "sent_at": state["sent_at"], "delivered_at": delivered_at,
         "sent_to_delivered_us": delivered_at - state["sent_at"],
@@ -143,8 +146,8 @@ def confirmed_record(message_id: str, state: State, now_us: int) -> dict[str, An
 def unconfirmed_record(message_id: str, state: State, now_us: int) -> dict[str, Any]:
     """The email.confirmed record of a sent message without delivery evidence in time."""
     return {
-        "event_id": verdict_id(message_id, UNCONFIRMED), "message_id": message_id,
-        "occurred_at": now_us, "account_id": state["account_id"], "outcome": UNCONFIRMED,
+        "event_id": verdict_id(message_id, OUTCOME_UNCONFIRMED), "message_id": message_id,
+        "occurred_at": now_us, "account_id": state["account_id"], "outcome": OUTCOME_UNCONFIRMED,
         "evidence": "unknown", "requested_at": state["requested_at"],
         "sent_at": state["sent_at"], "delivered_at": None, "sent_to_delivered_us": None,
         "requested_to_delivered_us": None,

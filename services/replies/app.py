@@ -36,7 +36,7 @@ from mailbus.logs import event
 from mailbus.producer import AsyncProducer
 from mailbus.reload import AccountsReloader, changes
 from mailbus.replies import metrics
-from mailbus.replies.classify import Inbound, classify
+from mailbus.replies.classify import Inbound, classify_inbound
 from mailbus.replies.events import Plan, plan
 from mailbus.replies.gmail_inbox import GmailReader
 from mailbus.replies.imap import ImapReader
@@ -70,7 +70,7 @@ class Replies:
     """The running service: one reader per mailbox, one handler for all of them."""
 
     def __init__(self, settings: RepliesSettings, directory: Directory | None = None,
-                 classifier: Classify = classify):
+                 classifier: Classify = classify_inbound):
         assert settings.accounts_file is not None and settings.link_keys_file is not None
         self.settings = settings
         self.producer_config = runtime.producer_config(settings)
@@ -122,7 +122,7 @@ class Replies:
 
     async def _classify(self, account: Account, raw: bytes, ref: MailRef) -> Inbound:
         """The verdict on one mail; unmatched with the reason when it is too big or too slow."""
-        inbound = await self.sandbox.classify(raw, domains=sending_domains(account))
+        inbound = await self.sandbox.classify_inbound(raw, domains=sending_domains(account))
         if ref.headers_only:  # the header only tells who sent what: kept, not acted on
             cap = self.settings.max_message_bytes
             inbound = quarantine(f"{ref.size} bytes, over the {cap} byte cap: body not read",

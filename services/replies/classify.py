@@ -49,7 +49,7 @@ from mailbus.tokens import MAX_TOKEN
 
 # Re-exported: what callers and tests read from here.
 __all__ = ["MAX_DEPTH", "MAX_PARTS", "MAX_RECIPIENTS", "DsnResult", "Inbound", "bounce_class",
-           "classify"]
+           "classify_inbound"]
 
 Kind = Literal["dsn", "complaint", "auto_reply", "reply", "unsubscribe", "unmatched"]
 
@@ -95,8 +95,8 @@ class Inbound:
     quarantined: bool = False  # not classified: past the deadline, or over the size cap
 
 
-def classify(raw: bytes, *, max_text: int = 10_000,
-             domains: Collection[str] = ()) -> Inbound:
+def classify_inbound(raw: bytes, *, max_text: int = 10_000,
+                     domains: Collection[str] = ()) -> Inbound:
     """Classify one raw message; `domains`, when given, limits whose Message-IDs count as ours."""
     ours = frozenset(domain.lower() for domain in domains)
     try:

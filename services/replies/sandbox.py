@@ -1,6 +1,6 @@
 """Classification under a deadline, in worker processes the service can abandon.
 
-classify() is linear on any input we know of, but it is CPU-bound Python over
+classify_inbound() is linear on any input we know of, but it is CPU-bound Python over
 hostile bytes, and the standard library parser it leans on has had quadratic
 corners before. A mail that still finds one must cost one mail, not the
 mailbox: each classification runs in a `mailbus.deadline` pool with
@@ -15,9 +15,10 @@ from functools import partial
 
 from mailbus.deadline import DeadlinePool, Died, Late, Unavailable
 from mailbus.errors import MailbusError
-from mailbus.replies.classify import Inbound, classify
+from mailbus.replies.classify import Inbound, classify_inbound
 
-Classify = Callable[..., Inbound]  # classify(raw, domains=...) or a stand-in of the same shape
+# classify_inbound(raw, domains=...) or a stand-in of the same shape
+Classify = Callable[..., Inbound]
 
 
 class WorkerFailed(MailbusError):
@@ -41,7 +42,7 @@ def _classify_job(target: Classify, job: tuple[bytes, tuple[str, ...]]) -> Inbou
 class Sandbox:
     """`workers` classifier processes, each mail under `deadline` seconds of wall time."""
 
-    def __init__(self, deadline: float, workers: int = 2, target: Classify = classify):
+    def __init__(self, deadline: float, workers: int = 2, target: Classify = classify_inbound):
         self.deadline, self.target = deadline, target
         self._pool = DeadlinePool(partial(_classify_job, target), deadline=deadline,
                                   processes=workers, name="mailbus-classify")
@@ -51,8 +52,8 @@ class Sandbox:
         """Mails past the deadline or whose worker died (for tests and logs)."""
         return self._pool.abandoned
 
-    async def classify(self, raw: bytes, *, domains: Collection[str] = ()) -> Inbound:
-        """classify() in a worker; past the deadline an unmatched verdict saying so."""
+    async def classify_inbound(self, raw: bytes, *, domains: Collection[str] = ()) -> Inbound:
+        """classify_inbound() in a worker; past the deadline an unmatched verdict saying so."""
         try:
             found = await self._pool.run((raw, tuple(domains)))
         except Unavailable as exc:

@@ -27,7 +27,7 @@ from mailbus.codec import Registry
 from mailbus.errors import DecodeError
 from mailbus.producer import AsyncProducer
 from mailbus.replay import SOURCE_HEADER as REPLAY_SOURCE_HEADER
-from mailbus.sender import handlers, metrics
+from mailbus.sender import decisions, metrics
 from mailbus.sender.outbox import Ledger
 from mailbus.sender.quota import backoff
 
@@ -218,7 +218,7 @@ class Admission:
                 raise
 
     async def _admit(self, messages: list[Message]) -> None:
-        now = handlers.utcnow()
+        now = decisions.utcnow()
         rows, dead = [], []
         for msg in messages:
             value = msg.value() or b""  # a tombstone is as undecodable as garbage
@@ -230,14 +230,14 @@ class Admission:
             if event["account_id"] not in self._directory.by_id:
                 dead.append((msg, f"unknown account {event['account_id']!r}"))
                 continue
-            if not handlers.is_message_id(event["message_id"]):
+            if not decisions.is_message_id(event["message_id"]):
                 # The ledger's key is a uuid: such a row would fail the whole batch's
                 # insert, again and again, and stop admission for everyone.
                 dead.append((msg, f"invalid: message id {event['message_id'][:64]!r} is not"
                                   " a UUID"))
                 continue
-            rows.append(handlers.admission(event, value, msg.partition() or 0, now,
-                                           replayed=is_replayed(msg)))
+            rows.append(decisions.admission(event, value, msg.partition() or 0, now,
+                                            replayed=is_replayed(msg)))
         await self._ledger.admit(rows)
         metrics.ADMITTED.inc(len(rows))
         await asyncio.gather(*(self._dead_letter(msg, reason) for msg, reason in dead))

@@ -24,8 +24,8 @@ from mailbus.sender.admit import Admission
 from mailbus.sender.composer import DEADLINE_SECONDS as COMPOSER_DEADLINE
 from mailbus.sender.composer import Composer, Setup
 from mailbus.sender.context import Context
+from mailbus.sender.decisions import utcnow
 from mailbus.sender.dkim import DkimSigner
-from mailbus.sender.handlers import utcnow
 from mailbus.sender.outbox import Outbox
 from mailbus.sender.quota import Budget, Exhausted
 from mailbus.sender.roster import (
@@ -154,7 +154,7 @@ class Sender:
         # Workers see no partition, so claim nothing, while the suppression
         # list is not loaded or not followed: who may be mailed is unknown.
         self.ctx = ctx = Context(
-            pool=self.pool, outbox=self.outbox, settler=self.settler, registry=self.registry,
+            outbox=self.outbox, settler=self.settler, registry=self.registry,
             directory=self.directory, suppressions=self.suppressions,
             links=self.links, owned=self._sendable,
             capacity=self._capacity, ready_at=self._ready_at, topic=self.topic,

@@ -13,14 +13,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
-
 from mailbus import topics
 from mailbus.accounts import Account, Directory
 from mailbus.codec import Registry
-from mailbus.sender import handlers, metrics
+from mailbus.sender import decisions, metrics
 from mailbus.sender.composer import Composer
-from mailbus.sender.handlers import Fail, Reroute, Retry
+from mailbus.sender.decisions import Fail, Reroute, Retry
 from mailbus.sender.outbox import Outbox, Record
 from mailbus.sender.sandbox import ContentSandbox
 from mailbus.sender.settle import Outcome, Settler
@@ -58,7 +56,7 @@ class Claimed:
 class Context:
     """What the workers share: the ledger, the outbox, the clock, the settings."""
 
-    def __init__(self, *, pool: AsyncConnectionPool, outbox: Outbox, settler: Settler,
+    def __init__(self, *, outbox: Outbox, settler: Settler,
                  registry: Registry, directory: Directory, suppressions: Suppressions,
                  links: LinkBuilder | None, owned: Callable[[], dict[int, int]],
                  capacity: Callable[[], dict[str, int]],
@@ -66,9 +64,9 @@ class Context:
                  topic: Callable[[str], str], max_attempts: int, retry_base: float,
                  retry_cap: float, poll_seconds: float, claim_depth: int = 16,
                  settling_per_connection: int = 0,
-                 clock: Callable[[], datetime] = handlers.utcnow,
+                 clock: Callable[[], datetime] = decisions.utcnow,
                  sandbox: ContentSandbox | None = None, composer: Composer | None = None):
-        self.pool, self.outbox, self.settler, self.registry = pool, outbox, settler, registry
+        self.outbox, self.settler, self.registry = outbox, settler, registry
         self.directory, self.suppressions, self.links = directory, suppressions, links
         self.owned, self.capacity, self.topic = owned, capacity, topic
         self.ready_at = ready_at  # when a pool member may send again (app.Sender._ready_at)
@@ -124,18 +122,18 @@ class Context:
         now = self.clock()
         key = row.message_id.encode()
         records = [Record(self.topic(topics.SENT), key, self.registry.encode(
-            topics.SENT, handlers.sent_event(
+            topics.SENT, decisions.sent_event(
                 row.message_id, row.requested_at, account, accepted, message_id_header=header,
                 attempt=row.attempts,
                 possible_duplicate=possible_duplicate, latency_us=latency_us, now=now)))]
         if account.evidence == "smtp_final":
             records += [Record(self.topic(topics.DELIVERED), key, self.registry.encode(
-                topics.DELIVERED, handlers.delivered_event(row.message_id, account, r,
-                                                           accepted.response, now)))
+                topics.DELIVERED, decisions.delivered_event(row.message_id, account, r,
+                                                            accepted.response, now)))
                         for r in accepted.recipients]
-        refused = handlers.refused(accepted.rejected, attempts=row.attempts,
-                                   max_attempts=self.max_attempts, now=now,
-                                   retry_base=self.retry_base, retry_cap=self.retry_cap)
+        refused = decisions.refused(accepted.rejected, attempts=row.attempts,
+                                    max_attempts=self.max_attempts, now=now,
+                                    retry_base=self.retry_base, retry_cap=self.retry_cap)
         records += self._failed_records(row, account.id, refused.failed, now)
         if refused.retry is not None:
             # Taken for the others, refused for now for these: the same message again,
@@ -152,8 +150,8 @@ class Context:
     def _failed_records(self, row: Claimed, account_id: str, fails: list[Fail],
                         now: datetime) -> list[Record]:
         return [Record(self.topic(topics.FAILED), row.message_id.encode(), self.registry.encode(
-            topics.FAILED, handlers.failed_event(row.message_id, account_id, fail,
-                                                 attempt=row.attempts, now=now)))
+            topics.FAILED, decisions.failed_event(row.message_id, account_id, fail,
+                                                  attempt=row.attempts, now=now)))
             for fail in fails]
 
     async def fail(self, row: Claimed, account_id: str, fail: Fail) -> None:
@@ -171,8 +169,8 @@ class Context:
             return
         key = row.message_id.encode()
         records = [Record(self.topic(topics.FAILED), key, self.registry.encode(
-            topics.FAILED, handlers.failed_event(row.message_id, account_id, fail,
-                                                 attempt=row.attempts, now=self.clock())))]
+            topics.FAILED, decisions.failed_event(row.message_id, account_id, fail,
+                                                  attempt=row.attempts, now=self.clock())))]
         if fail.dead_letter:
             records.append(Record(self.topic(topics.REQUESTED_DLQ), account_id.encode(),
                                   row.payload, [("mailbus.reason", fail.reason)]))
@@ -184,7 +182,7 @@ class Context:
 
     async def reroute(self, row: Claimed, request: dict[str, Any], reroute: Reroute) -> None:
         """Hand the message to another pool account through a new email.requested record."""
-        moved = handlers.rerouted_request(request, reroute.account_id, self.clock())
+        moved = decisions.rerouted_request(request, reroute.account_id, self.clock())
         records = [Record(self.topic(topics.REQUESTED), reroute.account_id.encode(),
                           self.registry.encode(topics.REQUESTED, moved))]
         await self.settle(row, "rerouted", records,

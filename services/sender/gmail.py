@@ -3,7 +3,7 @@
 The client (credentials, token refresh, a connection per worker thread) is
 the core's `mailbus.gmail`, shared with the replies service and `mailbus
 doctor`; this module sends with it, looks earlier sends up (find_sent), and
-says what a failure means for the scheduler (`classify`).
+says what a failure means for the scheduler (`classify_api_error`).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class GmailTransport(GmailClient):
         try:
             result = await self.execute(make_request)
         except Exception as exc:  # the scheduler understands SendError only
-            error = classify(exc, self._clock())
+            error = classify_api_error(exc, self._clock())
             # Credentials refused, Gmail unreachable or failing: the account's way out
             # is down. A message refused or a rate limit says nothing about it.
             if isinstance(error, TransientError):
@@ -99,7 +99,7 @@ class GmailTransport(GmailClient):
         return result
 
 
-def classify(exc: BaseException, now: datetime) -> SendError:
+def classify_api_error(exc: BaseException, now: datetime) -> SendError:
     """What a failed Gmail call means for the scheduler."""
     if isinstance(exc, SendError):
         return exc

@@ -94,8 +94,15 @@ class Budget:
         self._tokens -= 1.0
         self._sent.append(now)
 
-    def give_back(self, now: datetime) -> None:
-        """Undo `take` for a send that never left (refused by the provider, or failed before)."""
+    def give_back(self) -> None:
+        """Take a send that never left (refused by the provider, or failed before) out of
+        the quota window.
+
+        Its rate token stays spent: the rate only paces the account, and a spent
+        token costs it one interval's wait, never a send over the rate. Returning
+        it would let `allowance` claim rows the pacer (whose slots are not given
+        back either) then holds back.
+        """
         if self._sent:
             self._sent.pop()
 
@@ -130,8 +137,10 @@ class Budget:
 
 
 def backoff(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Seconds before retry number `attempt` (1-based): exponential, capped, full jitter."""
+    """Seconds before retry number `attempt` (1-based): exponential, capped, equal jitter."""
     ceiling = min(cap, base * (2 ** (attempt - 1)))
-    # Full jitter (uniform in [ceiling/2, ceiling]) keeps retries of many
-    # messages from arriving at a recovering server in lockstep.
+    # Equal jitter (uniform in [ceiling/2, ceiling]) keeps retries of many messages
+    # from arriving at a recovering server in lockstep, and none comes back sooner
+    # than half its backoff (full jitter, uniform in [0, ceiling], would retry some
+    # at once, against a server that just said "later").
     return (rng or random).uniform(ceiling / 2, ceiling)

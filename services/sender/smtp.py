@@ -30,7 +30,8 @@ from mailbus.sender.transport import (
 log = logging.getLogger(__name__)
 
 
-def classify(code: int, text: str, recipient: str | None = None) -> TransientError | PermanentError:
+def classify_smtp_reply(code: int, text: str,
+                        recipient: str | None = None) -> TransientError | PermanentError:
     """An SMTP reply as the error it is: 4xx transient, 5xx permanent (RFC 5321 4.2.1)."""
     reason = f"{code} {text}".strip()
     if 400 <= code < 500:
@@ -155,7 +156,7 @@ class SmtpTransport:
             self.health.down(error.reason)
             raise error from exc
         except ReplyError as exc:
-            error = classify(exc.reply.code, exc.reply.text)
+            error = classify_smtp_reply(exc.reply.code, exc.reply.text)
             self.health.down(f"refused: {error.reason}")
             raise error from exc
         except (TimeoutError, Disconnected, ssl.SSLError, OSError) as exc:
@@ -180,7 +181,7 @@ class SmtpTransport:
                 self._wake_one()
             else:
                 self._discard(session)
-            raise classify(exc.reply.code, exc.reply.text, exc.recipient) from exc
+            raise classify_smtp_reply(exc.reply.code, exc.reply.text, exc.recipient) from exc
         except (TimeoutError, Disconnected, OSError) as exc:
             self._discard(session)
             self.health.down(f"connection lost: {type(exc).__name__}: {exc}")

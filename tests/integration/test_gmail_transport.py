@@ -24,7 +24,7 @@ from httplib2 import Response
 from mailbus.accounts import Account, GmailAccount
 from mailbus.errors import ConfigError
 from mailbus.gmail import GOOGLE_API_ENDPOINT, GOOGLE_TOKEN_URI, RATE_WAIT, RATE_WAIT_CAP, SCOPES
-from mailbus.sender.gmail import GmailTransport, classify
+from mailbus.sender.gmail import GmailTransport, classify_api_error
 from mailbus.sender.transport import (
     AccountExhausted,
     Outgoing,
@@ -418,7 +418,7 @@ def google_http_error(status: int, reason: str, message: str) -> HttpError:
 ])
 def test_classification_of_other_google_answers(error: Exception, kind: type) -> None:
     now = datetime(2030, 1, 1, tzinfo=UTC)
-    result = classify(error, now)
+    result = classify_api_error(error, now)
     assert type(result) is kind
     if "Daily" in str(error):
         assert isinstance(result, AccountExhausted) and result.until == now + timedelta(hours=1)
@@ -428,7 +428,7 @@ def test_retry_hints_outside_the_message_and_in_the_past() -> None:
     now = datetime(2030, 1, 1, tzinfo=UTC)
     error = google_http_error(429, "rateLimitExceeded", "Too many concurrent requests for user")
     error.resp["retry-after"] = "7"
-    assert classify(error, now).retry_after == 7  # type: ignore[attr-defined]
+    assert classify_api_error(error, now).retry_after == 7  # type: ignore[attr-defined]
     stale = google_http_error(429, "rateLimitExceeded", "User-rate limit exceeded.  Retry after"
                               " 2029-12-31T23:00:00.000Z (Mail sending)")
-    assert classify(stale, now).until == now + timedelta(minutes=1)  # type: ignore[attr-defined]
+    assert classify_api_error(stale, now).until == now + timedelta(minutes=1)  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from mailbus.replies.app import Replies
-from mailbus.replies.classify import Inbound, classify
+from mailbus.replies.classify import Inbound, classify_inbound
 from mailbus.replies.settings import RepliesSettings
 from mailbus.tokens import Keyring, LinkBuilder
 from tests.support import dovecot
@@ -172,12 +172,12 @@ def _assert(condition: bool) -> None:
 
 
 def stalling(raw: bytes, *, domains: tuple[str, ...] = ()) -> Inbound:
-    """classify(), except that mail carrying X-Test-Stall spins the CPU for ever, as a
+    """classify_inbound(), except that mail carrying X-Test-Stall spins the CPU for ever, as a
     pattern that backtracks quadratically over a large body would."""
     if b"\nX-Test-Stall: yes" in raw:
         while True:
             pass
-    return classify(raw, domains=domains)
+    return classify_inbound(raw, domains=domains)
 
 
 def test_mail_that_stalls_the_classifier_or_is_too_big_is_kept_unmatched_once_and_skipped(

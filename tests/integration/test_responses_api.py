@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mailbus.db import open_pool
 from mailbus.replies.app import inbound_row
-from mailbus.replies.classify import classify
+from mailbus.replies.classify import classify_inbound
 from mailbus.replies.events import Sent, plan
 from mailbus.replies.state import InboundMessage, MailboxState, MailRef
 from mailbus.settings import ServiceSettings
@@ -90,7 +90,7 @@ def test_a_delayed_dsn_is_a_timeline_entry_before_the_bounce(api, make_key, name
     mine = post(api, token)
     raw = (CORPUS / "delayed_447.eml").read_bytes().replace(
         b"5a0e6d42-9f1b-4c7d-8e65-7d8b9cadbecf", mine["id"].encode())
-    inbound = classify(raw)
+    inbound = classify_inbound(raw)
     planned = plan(inbound, account_id="dev", source="imap:dev", source_ref="imap:7:1",
                    now=datetime.now(UTC), check_token=lambda _: None,
                    check_tag=lambda _: None, sent=Sent(mine["id"], frozenset({"slow@example.net"})))

@@ -15,7 +15,7 @@ from mailbus.replies.classify import (
     DsnResult,
     Inbound,
     bounce_class,
-    classify,
+    classify_inbound,
 )
 from mailbus.replies.text import decode_bytes, decode_raw_header, html_to_text, strip_reply
 from mailbus.replytag import verify_tag
@@ -127,7 +127,7 @@ EXPECTED: dict[str, Expected] = {
 
 
 def _load(name: str) -> Inbound:
-    return classify((CORPUS / name).read_bytes(), domains=OURS)
+    return classify_inbound((CORPUS / name).read_bytes(), domains=OURS)
 
 
 def test_every_corpus_file_has_an_expectation() -> None:
@@ -155,7 +155,7 @@ def test_corpus(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_corpus_holds_with_no_domain_list_too(name: str) -> None:
     """Without `domains` only references_only_reply changes: a foreign UUID is newer there."""
-    got = classify((CORPUS / name).read_bytes())
+    got = classify_inbound((CORPUS / name).read_bytes())
     if name == "references_only_reply.eml":
         assert got.message_id == "5f0ad242-aaaa-4bbb-8ccc-ddddeeeeffff"
     else:
@@ -226,14 +226,15 @@ def message(*headers: str, body: str = "Thanks!\n",
 
 def test_in_reply_to_wins_over_references() -> None:
     other = "11111111-2222-4333-8444-555555555555"
-    got = classify(message(f"In-Reply-To: <{MID}@example.com>",
-                           f"References: <{MID}@example.com> <{other}@example.com>"))
+    got = classify_inbound(message(f"In-Reply-To: <{MID}@example.com>",
+                                   f"References: <{MID}@example.com> <{other}@example.com>"))
     assert (got.kind, got.message_id) == ("reply", MID)
 
 
 def test_latest_reference_of_ours_wins() -> None:
     older = "11111111-2222-4333-8444-555555555555"
-    got = classify(message(f"References: <{older}@example.com>\r\n <{MID.upper()}@example.com>"))
+    got = classify_inbound(
+        message(f"References: <{older}@example.com>\r\n <{MID.upper()}@example.com>"))
     assert got.message_id == MID  # canonical lower-case text
 
 
@@ -241,15 +242,15 @@ def test_latest_reference_of_ours_wins() -> None:
                                  f"<{MID.replace('-', '')}@example.com>",
                                  f"<{MID[:-1]}g@example.com>"])
 def test_references_that_are_not_ours_do_not_thread(ref: str) -> None:
-    got = classify(message(f"In-Reply-To: {ref}"))
+    got = classify_inbound(message(f"In-Reply-To: {ref}"))
     assert (got.kind, got.message_id) == ("unmatched", None)
     assert got.reason
 
 
 def test_domains_limit_whose_ids_count() -> None:
     raw = message(f"In-Reply-To: <{MID}@elsewhere.example.net>")
-    assert classify(raw).message_id == MID
-    assert classify(raw, domains=["Example.com"]).message_id is None
+    assert classify_inbound(raw).message_id == MID
+    assert classify_inbound(raw, domains=["Example.com"]).message_id is None
 
 
 @pytest.mark.parametrize("header", ["Auto-Submitted: auto-replied",
@@ -257,7 +258,7 @@ def test_domains_limit_whose_ids_count() -> None:
                                    "Precedence: bulk", "Precedence: junk", "Precedence: auto_reply",
                                    "X-MS-Exchange-Inbox-Rules-Loop: ada@example.org"])
 def test_auto_reply_headers(header: str) -> None:
-    got = classify(message(header, f"In-Reply-To: <{MID}@example.com>"))
+    got = classify_inbound(message(header, f"In-Reply-To: <{MID}@example.com>"))
     assert (got.kind, got.message_id) == ("auto_reply", MID)
 
 
@@ -267,11 +268,11 @@ def test_auto_reply_headers(header: str) -> None:
 def test_auto_reply_subjects(subject: str) -> None:
     raw = message(f"In-Reply-To: <{MID}@example.com>").replace(
         b"Subject: Re: hello", f"Subject: {subject}".encode())
-    assert classify(raw).kind == "auto_reply"
+    assert classify_inbound(raw).kind == "auto_reply"
 
 
 def test_auto_submitted_no_is_a_person() -> None:
-    got = classify(message("Auto-Submitted: no", f"In-Reply-To: <{MID}@example.com>"))
+    got = classify_inbound(message("Auto-Submitted: no", f"In-Reply-To: <{MID}@example.com>"))
     assert got.kind == "reply"
 
 
@@ -279,17 +280,19 @@ def test_unsubscribe_beats_auto_reply_headers_and_long_tokens_are_refused() -> N
     token = "v1.k1.eyJt.c2ln"
     raw = message("Auto-Submitted: auto-generated").replace(
         b"Subject: Re: hello", f"Subject: unsubscribe-{token}".encode())
-    assert (classify(raw).kind, classify(raw).unsubscribe_token) == ("unsubscribe", token)
+    got = classify_inbound(raw)
+    assert (got.kind, got.unsubscribe_token) == ("unsubscribe", token)
     huge = message().replace(b"Subject: Re: hello",
                              b"Subject: unsubscribe-v1.k1." + b"A" * 5000 + b".c2ln")
-    assert (classify(huge).kind, classify(huge).unsubscribe_token) == ("unmatched", None)
+    got = classify_inbound(huge)
+    assert (got.kind, got.unsubscribe_token) == ("unmatched", None)
 
 
 def test_feedback_that_is_not_a_complaint() -> None:
     raw = message(ctype='multipart/report; report-type=feedback-report; boundary="b"', body=(
         "--b\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: not-spam\r\n"
         "Original-Rcpt-To: <ada@example.org>\r\n\r\n--b--\r\n"))
-    got = classify(raw)
+    got = classify_inbound(raw)
     assert (got.kind, got.feedback_type) == ("unmatched", "not-spam")
     assert got.complaint_recipient is None
 
@@ -302,7 +305,7 @@ def test_global_delivery_status_of_smtputf8_mail() -> None:
                         "Status: 5.1.1\r\n\r\n"
                         "--b\r\nContent-Type: message/global-headers\r\n\r\n"
                         f"Message-ID: <{MID}@example.com>\r\n\r\n--b--\r\n"))
-    got = classify(raw)
+    got = classify_inbound(raw)
     assert (got.kind, got.message_id) == ("dsn", MID)
     assert got.dsn == (DsnResult("jürgen@example.net", "failed", "5.1.1", "hard", None),)
 
@@ -345,7 +348,7 @@ def test_bounce_class(action: str, status: str | None, diagnostic: str | None,
     b"Subject: =?utf-8?b?" + b"A" * 100_000 + b"?=\r\n\r\nhi",
 ])
 def test_garbage_never_raises(raw: bytes) -> None:
-    got = classify(raw)
+    got = classify_inbound(raw)
     assert isinstance(got, Inbound)
     assert got.kind == "unmatched"
     assert got.subject is None or len(got.subject) <= 998
@@ -354,8 +357,8 @@ def test_garbage_never_raises(raw: bytes) -> None:
 def test_many_parts_are_cut_off() -> None:
     parts = "".join(f"--b\r\nContent-Type: text/plain\r\n\r\npart {i}\r\n"
                     for i in range(MAX_PARTS + 50))
-    got = classify(message(f"In-Reply-To: <{MID}@example.com>",
-                           ctype='multipart/mixed; boundary="b"', body=parts + "--b--\r\n"))
+    got = classify_inbound(message(f"In-Reply-To: <{MID}@example.com>",
+                                   ctype='multipart/mixed; boundary="b"', body=parts + "--b--\r\n"))
     assert (got.kind, got.message_id) == ("reply", MID)
     assert got.reason and "parts" in got.reason
     assert "part 0" in got.text and f"part {MAX_PARTS + 10}" not in got.text
@@ -363,8 +366,8 @@ def test_many_parts_are_cut_off() -> None:
 
 def test_huge_number_of_parts_is_not_parsed_but_headers_still_count() -> None:
     parts = "--b\r\n\r\nx\r\n" * 20_000
-    got = classify(message(f"In-Reply-To: <{MID}@example.com>",
-                           ctype='multipart/mixed; boundary="b"', body=parts + "--b--\r\n"))
+    got = classify_inbound(message(f"In-Reply-To: <{MID}@example.com>",
+                                   ctype='multipart/mixed; boundary="b"', body=parts + "--b--\r\n"))
     assert (got.kind, got.message_id, got.text) == ("reply", MID, "")
     assert got.reason and "not read" in got.reason
 
@@ -378,24 +381,24 @@ def nested(depth: int, leaf: str) -> bytes:
 
 
 def test_nesting_within_the_cap_is_read() -> None:
-    assert classify(nested(MAX_DEPTH - 1, "deep words")).text == "deep words"
+    assert classify_inbound(nested(MAX_DEPTH - 1, "deep words")).text == "deep words"
 
 
 def test_nesting_beyond_the_cap_is_not_read() -> None:
-    got = classify(nested(MAX_DEPTH + 5, "too deep"))
+    got = classify_inbound(nested(MAX_DEPTH + 5, "too deep"))
     assert (got.kind, got.message_id, got.text) == ("reply", MID, "")
     assert got.reason and "nested" in got.reason
 
 
 def test_pathological_nesting_does_not_reach_the_recursive_parser() -> None:
-    got = classify(nested(3000, "abyss"))
+    got = classify_inbound(nested(3000, "abyss"))
     assert (got.kind, got.message_id) == ("reply", MID)
     assert got.reason and "not read" in got.reason
 
 
 def test_huge_text_is_capped() -> None:
     body = ("word " * 1_000_000) + "\r\n"
-    got = classify(message(f"In-Reply-To: <{MID}@example.com>", body=body), max_text=500)
+    got = classify_inbound(message(f"In-Reply-To: <{MID}@example.com>", body=body), max_text=500)
     assert 400 < len(got.text) <= 500
     assert got.text.startswith("word word")
 
@@ -403,7 +406,7 @@ def test_huge_text_is_capped() -> None:
 def test_broken_base64_and_unknown_charset() -> None:
     raw = message(f"In-Reply-To: <{MID}@example.com>", "Content-Transfer-Encoding: base64",
                   ctype='text/plain; charset="x-unknown"', body="SGVsbG8gd29ybGQ=*&^%$#\r\n!!")
-    got = classify(raw)
+    got = classify_inbound(raw)
     assert (got.kind, got.message_id) == ("reply", MID)
     assert got.text.startswith("Hello world")
 
@@ -411,7 +414,7 @@ def test_broken_base64_and_unknown_charset() -> None:
 def test_eight_bit_headers_are_read_as_utf8() -> None:
     raw = message(f"In-Reply-To: <{MID}@example.com>").replace(
         b"Subject: Re: hello", "Subject: Re: Grüße".encode())
-    assert classify(raw).subject == "Re: Grüße"
+    assert classify_inbound(raw).subject == "Re: Grüße"
 
 
 # Script in any of these forms must vanish with its content.
@@ -458,8 +461,8 @@ def test_entities_that_spell_markup_stay_inert_text() -> None:
 
 @pytest.mark.parametrize("html", SCRIPTED_HTML + INERT_HTML)
 def test_html_only_messages_give_plain_text(html: str) -> None:
-    got = classify(message(f"In-Reply-To: <{MID}@example.com>", body=html,
-                           ctype="text/html; charset=utf-8"))
+    got = classify_inbound(message(f"In-Reply-To: <{MID}@example.com>", body=html,
+                                   ctype="text/html; charset=utf-8"))
     assert (got.kind, got.message_id) == ("reply", MID)
     assert "visible" in got.text
     assert not TAGS.search(got.text)
@@ -556,19 +559,19 @@ def test_a_quoted_id_after_many_blank_lines_is_found() -> None:
     raw = ("From: MAILER-DAEMON@example.net\r\nReturn-Path: <>\r\nSubject: Undelivered Mail\r\n"
            "Content-Type: text/plain\r\n\r\n550 5.1.1 <gone@example.net>: no such user\r\n"
            + "\r\n" * 5000 + f"  X-Mailbus-Message-Id: {MID}  \r\n").encode()
-    got = classify(raw, domains=OURS)
+    got = classify_inbound(raw, domains=OURS)
     assert (got.kind, got.message_id) == ("dsn", MID)
     assert [(r.recipient, r.status) for r in got.dsn] == [("gone@example.net", "5.1.1")]
 
 
 def test_a_long_content_type_keeps_the_parameters_it_starts_with() -> None:
     ctype = "text/plain; charset=iso-8859-1; " + "x=y; " * 2000
-    got = classify(message(f"In-Reply-To: <{MID}@example.com>", ctype=ctype).replace(
+    got = classify_inbound(message(f"In-Reply-To: <{MID}@example.com>", ctype=ctype).replace(
         b"Thanks!", "Gr\u00fc\u00dfe".encode("latin-1")), domains=OURS)
     assert (got.kind, got.text) == ("reply", "Gr\u00fc\u00dfe")
 
 
 def test_deeply_nested_comments_in_from_still_give_a_verdict() -> None:
-    got = classify(message(f"In-Reply-To: <{MID}@example.com>").replace(
+    got = classify_inbound(message(f"In-Reply-To: <{MID}@example.com>").replace(
         b"From: Ada <ada@example.org>", b"From: " + b"(" * 5000 + b"ada@example.org"))
     assert (got.kind, got.message_id) == ("reply", MID)

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailbus.replies.classify import MAX_RECIPIENTS, MAX_SUBJECT, Inbound, classify
+from mailbus.replies.classify import MAX_RECIPIENTS, MAX_SUBJECT, Inbound, classify_inbound
 from mailbus.replies.sandbox import Sandbox
 
 MID = "0b6f5a8e-2c1d-4c5e-9a43-1e2f3a4b5c6d"
@@ -32,7 +32,7 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 def check(got: Inbound, max_text: int = 10_000) -> None:
     """What holds for any verdict: a known kind, bounded fields, no fallback on a crash."""
     assert isinstance(got, Inbound) and got.kind in KINDS
-    # classify() turns an exception into this reason; none may reach it.
+    # classify_inbound() turns an exception into this reason; none may reach it.
     assert not (got.reason or "").startswith("unreadable message"), got.reason
     assert len(got.text) <= max_text
     assert got.subject is None or len(got.subject) <= MAX_SUBJECT
@@ -46,7 +46,7 @@ def check(got: Inbound, max_text: int = 10_000) -> None:
 @FUZZ
 @given(st.binary(max_size=4096))
 def test_any_bytes_give_a_verdict(raw: bytes) -> None:
-    check(classify(raw, domains=OURS))
+    check(classify_inbound(raw, domains=OURS))
 
 
 LINE_PIECES = st.sampled_from([
@@ -64,7 +64,7 @@ LINE_PIECES = st.sampled_from([
 @FUZZ
 @given(st.lists(LINE_PIECES, max_size=200))
 def test_mail_shaped_bytes_give_a_verdict(pieces: list[bytes]) -> None:
-    check(classify(b"".join(pieces), domains=OURS))
+    check(classify_inbound(b"".join(pieces), domains=OURS))
 
 
 # -- structured mail --------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_a_multipart_dsn_names_each_recipient(recipients: list[str], status: str
         "--=_r--\r\n")
     raw = ("From: MAILER-DAEMON@mx.example.net\r\nTo: news@example.com\r\n"
            "Subject: Undelivered Mail\r\n" + wrap(report, depth, noise)).encode()
-    got = classify(raw, domains=OURS)
+    got = classify_inbound(raw, domains=OURS)
     check(got)
     assert (got.kind, got.message_id) == ("dsn", MID)
     assert [(r.recipient, r.action, r.status) for r in got.dsn] == [
@@ -141,7 +141,7 @@ def test_encoded_words_come_back_as_the_text(subject: str, charset: str, sender:
     raw = (f"From: {Header(sender, charset).encode()} <ada@example.org>\r\n"
            f"Subject: {Header(subject, charset).encode()}\r\n"
            f"In-Reply-To: <{MID}@example.com>\r\n" + wrap(part, depth, 1)).encode()
-    got = classify(raw, domains=OURS)
+    got = classify_inbound(raw, domains=OURS)
     check(got)
     assert (got.kind, got.message_id, got.sender) == ("reply", MID, "ada@example.org")
     assert got.subject == subject
@@ -276,11 +276,11 @@ ADVERSARIAL: dict[str, tuple[Callable[[], bytes], str]] = {
 
 @pytest.fixture(scope="module")
 def sandboxed() -> Iterator[Callable[[bytes], Inbound]]:
-    """classify() through one sandbox for the module (its queue lives on one loop)."""
+    """classify_inbound() through one sandbox for the module (its queue lives on one loop)."""
     loop = asyncio.new_event_loop()
     sandbox = Sandbox(deadline=120.0, workers=1)
     try:
-        yield lambda raw: loop.run_until_complete(sandbox.classify(raw, domains=OURS))
+        yield lambda raw: loop.run_until_complete(sandbox.classify_inbound(raw, domains=OURS))
     finally:
         sandbox.close()
         loop.close()
@@ -292,7 +292,7 @@ def test_a_megabyte_aimed_at_a_pattern_is_classified(
     make, kind = ADVERSARIAL[name]
     raw = make()
     started = time.process_time()
-    got = classify(raw, domains=OURS)
+    got = classify_inbound(raw, domains=OURS)
     spent = time.process_time() - started
     print(f"\n{spent * 1000:8.1f} ms CPU  {len(raw):>9,} bytes  {name}")
     check(got)
@@ -305,26 +305,26 @@ def test_a_megabyte_aimed_at_a_pattern_is_classified(
 
 
 def stalling(raw: bytes, *, domains: tuple[str, ...] = ()) -> Inbound:
-    """classify(), except that mail starting STALL spins like a backtracking pattern, and
+    """classify_inbound(), except that mail starting STALL spins like a backtracking pattern, and
     mail starting DIE kills the worker."""
     if raw.startswith(b"STALL"):
         while True:
             pass
     if raw.startswith(b"DIE"):
         os._exit(3)
-    return classify(raw, domains=domains)
+    return classify_inbound(raw, domains=domains)
 
 
 def test_a_stalled_classification_is_abandoned_and_the_next_mail_is_classified() -> None:
     async def scenario() -> None:
         sandbox = Sandbox(deadline=1.0, workers=1, target=stalling)
         try:
-            stalled = await sandbox.classify(b"STALL" + reply("hello"), domains=OURS)
+            stalled = await sandbox.classify_inbound(b"STALL" + reply("hello"), domains=OURS)
             assert (stalled.kind, stalled.quarantined) == ("unmatched", True)
             assert stalled.reason == "classification did not finish within 1 s"
-            died = await sandbox.classify(b"DIE", domains=OURS)
+            died = await sandbox.classify_inbound(b"DIE", domains=OURS)
             assert (died.quarantined, died.reason) == (True, "the classifier worker died")
-            after = await sandbox.classify(reply("Yes, see you Friday."), domains=OURS)
+            after = await sandbox.classify_inbound(reply("Yes, see you Friday."), domains=OURS)
             assert (after.kind, after.message_id, after.text) == (
                 "reply", MID, "Yes, see you Friday.")
             assert not after.quarantined and sandbox.abandoned == 2

@@ -410,7 +410,7 @@ def test_dkim_signer_refuses_bad_config(tmp_path: Path) -> None:
 def test_reply_tags_name_the_message_in_the_reply_address() -> None:
     from email.utils import parseaddr
 
-    from mailbus.replies.classify import classify
+    from mailbus.replies.classify import classify_inbound
     from mailbus.replytag import verify_tag
 
     tagged = ACCOUNT.model_copy(update={"reply_tags": True})
@@ -422,7 +422,7 @@ def test_reply_tags_name_the_message_in_the_reply_address() -> None:
     # A reply to it that lost In-Reply-To and References still names the message.
     reply = (f"From: ada@example.org\r\nTo: {address}\r\nSubject: Re: Your receipt\r\n"
              "Message-ID: <r1@example.org>\r\n\r\nGot it, thanks.\r\n").encode()
-    [tag] = classify(reply).reply_tags
+    [tag] = classify_inbound(reply).reply_tags
     assert verify_tag(RING, tag) == MID
     # The request's own reply_to wins; without the option nothing changes.
     own = parse(compose(event(reply_to={"email": "desk@example.com", "name": None}), tagged,

@@ -8,7 +8,7 @@ from typing import Any
 
 from mailbus.codec import Registry
 from mailbus.confirm import join
-from mailbus.confirm.join import BOUNCED, DELIVERED, FAILED, SENT, Step
+from mailbus.confirm.join import BOUNCED_SCHEMA, DELIVERED_SCHEMA, FAILED_SCHEMA, SENT_SCHEMA, Step
 
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 T0_US = join.micros(T0)
@@ -58,7 +58,8 @@ def run(events: list[tuple[str, dict[str, Any]]], state: join.State | None = Non
 
 
 def test_sent_then_delivered_confirms_once_with_latencies():
-    state, out = run([(SENT, sent(0, requested=-3)), (DELIVERED, delivered(2))], now=10)
+    state, out = run([(SENT_SCHEMA, sent(0, requested=-3)), (DELIVERED_SCHEMA, delivered(2))],
+                     now=10)
     assert out == [{
         "event_id": join.verdict_id(MID, "confirmed"), "message_id": MID,
         "occurred_at": us(10), "account_id": "dev", "outcome": "confirmed",
@@ -70,31 +71,33 @@ def test_sent_then_delivered_confirms_once_with_latencies():
 
 
 def test_delivered_then_sent_confirms_the_same():
-    first, out1 = run([(SENT, sent()), (DELIVERED, delivered())])
-    second, out2 = run([(DELIVERED, delivered()), (SENT, sent())])
+    first, out1 = run([(SENT_SCHEMA, sent()), (DELIVERED_SCHEMA, delivered())])
+    second, out2 = run([(DELIVERED_SCHEMA, delivered()), (SENT_SCHEMA, sent())])
     assert out1 == out2 and len(out1) == 1
     assert first == second
 
 
 def test_first_event_only_records_state():
-    for kind, event in ((SENT, sent()), (DELIVERED, delivered())):
+    for kind, event in ((SENT_SCHEMA, sent()), (DELIVERED_SCHEMA, delivered())):
         state, out = run([(kind, event)])
         assert out == [] and state is not None and state["verdict"] is None
 
 
 def test_duplicates_of_either_half_change_nothing():
-    state, _ = run([(SENT, sent())])
-    assert join.apply(state, SENT, sent(), 3, us(20)) == Step(None)
-    state, out = run([(DELIVERED, delivered()), (DELIVERED, delivered(9, "dsn"))], state)
+    state, _ = run([(SENT_SCHEMA, sent())])
+    assert join.apply(state, SENT_SCHEMA, sent(), 3, us(20)) == Step(None)
+    state, out = run([(DELIVERED_SCHEMA, delivered()),
+                      (DELIVERED_SCHEMA, delivered(9, "dsn"))], state)
     assert len(out) == 1 and out[0]["evidence"] == "smtp_final"  # the first evidence wins
     # A second sent (a replay, or a retry's event) neither re-confirms nor moves sent_at.
-    assert join.apply(state, SENT, sent(5), 3, us(20)) == Step(None)
+    assert join.apply(state, SENT_SCHEMA, sent(5), 3, us(20)) == Step(None)
 
 
 def test_replays_after_confirmation_emit_nothing():
-    state, out = run([(SENT, sent()), (DELIVERED, delivered())])
-    again, out2 = run([(SENT, sent()), (DELIVERED, delivered()), (FAILED, failed()),
-                       (DELIVERED, delivered(30, "mailbox"))], state, now=99)
+    state, out = run([(SENT_SCHEMA, sent()), (DELIVERED_SCHEMA, delivered())])
+    again, out2 = run([(SENT_SCHEMA, sent()), (DELIVERED_SCHEMA, delivered()),
+                       (FAILED_SCHEMA, failed()),
+                       (DELIVERED_SCHEMA, delivered(30, "mailbox"))], state, now=99)
     assert len(out) == 1 and out2 == []
     assert again["verdict"] == "confirmed" and again["failed_at"] == us(1)
 
@@ -104,13 +107,13 @@ def test_unknown_kinds_are_ignored():
 
 
 def test_missing_requested_at_leaves_its_latency_null():
-    _, out = run([(SENT, sent(requested=None)), (DELIVERED, delivered(2))])
+    _, out = run([(SENT_SCHEMA, sent(requested=None)), (DELIVERED_SCHEMA, delivered(2))])
     assert out[0]["requested_at"] is None and out[0]["requested_to_delivered_us"] is None
     assert out[0]["sent_to_delivered_us"] == 2_000_000
 
 
 def test_overdue_emits_unconfirmed_once_then_late_delivery_confirms():
-    state, _ = run([(SENT, sent(0, requested=-1))], now=0)
+    state, _ = run([(SENT_SCHEMA, sent(0, requested=-1))], now=0)
     assert join.overdue(state, MID, us(3599), 3600) == Step(None)  # not yet
     step = join.overdue(state, MID, us(3600), 3600)
     assert step.emit == {
@@ -121,7 +124,7 @@ def test_overdue_emits_unconfirmed_once_then_late_delivery_confirms():
     }
     state = step.state
     assert join.overdue(state, MID, us(7200), 3600) == Step(None)  # once only
-    state, out = run([(DELIVERED, delivered(5000))], state, now=5001)
+    state, out = run([(DELIVERED_SCHEMA, delivered(5000))], state, now=5001)
     assert [r["outcome"] for r in out] == ["confirmed"]
     assert out[0]["sent_to_delivered_us"] == 5000 * 1_000_000
     assert out[0]["event_id"] != step.emit["event_id"]
@@ -129,46 +132,48 @@ def test_overdue_emits_unconfirmed_once_then_late_delivery_confirms():
 
 
 def test_overdue_ignores_unsent_and_delivered_messages():
-    delivered_only, _ = run([(DELIVERED, delivered())])
-    confirmed, _ = run([(SENT, sent()), (DELIVERED, delivered())])
+    delivered_only, _ = run([(DELIVERED_SCHEMA, delivered())])
+    confirmed, _ = run([(SENT_SCHEMA, sent()), (DELIVERED_SCHEMA, delivered())])
     for state in (delivered_only, confirmed):
         assert join.overdue(state, MID, us(10**6), 1) == Step(None)
 
 
 def test_failed_and_bounced_record_state_only():
-    state, out = run([(FAILED, failed(permanent=False)), (FAILED, failed(recipient="x@y"))])
+    state, out = run([(FAILED_SCHEMA, failed(permanent=False)),
+                      (FAILED_SCHEMA, failed(recipient="x@y"))])
     assert state is None and out == []  # retried or per-recipient failures are not recorded
-    state, out = run([(FAILED, failed()), (BOUNCED, bounced("b@x")), (BOUNCED, bounced("a@x")),
-                      (BOUNCED, bounced("b@x"))])
+    state, out = run([(FAILED_SCHEMA, failed()), (BOUNCED_SCHEMA, bounced("b@x")),
+                      (BOUNCED_SCHEMA, bounced("a@x")),
+                      (BOUNCED_SCHEMA, bounced("b@x"))])
     assert out == [] and state is not None
     assert state["failed_at"] == us(1) and state["bounced"] == ["a@x", "b@x"]
-    assert join.apply(state, FAILED, failed(), 3, us(50)) == Step(None)
+    assert join.apply(state, FAILED_SCHEMA, failed(), 3, us(50)) == Step(None)
 
 
 def test_state_is_json_and_never_mutated():
-    state, _ = run([(SENT, sent()), (BOUNCED, bounced())])
+    state, _ = run([(SENT_SCHEMA, sent()), (BOUNCED_SCHEMA, bounced())])
     snapshot = json.loads(json.dumps(state))
     assert snapshot == state
-    join.apply(state, BOUNCED, bounced("z@x"), 3, us(11))
-    join.apply(state, DELIVERED, delivered(), 3, us(11))
+    join.apply(state, BOUNCED_SCHEMA, bounced("z@x"), 3, us(11))
+    join.apply(state, DELIVERED_SCHEMA, delivered(), 3, us(11))
     join.overdue(state, MID, us(10**9), 1)
     assert state == snapshot
 
 
 def test_forget_only_settled_states_after_the_retention():
-    pending, _ = run([(SENT, sent())], now=0)
+    pending, _ = run([(SENT_SCHEMA, sent())], now=0)
     assert not join.forgettable(pending, us(10**9), 60)  # awaiting a verdict: kept
-    done, _ = run([(SENT, sent()), (DELIVERED, delivered())], now=0)
+    done, _ = run([(SENT_SCHEMA, sent()), (DELIVERED_SCHEMA, delivered())], now=0)
     assert not join.forgettable(done, us(59), 60)
     assert join.forgettable(done, us(60), 60)
-    orphan, _ = run([(DELIVERED, delivered())], now=0)
+    orphan, _ = run([(DELIVERED_SCHEMA, delivered())], now=0)
     assert join.forgettable(orphan, us(60), 60)
 
 
 def test_verdicts_encode_with_the_schema():
     registry = Registry.load()
-    _, out = run([(SENT, sent()), (DELIVERED, delivered())])
-    pending, _ = run([(SENT, sent(requested=None))], now=0)
+    _, out = run([(SENT_SCHEMA, sent()), (DELIVERED_SCHEMA, delivered())])
+    pending, _ = run([(SENT_SCHEMA, sent(requested=None))], now=0)
     late = join.overdue(pending, MID, us(7200), 3600).emit
     assert late is not None
     for record in (*out, late):
@@ -184,12 +189,13 @@ def test_micros_is_exact():
 
 
 def test_a_flood_for_one_message_cannot_grow_its_state():
-    flood = [(BOUNCED, bounced(f"r{i}@flood.example")) for i in range(5000)]
-    flood += [(DELIVERED, delivered(3, evidence="dsn") | {"recipient": f"d{i}@flood.example"})
+    flood = [(BOUNCED_SCHEMA, bounced(f"r{i}@flood.example")) for i in range(5000)]
+    flood += [(DELIVERED_SCHEMA,
+               delivered(3, evidence="dsn") | {"recipient": f"d{i}@flood.example"})
               for i in range(2000)]
-    flood += [(SENT, sent(i)) for i in range(1, 500)]
-    flood += [(FAILED, failed(recipient=None) | {"occurred_at": at(i)}) for i in range(500)]
-    state, out = run([(SENT, sent()), *flood])
+    flood += [(SENT_SCHEMA, sent(i)) for i in range(1, 500)]
+    flood += [(FAILED_SCHEMA, failed(recipient=None) | {"occurred_at": at(i)}) for i in range(500)]
+    state, out = run([(SENT_SCHEMA, sent()), *flood])
     assert state is not None
     assert len(state["bounced"]) == join.MAX_BOUNCED
     assert state["bounced"] == sorted(f"r{i}@flood.example" for i in range(join.MAX_BOUNCED))
@@ -197,21 +203,21 @@ def test_a_flood_for_one_message_cannot_grow_its_state():
     assert len(json.dumps(state)) < join.MAX_BOUNCED * (join.MAX_ADDRESS + 4) + 1000
     assert [v["outcome"] for v in out] == ["confirmed"]  # the flood did not stop the verdict
     # Past the cap nothing is written: no state change, hence no changelog write.
-    assert join.apply(state, BOUNCED, bounced("new@flood.example"), 3, us(20)) == Step(None)
+    assert join.apply(state, BOUNCED_SCHEMA, bounced("new@flood.example"), 3, us(20)) == Step(None)
 
 
 def test_a_recipient_longer_than_an_address_is_not_kept():
-    state, _ = run([(SENT, sent())])
-    step = join.apply(state, BOUNCED, bounced("x" * 10_000 + "@example.org"), 3, us(11))
+    state, _ = run([(SENT_SCHEMA, sent())])
+    step = join.apply(state, BOUNCED_SCHEMA, bounced("x" * 10_000 + "@example.org"), 3, us(11))
     assert step == Step(None)
     fits = "x" * (join.MAX_ADDRESS - len("@example.org")) + "@example.org"
-    kept = join.apply(state, BOUNCED, bounced(fits), 3, us(11)).state
+    kept = join.apply(state, BOUNCED_SCHEMA, bounced(fits), 3, us(11)).state
     assert kept is not None and kept["bounced"] == [fits]
 
 
 def test_a_state_restored_over_the_cap_does_not_grow_further():
     # A changelog written before the cap may hold more; it is read as it is, and kept.
     big = join.new_state(3) | {"bounced": sorted(f"r{i:04}@x" for i in range(300))}
-    assert join.apply(big, BOUNCED, bounced("new@x"), 3, us(1)) == Step(None)
-    step = join.apply(big, SENT, sent(), 3, us(1))
+    assert join.apply(big, BOUNCED_SCHEMA, bounced("new@x"), 3, us(1)) == Step(None)
+    step = join.apply(big, SENT_SCHEMA, sent(), 3, us(1))
     assert step.state is not None and len(step.state["bounced"]) == 300

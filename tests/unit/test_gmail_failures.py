@@ -25,7 +25,7 @@ from mailbus.replies.gmail_inbox import (
     ReadUnavailable,
     read_error,
 )
-from mailbus.sender.gmail import classify
+from mailbus.sender.gmail import classify_api_error
 from mailbus.sender.transport import AccountExhausted, PermanentError, SendError, TransientError
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -80,7 +80,7 @@ INBOX = {"rate_limit": ReadLimited, "sending_limit": ReadLimited, "refused": Rea
 @pytest.mark.parametrize(("exc", "kind", "code"), ANSWERS)
 def test_the_sender_and_the_inbox_mean_the_same_by_each_answer(
         exc: Exception, kind: str, code: int | None) -> None:
-    sent, read = classify(exc, NOW), read_error(failure(exc, NOW))
+    sent, read = classify_api_error(exc, NOW), read_error(failure(exc, NOW))
     assert type(sent) is SENDER.get(kind, TransientError)
     assert type(read) is INBOX.get(kind, ReadUnavailable)
     assert str(sent) == str(read)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mailbus.codec import Registry
-from mailbus.replies.classify import Inbound, classify
+from mailbus.replies.classify import Inbound, classify_inbound
 from mailbus.replies.events import (
     NOT_A_RECIPIENT,
     NOT_OURS,
@@ -46,8 +46,8 @@ def genuine(inbound: Inbound) -> Sent | None:
 
 def planned(name: str, *, source_ref: str = "imap:7:42", token_check=check_token,
             raw: bytes | None = None, sent: Sent | str | None = "genuine") -> Plan:
-    inbound = classify(raw if raw is not None else (CORPUS / name).read_bytes(),
-                       domains=("example.com",))
+    inbound = classify_inbound(raw if raw is not None else (CORPUS / name).read_bytes(),
+                               domains=("example.com",))
     return plan(inbound, account_id="dev", source="imap:dev", source_ref=source_ref, now=NOW,
                 check_token=token_check, check_tag=partial(verify_tag, TAG_RING),
                 sent=genuine(inbound) if sent == "genuine" else sent)  # type: ignore[arg-type]
@@ -108,7 +108,7 @@ def test_reply_threaded_by_its_tag_only_when_the_tag_verifies():
     tagged = planned("reply_via_tag.eml")
     assert tagged.kind == "reply" and tagged.message_id is not None
     assert [r.value["message_id"] for r in tagged.records] == [tagged.message_id]
-    inbound = classify((CORPUS / "reply_via_tag.eml").read_bytes())
+    inbound = classify_inbound((CORPUS / "reply_via_tag.eml").read_bytes())
     forged = plan(inbound, account_id="dev", source="imap:dev", source_ref="x", now=NOW,
                   check_token=check_token, check_tag=lambda tag: None)
     assert (forged.kind, forged.records) == ("unmatched", ())
@@ -130,7 +130,7 @@ def test_mail_that_answers_nothing_of_ours_is_kept_unmatched():
     # A bounce of a message some other system sent (its Message-ID is not ours).
     raw = b"".join(line for line in (CORPUS / "postfix_hard_511.eml").read_bytes()
                    .splitlines(keepends=True) if not line.startswith(b"X-Mailbus-Message-Id"))
-    inbound = classify(raw, domains=("other.org",))
+    inbound = classify_inbound(raw, domains=("other.org",))
     foreign = plan(inbound, account_id="dev", source="imap:dev", source_ref="x", now=NOW,
                    check_token=check_token, check_tag=lambda tag: None)
     assert (foreign.kind, foreign.records) == ("unmatched", ())
@@ -294,7 +294,8 @@ def test_what_is_suppressed_is_the_recipient_as_the_lookup_matched_it():
 
 
 def test_a_report_read_before_its_send_was_projected_waits_then_is_judged():
-    inbound = classify((CORPUS / "postfix_hard_511.eml").read_bytes(), domains=("example.com",))
+    inbound = classify_inbound((CORPUS / "postfix_hard_511.eml").read_bytes(),
+                               domains=("example.com",))
     early = Sent(MID, frozenset(), projected=False, handed_over_at=NOW - timedelta(seconds=2))
     with pytest.raises(ReportTooEarly):
         judge(inbound, MID, early, NOW)

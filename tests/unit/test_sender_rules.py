@@ -6,11 +6,11 @@ import random
 from datetime import UTC, datetime, timedelta
 
 from mailbus.accounts import Account, Directory, SmtpAccount
-from mailbus.sender import handlers
-from mailbus.sender.handlers import Fail, Retry
+from mailbus.sender import decisions
+from mailbus.sender.decisions import Fail, Retry
 from mailbus.sender.metrics import reason_class
 from mailbus.sender.quota import Budget, Exhausted, Go, Wait, backoff
-from mailbus.sender.smtp import classify
+from mailbus.sender.smtp import classify_smtp_reply
 from mailbus.sender.transport import (
     AccountExhausted,
     PermanentError,
@@ -96,24 +96,24 @@ def test_backoff_grows_is_capped_and_jittered():
 
 def test_what_errors_mean():
     kw = {"max_attempts": 3, "now": T0, "retry_base": 1.0, "retry_cap": 10.0}
-    retry = handlers.after_error(TransientError("451 later"), attempts=1, **kw)
+    retry = decisions.after_error(TransientError("451 later"), attempts=1, **kw)
     assert isinstance(retry, Retry) and retry.refund == 0 and retry.due_at > T0
-    gave_up = handlers.after_error(TransientError("451 later", code=451), attempts=3, **kw)
+    gave_up = decisions.after_error(TransientError("451 later", code=451), attempts=3, **kw)
     assert isinstance(gave_up, Fail) and not gave_up.permanent and gave_up.dead_letter
-    perm = handlers.after_error(PermanentError("550 no", code=550, enhanced_status="5.1.1"),
-                                attempts=1, **kw)
+    perm = decisions.after_error(PermanentError("550 no", code=550, enhanced_status="5.1.1"),
+                                 attempts=1, **kw)
     assert perm == Fail("550 no", True, 550, "5.1.1", None)
-    parked = handlers.after_error(AccountExhausted("daily limit", until=at(3600)),
-                                  attempts=3, **kw)
+    parked = decisions.after_error(AccountExhausted("daily limit", until=at(3600)),
+                                   attempts=3, **kw)
     assert parked == Retry(at(3600), "daily limit", refund=1)  # never a failure
 
 
 def test_smtp_replies_are_classified():
-    assert isinstance(classify(451, "4.3.0 later"), TransientError)
-    err = classify(550, "5.1.1 No such user", "x@example.com")
+    assert isinstance(classify_smtp_reply(451, "4.3.0 later"), TransientError)
+    err = classify_smtp_reply(550, "5.1.1 No such user", "x@example.com")
     assert isinstance(err, PermanentError)
     assert (err.code, err.enhanced_status, err.recipient) == (550, "5.1.1", "x@example.com")
-    assert isinstance(classify(-1, "timeout"), TransientError)
+    assert isinstance(classify_smtp_reply(-1, "timeout"), TransientError)
 
 
 def _account(id_: str, *pools: str) -> Account:
@@ -125,7 +125,7 @@ def test_recipients_refused_at_rcpt_fail_for_good_or_wait_for_their_own_retry():
     rejected = {"grey@example.com": "450 4.2.0 Greylisted, try again later",
                 "ghost@example.com": "550 5.1.1 No such user",
                 "full@example.com": "452 4.2.2 Mailbox full"}
-    out = handlers.refused(rejected, attempts=1, max_attempts=3, now=at(0),
+    out = decisions.refused(rejected, attempts=1, max_attempts=3, now=at(0),
                            retry_base=10.0, retry_cap=60.0)
     assert out.again == ["grey@example.com", "full@example.com"]
     assert out.failed == [Fail("550 5.1.1 No such user", True, 550, "5.1.1",
@@ -133,7 +133,7 @@ def test_recipients_refused_at_rcpt_fail_for_good_or_wait_for_their_own_retry():
     assert out.retry is not None and at(5) <= out.retry.due_at <= at(10)  # backoff(1)
     assert out.retry.reason == "refused for now: 450 4.2.0 Greylisted, try again later"
     # The last attempt: what was refused for now has failed, not for good.
-    last = handlers.refused(rejected, attempts=3, max_attempts=3, now=at(0),
+    last = decisions.refused(rejected, attempts=3, max_attempts=3, now=at(0),
                             retry_base=10.0, retry_cap=60.0)
     assert last.again == [] and last.retry is None
     assert [(f.recipient, f.permanent, f.code) for f in last.failed] == [
@@ -141,7 +141,7 @@ def test_recipients_refused_at_rcpt_fail_for_good_or_wait_for_their_own_retry():
         ("full@example.com", False, 452)]
     assert last.failed[0].reason.startswith("gave up after 3 attempts: 450 4.2.0")
     assert not any(f.dead_letter for f in last.failed)
-    nothing = handlers.refused({}, attempts=1, max_attempts=3, now=at(0), retry_base=10.0,
+    nothing = decisions.refused({}, attempts=1, max_attempts=3, now=at(0), retry_base=10.0,
                                retry_cap=60.0)
     assert (nothing.failed, nothing.again, nothing.retry) == ([], [], None)
 
@@ -149,18 +149,18 @@ def test_recipients_refused_at_rcpt_fail_for_good_or_wait_for_their_own_retry():
 def test_failover_stays_in_the_pool_and_is_bounded():
     directory = Directory([_account("a", "p"), _account("b", "p"), _account("c", "q"),
                            _account("d", "p")])
-    assert handlers.failover(directory, "p", "a", 0, {"b": 5, "d": 9}) == "d"  # most left
-    assert handlers.failover(directory, "p", "a", 0, {"b": 0, "d": 0}) is None
-    assert handlers.failover(directory, "p", "a", 0, {"b": 0}) == "d"  # unknown: last resort
-    assert handlers.failover(directory, None, "a", 0, {"b": 5}) is None
-    assert handlers.failover(directory, "p", "a", handlers.MAX_REROUTES, {"b": 5}) is None
+    assert decisions.failover(directory, "p", "a", 0, {"b": 5, "d": 9}) == "d"  # most left
+    assert decisions.failover(directory, "p", "a", 0, {"b": 0, "d": 0}) is None
+    assert decisions.failover(directory, "p", "a", 0, {"b": 0}) == "d"  # unknown: last resort
+    assert decisions.failover(directory, None, "a", 0, {"b": 5}) is None
+    assert decisions.failover(directory, "p", "a", decisions.MAX_REROUTES, {"b": 5}) is None
 
 
 def test_admission_waits_for_send_at():
     event = {"message_id": "m", "account_id": "a", "pool": None, "requested_at": T0,
              "send_at": at(600)}
-    assert handlers.admission(event, b"x", 3, T0)["due_at"] == at(600)
-    assert handlers.admission(event | {"send_at": at(-5)}, b"x", 3, T0)["due_at"] == T0
+    assert decisions.admission(event, b"x", 3, T0)["due_at"] == at(600)
+    assert decisions.admission(event | {"send_at": at(-5)}, b"x", 3, T0)["due_at"] == T0
 
 
 def test_reason_labels_are_bounded():
@@ -173,9 +173,9 @@ def test_reason_labels_are_bounded():
 def test_a_message_no_pool_member_can_take_waits_for_the_first_that_may_send():
     until = at(3600)
     # Another member only paused by its rate: as soon as it may send.
-    assert handlers.retry_exhausted_at(0, until, [at(2), None, at(7200)]) == at(2)
+    assert decisions.retry_exhausted_at(0, until, [at(2), None, at(7200)]) == at(2)
     # Nobody known: at this account's reset.
-    assert handlers.retry_exhausted_at(0, until, [None]) == until
+    assert decisions.retry_exhausted_at(0, until, [None]) == until
     # Moved as often as allowed already: it stays here, so at this account's reset,
     # however soon another member could send.
-    assert handlers.retry_exhausted_at(handlers.MAX_REROUTES, until, [at(2)]) == until
+    assert decisions.retry_exhausted_at(decisions.MAX_REROUTES, until, [at(2)]) == until
