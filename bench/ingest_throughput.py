@@ -19,12 +19,14 @@ Variants:
             the same model, answering 202: no key, no database, no Kafka
   baseline  the naive design: a producer created per request and flushed per
             message (what the ingest API must not do)
+  route     with `--route`: the service with its fast path taken out, so FastAPI's
+            route answers `POST /v1/messages` (as before services/ingest/fastpath.py)
   mailbus   the service as shipped (one worker), and with `--workers` worker
             processes: key checked, rate counted, body validated, routed, group
             commit (message row, produce, broker's ack, commit) before the 202
 
 Usage: .venv/bin/python bench/ingest_throughput.py [--seconds 10] [--concurrency 64]
-       [--rate 500] [--workers 2] [--key-cache 0] [--baseline]
+       [--rate 500] [--workers 2] [--key-cache 0] [--baseline] [--route]
 Needs `make infra` (Kafka and PostgreSQL running) and wrk (Debian's `wrk`).
 """
 
@@ -122,6 +124,19 @@ def peak_rss_mib(pid: int) -> float:
     return sum(rss_kib(p) for p in tree(pid)) / 1024
 
 
+# The `route` row: the service's app, one process, without the FastPath layer.
+ROUTE_SERVER = """
+import uvicorn
+from mailbus.ingest.app import server_config
+from mailbus.ingest.fastpath import FastPath
+from mailbus.ingest.settings import IngestSettings
+
+config = server_config(IngestSettings())
+config.app.user_middleware = [m for m in config.app.user_middleware if m.cls is not FastPath]
+uvicorn.Server(config).run()
+"""
+
+
 def serve(variant: str, prefix: str, accounts: Path, port: int,
           workers: int = 1, key_cache: float = 0.0) -> subprocess.Popen[bytes]:
     env = {**os.environ, "MAILBUS_PORT": str(port), "MAILBUS_KAFKA__TOPIC_PREFIX": prefix,
@@ -130,7 +145,9 @@ def serve(variant: str, prefix: str, accounts: Path, port: int,
            "MAILBUS_INGEST_WORKERS": str(workers), "MAILBUS_KEY_CACHE_SECONDS": str(key_cache),
            # One key carries the whole load: its request rate must not be what is measured.
            "MAILBUS_RATE_LIMIT": "99999/second"}
-    return subprocess.Popen([sys.executable, str(REPO / "bench" / "serve.py"), variant], env=env)
+    command = (["-c", ROUTE_SERVER] if variant == "route"
+               else [str(REPO / "bench" / "serve.py"), variant])
+    return subprocess.Popen([sys.executable, *command], env=env)
 
 
 def main() -> None:
@@ -145,6 +162,9 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true",
                         help="add the per-request producer (seconds a request; at 64"
                              " connections it may finish none in a row's time)")
+    parser.add_argument("--route", action="store_true",
+                        help="add the service without its fast path (FastAPI's route answers"
+                             " POST /v1/messages), one process")
     args = parser.parse_args()
 
     admin = ServiceSettings(service_name="admin")
@@ -161,6 +181,8 @@ def main() -> None:
     plan: list[tuple[str, str, int, list[str]]] = [("bare", "bare", 1, ["single", "paced"])]
     if args.baseline:
         plan.append(("baseline", "baseline", 1, ["single"]))
+    if args.route:
+        plan.append(("route", "route", 1, ["single", "paced"]))
     plan.append(("mailbus", "mailbus", 1, ["single", "paced", "batch"]))
     if args.workers > 1:
         plan.append((f"mailbus x{args.workers}", "mailbus", args.workers, ["single", "paced"]))

@@ -26,6 +26,7 @@ from mailbus.codec import Registry
 from mailbus.db import open_pool
 from mailbus.ingest import metrics, openapi, problems
 from mailbus.ingest.auth import Key
+from mailbus.ingest.fastpath import FastPath
 from mailbus.ingest.gate import Gate
 from mailbus.ingest.groupcommit import Member
 from mailbus.ingest.handlers import (
@@ -112,6 +113,8 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
     app.add_exception_handler(RequestValidationError, problems.validation_handler)
     app.add_exception_handler(StarletteHTTPException, problems.http_handler)
     app.add_exception_handler(Exception, problems.unexpected_handler)
+    # Innermost: POST /v1/messages answered below FastAPI's routing (fastpath.py).
+    app.add_middleware(FastPath)
     app.add_middleware(BodyLimit, default=settings.max_body_bytes,
                        per_path={"/v1/messages/batch": settings.max_batch_body_bytes})
     # Outside the body cap: a request without a valid key, or over its rate,
