@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Iterator
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mailbus.asgi import BodyTooLarge, read_capped, replaying
-from mailbus.ingest.problems import Problem
+from mailbus.ingest.problems import Problem, field_path, invalid
 
 
 class BodyLimit:
@@ -33,6 +36,13 @@ class BodyLimit:
             return
         if body is None:
             return  # client went away
+        broken = unpaired_surrogate(body)
+        if broken is not None:
+            problem = invalid([{"field": broken, "message": "must be text: an unpaired"
+                                " UTF-16 surrogate escape has no character"}])
+            response: Any = problem.response(scope["path"])
+            await response(scope, _disconnect, send)
+            return
         await self.app(scope, replaying(body, receive), send)
 
     @staticmethod
@@ -41,6 +51,47 @@ class BodyLimit:
                           f"the body may be at most {limit} bytes")
         response: Any = problem.response(scope["path"])
         await response(scope, _disconnect, send)
+
+
+# A JSON escape of a UTF-16 surrogate (\\uD800 to \\uDFFF). Paired, two of them
+# spell one character; alone, JSON parsers still give a string that no UTF-8
+# encoder (Avro, PostgreSQL, the wire) accepts, deep inside the request's work.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def unpaired_surrogate(body: bytes) -> str | None:
+    """The field (`to[0].name`, or `body`) holding an unpaired surrogate escape, else None.
+
+    Only a body with a surrogate escape in it is parsed here, so the common
+    request pays one scan of its bytes."""
+    if _SURROGATE_ESCAPE.search(body) is None:
+        return None
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # not JSON: the app's own parser says so, naming the body
+    for loc, text in _strings(document, ()):
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return field_path(loc)
+    return None
+
+
+def _strings(value: Any, loc: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """Every string of a JSON document with where it sits; an object's keys sit at
+    the object itself (a broken key cannot name its own field)."""
+    stack = [(value, loc)]
+    while stack:
+        value, loc = stack.pop()
+        if isinstance(value, str):
+            yield loc, value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield loc, key
+                stack.append((item, (*loc, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*loc, i)) for i, item in enumerate(value))
 
 
 async def _disconnect() -> Message:

@@ -163,14 +163,30 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("non-https action url", {**MESSAGE, "actions": [{"id": "go", "label": "Go",
                                                       "url": "javascript:alert(1)"}]},
      "actions[0].url"),
+    # JSON escapes of UTF-16 surrogates that pair with nothing: parsers give a
+    # string no UTF-8 encoder takes (Kafka's Avro, PostgreSQL, the wire).
+    ("lone high surrogate", {**MESSAGE, "text": "\ud800x"}, "text"),
+    ("lone low surrogate", {**MESSAGE, "subject": "a\udfff"}, "subject"),
+    ("reversed pair", {**MESSAGE, "text": "\ude00\ud83d"}, "text"),
+    ("lone surrogate in a name", {**MESSAGE, "to": [{"email": "a@example.com",
+                                                     "name": "\udbff"}]}, "to[0].name"),
+    ("lone surrogate in a key", {**MESSAGE, "metadata": {"\ud800": "v"}}, "metadata"),
 ]
+
+
+def ascii_json(body: Any) -> dict[str, Any]:
+    """Request arguments sending `body` as JSON with every non-ASCII character
+    escaped (httpx's json= writes UTF-8, which cannot carry a lone surrogate)."""
+    return {"content": json.dumps(body).encode(), "headers": {"Content-Type": "application/json"}}
 
 
 def test_each_invalid_request_is_422_naming_the_field_and_produces_nothing(
         api, make_key, ingest_settings, admin_kafka, registry):
     _, token = make_key()
     for label, body, field in INVALID:
-        r = api.post("/v1/messages", json=body, headers=auth(token))
+        sent = ascii_json(body)
+        r = api.post("/v1/messages", content=sent["content"],
+                     headers={**auth(token), **sent["headers"]})
         assert r.status_code == 422, (label, r.status_code, r.text)
         assert r.headers["content-type"] == "application/problem+json", label
         problem = r.json()
@@ -265,6 +281,12 @@ def test_batch_limits(api, make_key):
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "messages"
     r = api.post("/v1/messages/batch", json={"messages": [{"to": ["bad"]}]}, headers=auth(token))
     assert r.status_code == 422 and r.json()["rejected"] == 1
+    # A body that is not text is refused whole, naming the item's field.
+    broken = [small, {**small, "text": "\ud800"}]
+    sent = ascii_json({"messages": broken})
+    r = api.post("/v1/messages/batch", content=sent["content"],
+                 headers={**auth(token), **sent["headers"]})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "messages[1].text"
 
 
 def test_health_readiness_metrics_openapi(api, make_key):
