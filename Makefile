@@ -22,17 +22,32 @@ install:
 infra:
 	@scripts/stack.sh infra
 
+# The suite in two passes (docs/testing.md): first in parallel, XDIST
+# workers of pytest-xdist, each test file on one worker (its module fixtures,
+# such as a private Dovecot, start once); then the tests marked `serial`,
+# alone. Every test isolates itself in a topic namespace of its own, so the
+# workers share the one broker and database. XDIST=-n0 runs the first pass in
+# a single process. Both passes run even when the first fails; an empty pass
+# (pytest's exit status 5) is no failure.
+XDIST ?= -n 3 --dist loadfile
+define suite
+rc=0; \
+$(PYTEST) $(XDIST) -m 'not serial' $(1) || { s=$$?; [[ $$s -eq 5 ]] || rc=$$s; }; \
+$(PYTEST) -m serial $(1) || { s=$$?; [[ $$s -eq 5 ]] || rc=$$s; }; \
+exit $$rc
+endef
+
 test: infra
-	$(PYTEST) tests
+	@$(call suite,tests)
 
 test-unit: install
 	$(PYTEST) tests/unit
 
 test-integration: infra
-	$(PYTEST) tests/integration
+	@$(call suite,tests/integration)
 
 test-e2e: infra
-	$(PYTEST) tests/e2e
+	@$(call suite,tests/e2e)
 
 bench: infra
 	@scripts/bench-deps.sh
@@ -81,4 +96,4 @@ TESTS ?= tests
 test-containers: install
 	@if [[ -z "$${DOCKER_HOST:-}" ]] && { command -v podman >/dev/null || \
 		[[ ! -S /var/run/docker.sock ]]; }; then scripts/podman.sh standins; fi
-	MAILBUS_TEST_CONTAINERS=1 $(PYTEST) $(TESTS)
+	@export MAILBUS_TEST_CONTAINERS=1; $(call suite,$(TESTS))

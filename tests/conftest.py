@@ -5,6 +5,8 @@ By default those `make infra` started natively. With MAILBUS_TEST_CONTAINERS=1
 images of docker-compose.yml through testcontainers, provisions them as
 `make infra` does, and points every setting at them through the environment
 before the first test is collected; they are removed when the session ends.
+Under pytest-xdist (`-n`) that happens once, in the controller: its workers
+inherit the environment and share the two containers.
 """
 
 from __future__ import annotations
@@ -61,13 +63,22 @@ token_file = "/nonexistent/token.json"
 """
 
 
+def _xdist_worker(config: pytest.Config) -> bool:
+    """Whether this process is a pytest-xdist worker (its controller owns the containers)."""
+    return hasattr(config, "workerinput")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if containers.wanted():
+    # Once per run: in the xdist controller (whose session starts before it
+    # spawns its workers, which inherit this environment) or the only process.
+    # A worker finds the controller's containers in the environment it inherited.
+    if containers.wanted() and not _xdist_worker(session.config):
         os.environ.update(containers.start())
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    containers.stop()
+    if not _xdist_worker(session.config):
+        containers.stop()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

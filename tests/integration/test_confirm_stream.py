@@ -288,6 +288,7 @@ def test_joins_in_either_order_and_confirms_once(namespace, tmp_path, admin_kafk
     assert all(state[m]["verdict"] is None for m in alone)
 
 
+@pytest.mark.serial  # one-second deadlines, waited on for 60 s: alone, not beside other tests
 def test_unconfirmed_after_deadline_then_late_delivery_confirms(namespace, tmp_path,
                                                                 admin_kafka, registry):
     events = Events(admin_kafka, namespace, registry)

@@ -200,6 +200,7 @@ host = "127.0.0.1"
     assert summary["mailboxes"] == 1 and summary["not_reading"] == "-"
 
 
+@pytest.mark.serial  # a one-second deadline, waited on for 60 s: alone, not beside other tests
 def test_confirm_takes_a_new_deadline_from_the_accounts_file_on_sighup(
         namespace: str, tmp_path: Path, admin_kafka: dict[str, Any], registry: Any) -> None:
     from tests.integration.test_confirm_stream import ACCOUNTS as CONFIRM_ACCOUNTS

@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mailbus.hooks.app import create_app
 from mailbus.hooks.openapi import document
 from mailbus.ingest.settings import IngestSettings
@@ -82,6 +84,7 @@ def schemathesis(workdir: Path, location: str, *args: str, config: str,
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
 
 
+@pytest.mark.serial  # CPU-bound fuzzing within a 120 s timeout: alone, not beside other tests
 def test_ingest_api_conforms_to_its_openapi_document(ingest_settings: IngestSettings,
                                                      make_key, tmp_path: Path):
     # An admin key reaches every operation; a generous rate, so that the

@@ -40,6 +40,9 @@ from tests.support.processes import Services
 from tests.support.sender import produce, request, smtp_account
 from tests.support.smtp import SmtpServer
 
+# Each fault must land mid-batch and recovery has a deadline: alone, not beside other tests.
+pytestmark = pytest.mark.serial
+
 COUNT = int(os.environ.get("MAILBUS_FAULT_MESSAGES", "600"))
 # Requested once the fault is over: admission must take them without a restart.
 AFTER = 30

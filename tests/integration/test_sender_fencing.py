@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from mailbus.sender.settings import SenderSettings
 from tests.support.kafka import read_all
@@ -24,6 +25,9 @@ from tests.support.smtp import SmtpServer
 
 # Messages per run: CI keeps the default; MAILBUS_TEST_FENCING_MESSAGES=5000 for a
 # longer run (about three minutes on two busy cores).
+# The third member must join while mail is going out: alone, not beside other tests.
+pytestmark = pytest.mark.serial
+
 COUNT = int(os.environ.get("MAILBUS_TEST_FENCING_MESSAGES", "1500"))
 REBALANCES = 3
 ACCOUNTS = ("f0", "f1", "f2", "f3")  # keyed by account: spread over several partitions

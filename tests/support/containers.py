@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -63,6 +64,20 @@ def wanted() -> bool:
     return bool(os.environ.get("DOCKER_HOST"))
 
 
+def run_id_prefix() -> str:
+    """MAILBUS_TEST_CONTAINERS_RUN: what begins this run's container names after `mailbus-tc-`.
+
+    A CI script sets it to find, and remove, its own containers after a run
+    that could not remove them itself (SIGKILL): `podman ps -a --filter
+    name=^mailbus-tc-PREFIX`. Letters, digits and dashes only.
+    """
+    prefix = os.environ.get("MAILBUS_TEST_CONTAINERS_RUN", "").strip().lower()
+    if prefix and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,30}", prefix):
+        raise ContainersError(f"MAILBUS_TEST_CONTAINERS_RUN={prefix!r}: letters, digits and"
+                              " dashes only, at most 31")
+    return f"{prefix}-" if prefix else ""
+
+
 def compose_images() -> dict[str, str]:
     """The images docker-compose.yml runs Kafka and PostgreSQL from."""
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
@@ -99,7 +114,7 @@ class Stack:
     """The run's Kafka and PostgreSQL containers, their ports and credentials."""
 
     folder: Path
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    run_id: str = field(default_factory=lambda: run_id_prefix() + uuid.uuid4().hex[:10])
     containers: list[Any] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     _engine: Any = None  # tests.containers.compose.PodmanService, when this run started one
