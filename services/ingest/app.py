@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,20 +23,16 @@ from mailbus import topics
 from mailbus.accounts import load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
-from mailbus.ingest import metrics, openapi, problems
+from mailbus.ingest import accept, metrics, openapi, problems
 from mailbus.ingest.auth import Key
 from mailbus.ingest.fastpath import FastPath
 from mailbus.ingest.gate import Gate
-from mailbus.ingest.groupcommit import Member
 from mailbus.ingest.handlers import (
-    ApiKey,
-    message_id_for,
     request_digest,
     require_scope,
-    route,
 )
 from mailbus.ingest.limits import BodyLimit
-from mailbus.ingest.models import BatchRequest, MessageRequest, cross_field_problems
+from mailbus.ingest.models import BatchRequest, MessageRequest
 from mailbus.ingest.problems import Problem, invalid
 from mailbus.ingest.rates import KeyRates
 from mailbus.ingest.responses import router as responses_router
@@ -51,7 +46,6 @@ from mailbus.producer import AsyncProducer
 from mailbus.reload import AccountsReloader
 
 log = logging.getLogger(__name__)
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
 def server_config(settings: IngestSettings, producer_factory: ProducerFactory | None = None
@@ -172,27 +166,6 @@ def _ingestor(request: Request) -> Ingestor:
     return request.app.state.ingestor  # type: ignore[no-any-return]
 
 
-def _idempotency(value: str | None) -> str | None:
-    if value is not None and not IDEMPOTENCY_KEY.match(value):
-        raise invalid([{"field": "Idempotency-Key",
-                        "message": "must be 1 to 255 printable ASCII characters"}])
-    return value
-
-
-def _plan(ing: Ingestor, key: ApiKey, req: MessageRequest, idem: str | None,
-          generation: str | None, index: int | None = None, prefix: str = "") -> Planned:
-    errors = [{"field": prefix + f, "message": m} for f, m in cross_field_problems(req)]
-    if errors:
-        raise invalid(errors)
-    try:
-        account_id, pool = route(req, key, ing.directory)
-    except Problem as exc:
-        for err in exc.errors:
-            err["field"] = prefix + err["field"]
-        raise
-    return Planned(req, message_id_for(key.id, idem, index, generation), account_id, pool)
-
-
 IdemHeader = Annotated[str | None, Header(alias="Idempotency-Key")]
 
 
@@ -201,19 +174,7 @@ def _routes(app: FastAPI) -> None:
     async def send_message(request: Request, req: MessageRequest, key: Key,
                            idempotency_key: IdemHeader = None) -> JSONResponse:
         """Accept one message; 202 only once Kafka holds its event."""
-        require_scope(key, "send")
-        idem = _idempotency(idempotency_key)
-        ing = _ingestor(request)
-        # The digest tells a replay from a reuse of an Idempotency-Key: no key, no digest.
-        digest = request_digest(req.model_dump(mode="json", by_alias=True)) if idem else b""
-        generation = await ing.claim(key, idem, digest) if idem else None
-        try:
-            planned = _plan(ing, key, req, idem, generation)
-        except Problem:
-            metrics.REJECTED.labels("validation").inc()
-            raise
-
-        status, body = await ing.accept_one(Member(key, planned, idem, digest, generation))
+        status, body = await accept.one(_ingestor(request), key, req, idempotency_key)
         return JSONResponse(body, status_code=status,
                             headers={"Location": f"/v1/messages/{body.get('id')}"})
 
@@ -222,7 +183,7 @@ def _routes(app: FastAPI) -> None:
                          idempotency_key: IdemHeader = None) -> JSONResponse:
         """Accept up to 1,000 messages, each validated on its own; answers per item."""
         require_scope(key, "send")
-        idem = _idempotency(idempotency_key)
+        idem = accept.idempotency(idempotency_key)
         ing = _ingestor(request)
         digest = request_digest(batch.messages)
         generation = await ing.claim(key, idem, digest) if idem else None
@@ -232,7 +193,7 @@ def _routes(app: FastAPI) -> None:
             prefix = f"messages[{i}]."
             try:
                 req = MessageRequest.model_validate(item)
-                planned.append(_plan(ing, key, req, idem, generation, i, prefix))
+                planned.append(accept.plan(ing, key, req, idem, generation, i, prefix))
                 results.append({"index": i, "id": planned[-1].message_id, "status": "queued"})
             except ValidationError as exc:
                 errors = problems.from_pydantic(exc.errors(), prefix)

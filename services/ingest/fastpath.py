@@ -4,7 +4,7 @@ An ASGI layer inside the Gate and the body cap (app.py mounts it as the
 innermost middleware), so a request reaching it has had its key checked, its
 rate counted and its body read under the cap by the same layers as every
 other route. For exactly `POST /v1/messages` with a JSON body it then does
-what the FastAPI route does, in the same order, without the framework's
+what the FastAPI route does (both call accept.one), without the framework's
 request objects, routing and dependency solving (three fifths of a request's
 time under load): the body validated by `MessageRequest.model_validate_json`,
 the scope, the Idempotency-Key, the claim, cross-field rules and routing,
@@ -15,8 +15,8 @@ replayed: every other route, a body whose Content-Type is not plainly
 `application/json`, and every body that does not validate. So each
 validation error is rendered by the route's own machinery, byte for byte
 as before (FastAPI parses with `json.loads`, which accepts a few documents
-pydantic's parser refuses: a lone surrogate escape, UTF-16, a BOM; those are
-answered by FastAPI too), and the fast path only ever accepts what the
+pydantic's parser refuses, UTF-16 or a BOM; those are answered by FastAPI
+too), and the fast path only ever accepts what the
 route would accept. The route stays declared, so OpenAPI describes it.
 """
 
@@ -29,13 +29,11 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mailbus.asgi import replaying
-from mailbus.ingest import metrics
+from mailbus.ingest import accept
 from mailbus.ingest.gate import STATE_KEY
-from mailbus.ingest.groupcommit import Member
-from mailbus.ingest.handlers import ApiKey, request_digest, require_scope
+from mailbus.ingest.handlers import ApiKey
 from mailbus.ingest.models import MessageRequest
 from mailbus.ingest.problems import Problem
-from mailbus.ingest.service import Ingestor
 
 PATH = "/v1/messages"
 METHOD = "POST"
@@ -69,8 +67,8 @@ class FastPath:
             return
         scope["route"] = self._route or self._find_route(scope)
         try:
-            status, answer = await accept(scope["app"].state.ingestor, key, req,
-                                          idempotency_key)
+            status, answer = await accept.one(scope["app"].state.ingestor, key, req,
+                                              idempotency_key)
         except Problem as exc:
             response: Any = exc.response(scope["path"])
         else:
@@ -85,26 +83,6 @@ class FastPath:
                 self._route = candidate
                 return candidate
         raise LookupError(f"no route {METHOD} {PATH} is declared")
-
-
-async def accept(ing: Ingestor, key: ApiKey, req: MessageRequest,
-                 idempotency_key: str | None) -> tuple[int, dict[str, Any]]:
-    """What the route does with a validated single message, in its order: the scope (403),
-    the Idempotency-Key (422), the claim, cross-field rules and routing (422), the group."""
-    # The route's own helpers: one definition of each rule for both paths.
-    from mailbus.ingest.app import _idempotency, _plan
-
-    require_scope(key, "send")
-    idem = _idempotency(idempotency_key)
-    # The digest tells a replay from a reuse of an Idempotency-Key: no key, no digest.
-    digest = request_digest(req.model_dump(mode="json", by_alias=True)) if idem else b""
-    generation = await ing.claim(key, idem, digest) if idem else None
-    try:
-        planned = _plan(ing, key, req, idem, generation)
-    except Problem:
-        metrics.REJECTED.labels("validation").inc()
-        raise
-    return await ing.accept_one(Member(key, planned, idem, digest, generation))
 
 
 def _headers(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, bool]:
