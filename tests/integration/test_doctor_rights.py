@@ -7,7 +7,6 @@ database the other tests use is never touched."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,18 +21,9 @@ from mailbus.cli import service_settings
 from mailbus.settings import PostgresSettings, ServiceSettings
 from tests.support.dns import DnsServer
 from tests.support.doctor import run_doctor
+from tests.support.postgres import superuser
 from tests.support.sender import smtp_account
 from tests.support.smtp import SmtpServer
-
-
-def _superuser(admin: ServiceSettings) -> PostgresSettings:
-    base = admin.postgres
-    return PostgresSettings(
-        host=base.host, port=base.port, dbname="postgres", sslmode=base.sslmode,
-        sslrootcert=base.sslrootcert, user=os.environ.get("MAILBUS_PG_SUPERUSER", "postgres"),
-        password_file=Path(os.environ.get(
-            "MAILBUS_PG_SUPERUSER_PASSWORD_FILE",
-            admin.var_dir / "secrets" / "postgres-superuser.password")))
 
 
 def _owner(admin: ServiceSettings, dbname: str) -> PostgresSettings:
@@ -46,15 +36,15 @@ def _owner(admin: ServiceSettings, dbname: str) -> PostgresSettings:
 def own_database(admin: ServiceSettings) -> Iterator[str]:
     """A database of this test's own, at the shipped migration, dropped afterwards."""
     name = f"mailbus_doctor_{uuid.uuid4().hex[:10]}"
-    superuser = _superuser(admin)
-    with psycopg.connect(superuser.conninfo(), autocommit=True) as conn:
+    root = superuser(admin)
+    with psycopg.connect(root.conninfo(), autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
             sql.Identifier(name), sql.Identifier(db.OWNER_ROLE)))
     try:
         db.migrate(_owner(admin, name))
         yield name
     finally:
-        with psycopg.connect(superuser.conninfo(), autocommit=True) as conn:
+        with psycopg.connect(root.conninfo(), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(name)))
 

@@ -31,7 +31,8 @@ from psycopg import sql
 
 from mailbus import db
 from mailbus.codec import TOPIC_SCHEMAS, Registry
-from mailbus.settings import REPO_ROOT, PostgresSettings, ServiceSettings
+from mailbus.settings import REPO_ROOT, ServiceSettings
+from tests.support.postgres import superuser
 
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 # import name -> folder, as pyproject.toml maps them (mailbus.sender -> services/sender).
@@ -206,22 +207,12 @@ def test_schemas_and_sql_load_from_the_wheel(installed: Installed) -> None:
     assert any(Path(f).is_relative_to(installed.site / "mailbus") for f in probe["files"])
 
 
-def _superuser(admin: ServiceSettings) -> PostgresSettings:
-    base = admin.postgres
-    return PostgresSettings(
-        host=base.host, port=base.port, dbname="postgres", sslmode=base.sslmode,
-        sslrootcert=base.sslrootcert, user=os.environ.get("MAILBUS_PG_SUPERUSER", "postgres"),
-        password_file=Path(os.environ.get(
-            "MAILBUS_PG_SUPERUSER_PASSWORD_FILE",
-            admin.var_dir / "secrets" / "postgres-superuser.password")))
-
-
 @pytest.fixture
 def throwaway_db(admin: ServiceSettings) -> Iterator[str]:
     """A database name nobody uses; whatever is made under it is dropped afterwards."""
     name = f"mailbus_wheel_{uuid.uuid4().hex[:10]}"
     yield name
-    with psycopg.connect(_superuser(admin).conninfo(), autocommit=True) as conn:
+    with psycopg.connect(superuser(admin).conninfo(), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(name)))
 
