@@ -73,7 +73,8 @@ def test_every_vector_is_there() -> None:
         "partition", "crc64-null", "canonical-form-email.requested-v1",
         "fingerprint-email.requested-v1", "record-fields", "record-bytes",
         "canonical-form-email.requested-v2", "fingerprint-email.requested-v2",
-        "record-bytes-v2"}
+        "record-bytes-v2", "canonical-form-email.requested-v3",
+        "fingerprint-email.requested-v3", "record-bytes-v3"}
 
 
 def test_crc64avro_of_null() -> None:
@@ -85,7 +86,7 @@ def _schema(topic: str, version: int) -> dict[str, Any]:
     return json.loads((README.parent / topic / f"v{version}.avsc").read_text())
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_canonical_form_is_the_schema_files(version: int) -> None:
     schema = _schema("email.requested", version)
     name = f"canonical-form-email.requested-v{version}"
@@ -96,7 +97,7 @@ def test_canonical_form_is_the_schema_files(version: int) -> None:
     assert text is not None and text[1] == to_parsing_canonical_form(schema)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_fingerprint_of_the_canonical_form(registry: Registry, version: int) -> None:
     vector = readme_vectors()[f"fingerprint-email.requested-v{version}"]
     schema = _schema("email.requested", version)
@@ -144,14 +145,33 @@ def test_record_bytes(registry: Registry) -> None:
 
 
 def test_record_bytes_v2(registry: Registry) -> None:
-    """The v2 vector: what the registry writes today, the v1 body followed by `headers`."""
+    """The v2 vector: the v1 body followed by `headers`, read by today's registry."""
     headers = [{"name": "X-Campaign", "value": "spring-2026"}]
     fields = {**readme_vectors()["record-fields"], "headers": headers}
     expected = bytes.fromhex("".join(readme_vectors()["record-bytes-v2"].split()))
-    assert registry.encode("email.requested", _with_defaults(fields, 2)) == expected
+    body = io.BytesIO()
+    schemaless_writer(body, parse_schema(_schema("email.requested", 2), named_schemas={}),
+                      _with_defaults(fields, 2))
+    assert b"\xc3\x01" + registry.fingerprint("email.requested", 2) + body.getvalue() == expected
     assert registry.decode(expected)[1]["headers"] == headers
+    assert registry.decode(expected)[1]["attachments"] == []  # v2 read as v3: the default
     v1 = bytes.fromhex("".join(readme_vectors()["record-bytes"].split()))
     assert expected[10:].startswith(v1[10:])
+
+
+def test_record_bytes_v3(registry: Registry) -> None:
+    """The v3 vector: what the registry writes today, the v2 body followed by `attachments`."""
+    headers = [{"name": "X-Campaign", "value": "spring-2026"}]
+    attachments = [{"sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                    "size": 4, "filename": "test.txt", "content_type": "text/plain",
+                    "content_id": None}]
+    fields = {**readme_vectors()["record-fields"], "headers": headers,
+              "attachments": attachments}
+    expected = bytes.fromhex("".join(readme_vectors()["record-bytes-v3"].split()))
+    assert registry.encode("email.requested", _with_defaults(fields, 3)) == expected
+    assert registry.decode(expected)[1]["attachments"] == attachments
+    v2 = bytes.fromhex("".join(readme_vectors()["record-bytes-v2"].split()))
+    assert expected[10:].startswith(v2[10:])
 
 
 def test_murmur2_matches_kafka() -> None:
