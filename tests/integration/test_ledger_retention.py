@@ -27,7 +27,7 @@ from tests.support.sender import SenderThread, produce, request, smtp_account
 from tests.support.smtp import SmtpServer
 
 DAY = 86400.0
-KEEP, PAYLOAD = 8 * DAY, 1 * DAY  # the defaults: 192 h and 24 h
+KEEP, PAYLOAD = 8 * DAY, 1 * DAY  # 192 h (the default is 912 h) and 24 h (the default)
 
 # name: (state, settled ago, sent ago, admitted ago, pending recipients); ages in hours.
 ROWS: dict[str, tuple[str, float | None, float | None, float, list[str] | None]] = {
