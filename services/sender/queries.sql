@@ -170,9 +170,13 @@ ORDER BY v.n
 RETURNING id;
 
 -- name: outbox_pending
+-- Rows younger than %(age)s may still be emitted by the settle that wrote
+-- them. The API's cancels and reschedules (change_schedule, migration 0018)
+-- have no such emitter: the sweep emits them at once.
 SELECT id, topic, key, value, headers FROM sender_outbox
 WHERE namespace = %(namespace)s AND source_partition = ANY(%(partitions)s)
-  AND created_at < now() - %(age)s::interval
+  AND (created_at < now() - %(age)s::interval
+       OR topic = %(namespace)s || 'email.schedule')
 ORDER BY id LIMIT 500;
 
 -- name: outbox_done
