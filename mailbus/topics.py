@@ -102,10 +102,11 @@ GRANTS: dict[str, Grant] = {
     # by assign() (no group). It also writes email.requested: an exhausted
     # account's pool messages move to another member as a new request keyed
     # by that account. email.delivered for accounts whose server is the final
-    # hop.
+    # hop. email.schedule: the cancels and reschedules the API put in its
+    # outbox (through change_schedule, migration 0018).
     "sender": Grant(
         read=(REQUESTED, SUPPRESSIONS),
-        write=(REQUESTED, SENT, FAILED, DELIVERED, REQUESTED_DLQ),
+        write=(REQUESTED, SENT, FAILED, DELIVERED, REQUESTED_DLQ, SCHEDULE),
         groups=("mailbus-sender",),
     ),
     # The Faust join: sent, delivered, failed and bounced in, verdicts out;

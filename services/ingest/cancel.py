@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
 
 from mailbus import queries, topics
@@ -110,19 +111,22 @@ async def change(request: Request, key: ApiKey, raw_id: str, send_at: datetime |
     owner = None if key.is_admin else key.id
     try:
         async with ingestor.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(SQL["message"], {"id": message_id, "key_id": owner})
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(SQL["message"], {"id": message_id, "key_id": owner})
             row = await cur.fetchone()
             if row is None:
                 raise Problem(404, "not-found", "No such message")
             value = ingestor.registry.encode(topics.SCHEDULE, event(
-                message_id, row[0], key, send_at, reason, datetime.now(UTC)))
-            cur = await conn.execute(SQL["change"], {
+                message_id, row["account_id"], key, send_at, reason, datetime.now(UTC)))
+            await cur.execute(SQL["change"], {
                 "namespace": request.app.state.namespace, "id": message_id, "key_id": owner,
                 "due_at": send_at, "event": value})
-            outcome, state, due_at = await cur.fetchone() or ("not_found", None, None)
+            done = await cur.fetchone()
     except (PoolTimeout, psycopg.OperationalError) as exc:
         raise unavailable("database unavailable") from exc
-    answer = verdict(message_id, outcome, state, due_at)
+    if done is None:
+        raise Problem(404, "not-found", "No such message")
+    answer = verdict(message_id, done["outcome"], done["state"], done["due_at"])
     return JSONResponse(answer.body)
 
 
