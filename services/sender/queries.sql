@@ -176,7 +176,7 @@ RETURNING id;
 SELECT id, topic, key, value, headers FROM sender_outbox
 WHERE namespace = %(namespace)s AND source_partition = ANY(%(partitions)s)
   AND (created_at < now() - %(age)s::interval
-       OR topic = %(namespace)s || 'email.schedule')
+       OR topic = %(schedule_topic)s)
 ORDER BY id LIMIT 500;
 
 -- name: outbox_done
