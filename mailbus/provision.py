@@ -1,9 +1,10 @@
 """Kafka provisioning: topics, one SCRAM principal per service, and their ACLs.
 
 Run with the cluster's admin principal. Every step is idempotent: topics
-that exist keep their partitions and get the table's configs, passwords come from files written on first run,
-ACL creation of an existing binding is a no-op in Kafka, and a service
-principal's bindings beyond its grant are removed.
+that exist keep their partitions and get the table's configs, passwords
+come from files written on first run, ACL creation of an existing binding
+is a no-op in Kafka, and a service principal's bindings beyond its grant
+are removed.
 """
 
 from __future__ import annotations

@@ -19,8 +19,11 @@ from typing import Any, TypeVar
 import httpx
 import psycopg
 import pytest
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
+from mailbus import topics
 from mailbus.db import open_pool
+from mailbus.provision import provision
 from mailbus.sender import decisions
 from mailbus.sender.outbox import SQL as SENDER_SQL
 from mailbus.sender.outbox import Ledger
@@ -345,3 +348,28 @@ def test_a_rewind_never_admits_a_cancelled_message_again_until_retention(namespa
     # Past the retention (which outlives email.requested's) the row goes with the others.
     assert asyncio.run(readmit_and_prune(keep=3600))[0] == 1
     assert SENDER_SQL["prune_settled"].count("'cancelled'") == 1
+
+
+def test_provisioning_raises_an_existing_requested_topics_retention(namespace, admin,
+                                                                    admin_kafka):
+    # An installation made before the 30-day horizon keeps email.requested a
+    # week; provisioning again brings it to the table's retention.
+    client = AdminClient(admin_kafka)
+    resource = ConfigResource(ConfigResource.Type.TOPIC, namespace + topics.REQUESTED,
+                              incremental_configs=[ConfigEntry(
+                                  "retention.ms", str(topics.WEEK_MS),
+                                  incremental_operation=AlterConfigOpType.SET)])
+    for future in client.incremental_alter_configs([resource]).values():
+        future.result()
+
+    def retention() -> str:
+        [future] = client.describe_configs([ConfigResource(
+            ConfigResource.Type.TOPIC, namespace + topics.REQUESTED)]).values()
+        return str(future.result()["retention.ms"].value)
+
+    assert retention() == str(topics.WEEK_MS)
+    done = provision(admin_kafka, admin.var_dir / "secrets", namespace, users=False)
+    assert done["topics_reconfigured"] == [namespace + topics.REQUESTED]
+    assert retention() == str(topics.REQUESTED_RETENTION_MS)
+    again = provision(admin_kafka, admin.var_dir / "secrets", namespace, users=False)
+    assert again["topics_reconfigured"] == []
