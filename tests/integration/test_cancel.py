@@ -374,3 +374,35 @@ def test_provisioning_raises_an_existing_requested_topics_retention(namespace, a
     eventually(lambda: retention() == str(topics.REQUESTED_RETENTION_MS))
     again = provision(admin_kafka, admin.var_dir / "secrets", namespace, users=False)
     assert again["topics_reconfigured"] == []
+
+
+def test_a_message_waiting_for_quota_can_be_cancelled(live_ingest, make_key, namespace,
+                                                      tmp_path, smtp, admin):
+    # An account with a daily quota of one: the second message waits in the
+    # queue until the quota frees up, and is cancelled there.
+    path = tmp_path / "quota-accounts.toml"
+    path.write_text(smtp_account("dev", smtp.port, quota=1))
+    settings = SenderSettings(accounts_file=path, kafka={"topic_prefix": namespace},
+                              metrics_port=0, poll_seconds=0.2,
+                              link_keys_file=tmp_path / "link-keys.json")
+    _, token = make_key(("send", "read"))
+    with client(live_ingest, token) as api, SenderThread(settings):
+        ids = [api.post("/v1/messages", json=message(to=f"u{i}@example.com")).json()["id"]
+               for i in range(2)]
+        states = eventually(lambda: (s := ledger(admin, namespace, ids))
+                            and sorted(s.values()) == ["queued", "sent"] and s)
+        [waiting] = [m for m, s in states.items() if s == "queued"]
+        # Due, and held back by the account's budget. A worker that claimed it
+        # ahead gives it back unsent (a requeue for quota): then it is `sending`
+        # for a moment, and a cancel in that moment is answered too late.
+        time.sleep(1.0)
+
+        def cancel() -> dict[str, Any] | None:
+            r = api.post(f"/v1/messages/{waiting}/cancel")
+            if r.status_code == 409 and r.json()["state"] == "sending":
+                return None
+            return r.json()  # type: ignore[no-any-return]
+        assert eventually(cancel) == {"id": waiting, "result": "cancelled",
+                                      "status": "cancelled"}
+    assert ledger(admin, namespace, ids)[waiting] == "cancelled"
+    assert len(smtp.handler.messages()) == 1
