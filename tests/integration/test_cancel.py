@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 import psycopg
 import pytest
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from mailbus import topics
@@ -31,7 +32,7 @@ from mailbus.sender.settings import SenderSettings
 from mailbus.settings import ServiceSettings
 from tests.integration.conftest import LiveServer
 from tests.support.kafka import read_all
-from tests.support.projector import projector_running, settings_for
+from tests.support.projector import lag, projector_running, settings_for
 from tests.support.sender import SenderThread, smtp_account
 from tests.support.smtp import SmtpServer
 
@@ -406,3 +407,25 @@ def test_a_message_waiting_for_quota_can_be_cancelled(live_ingest, make_key, nam
                                       "status": "cancelled"}
     assert ledger(admin, namespace, ids)[waiting] == "cancelled"
     assert len(smtp.handler.messages()) == 1
+
+
+def test_the_same_request_read_again_does_not_bring_a_cancelled_message_back(
+        live_ingest, make_key, sender_settings, smtp, namespace, admin, admin_kafka):
+    # A replay into the live namespace, or an offset reset, hands the sender the
+    # very record again: the ledger's cancelled row keeps it from being sent.
+    _, token = make_key(("send", "read"))
+    due = datetime.now(UTC) + timedelta(seconds=3)
+    with client(live_ingest, token) as api, SenderThread(sender_settings):
+        mid = api.post("/v1/messages", json=message(due)).json()["id"]
+        assert queued(api, mid).json()["result"] == "cancelled"
+        [record] = read_all(admin_kafka, namespace + topics.REQUESTED, expect=1)
+        producer = Producer({**admin_kafka, "partitioner": "murmur2_random"})
+        producer.produce(namespace + topics.REQUESTED, record.value(), key=record.key())
+        assert producer.flush(30) == 0
+        # Admitted (the sender's group committed past it: a no-op in the ledger),
+        # and past its due time, with the sender claiming.
+        eventually(lambda: lag(admin_kafka, namespace, "mailbus-sender",
+                               [topics.REQUESTED]) == 0)
+        time.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()) + 3.0)
+        assert ledger(admin, namespace, [mid]) == {mid: "cancelled"}
+    assert smtp.handler.messages() == []
