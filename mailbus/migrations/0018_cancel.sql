@@ -105,15 +105,26 @@ BEGIN
         RETURN QUERY SELECT 'too_late'::text, 'ambiguous'::text, r.due_at;
         RETURN;
     END IF;
+    -- The row is locked and was judged `queued` above; the updates say so
+    -- again, so that they could never change a row the claim took.
     IF p_due_at IS NULL THEN
         -- The request bytes (addresses, bodies) are not needed any more.
         UPDATE public.send_ledger l
         SET state = 'cancelled', settled_at = now(), payload = NULL,
             last_error = 'cancelled'
-        WHERE l.message_id = p_message_id AND l.namespace = p_namespace;
+        WHERE l.message_id = p_message_id AND l.namespace = p_namespace
+          AND l.state = 'queued';
     ELSE
         UPDATE public.send_ledger l SET due_at = p_due_at
-        WHERE l.message_id = p_message_id AND l.namespace = p_namespace;
+        WHERE l.message_id = p_message_id AND l.namespace = p_namespace
+          AND l.state = 'queued';
+    END IF;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'too_late'::text, l.state, l.due_at FROM public.send_ledger l
+            WHERE l.message_id = p_message_id AND l.namespace = p_namespace;
+        RETURN;
+    END IF;
+    IF p_due_at IS NOT NULL THEN
         -- The API shows the time it will go at.
         UPDATE public.messages m SET send_at = p_due_at, updated_at = now()
         WHERE m.id = p_message_id;
