@@ -12,6 +12,7 @@ from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -184,6 +185,17 @@ TemplateName = Annotated[str, StringConstraints(pattern=TEMPLATE_NAME_PATTERN)]
 MAX_TEMPLATE_VERSION = 2**31 - 1  # the column is a PostgreSQL integer
 
 
+def _template_version(value: Any) -> Any:
+    # Checked before the union, so a refusal names `template.version` alone.
+    if value is None or value == "latest":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+            1 <= value <= MAX_TEMPLATE_VERSION):
+        raise ValueError(f'must be a version number from 1 to {MAX_TEMPLATE_VERSION}, '
+                         'or "latest"')
+    return value
+
+
 class Template(BaseModel):
     """A template rendered by the sender in a sandbox, with its variables: its source
     (subject, text, html), or the name of a stored template and its version."""
@@ -198,7 +210,7 @@ class Template(BaseModel):
     name: TemplateName | None = Field(
         default=None, description="A stored template of this key (POST /v1/templates), "
         "instead of subject, text and html. See docs/api.md, Stored templates.")
-    version: Annotated[int, Field(ge=1, le=MAX_TEMPLATE_VERSION)] | Literal["latest"] | None = \
+    version: Annotated[int | Literal["latest"] | None, BeforeValidator(_template_version)] = \
         Field(default=None, description="The stored template's version, or \"latest\" "
               "(the default when a name is given).")
 
