@@ -40,7 +40,7 @@ from mailbus.ingest.retention import prune_forever
 from mailbus.ingest.service import Ingestor, Planned
 from mailbus.ingest.settings import IngestSettings
 from mailbus.ingest.status import router as status_router
-from mailbus.ingest.templates import TemplateStore, resolved
+from mailbus.ingest.templates import TemplateStore, resolved_batch
 from mailbus.ingest.templates import router as templates_router
 from mailbus.ingest.webhooks import router as webhooks_router
 from mailbus.ingest.workers import exposition, producer_config, server_options
@@ -196,11 +196,12 @@ def _routes(app: FastAPI) -> None:
         generation = await ing.claim(key, idem, digest) if idem else None
         results: list[dict[str, Any]] = []
         planned: list[Planned] = []
-        for i, item in enumerate(batch.messages):
+        items = await resolved_batch(request.app.state.templates, key, batch.messages)
+        for i, req in enumerate(items):
             prefix = f"messages[{i}]."
             try:
-                req = await resolved(request.app.state.templates, key,
-                                     MessageRequest.model_validate(item), prefix)
+                if not isinstance(req, MessageRequest):
+                    raise req
                 planned.append(accept.plan(ing, key, req, idem, generation, i, prefix))
                 results.append({"index": i, "id": planned[-1].message_id, "status": "queued"})
             except ValidationError as exc:

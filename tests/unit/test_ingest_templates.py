@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from mailbus.ingest.handlers import ApiKey, request_digest, requested_event
 from mailbus.ingest.models import MessageRequest
 from mailbus.ingest.problems import Problem
-from mailbus.ingest.templates import CACHE_ENTRIES, TemplateStore, resolved
+from mailbus.ingest.templates import CACHE_ENTRIES, TemplateStore, resolved, resolved_batch
 from mailbus.templates import TemplateFailed, check, render
 from mailbus.timeline import event_row
 
@@ -227,3 +227,19 @@ def test_requests_that_arrive_together_share_one_lookup():
     assert [f and f.text for f in found] == ["A", "B", None, None, "A", None]
     # Two runs start at once (LOOKUPS_IN_FLIGHT), the four others wait and go together.
     assert db.queries == 3
+
+
+def test_a_batchs_stored_templates_are_looked_up_together():
+    db = FakeConnection({("k1", "receipt"): {1: (None, "T", None)}})
+    items = [BASE | {"template": {"name": "receipt"}} for _ in range(200)]
+    items[5] = BASE | {"template": {"name": "nothing"}}
+    items[6] = {"to": []}
+    items[7] = BASE | {"text": "inline"}
+    out = asyncio.run(resolved_batch(store(db, 0), KEY, items))
+    assert db.queries <= 3  # two runs in flight, everything else in the third
+    assert isinstance(out[5], Problem) and [e["field"] for e in out[5].errors] == [
+        "messages[5].template.name"]
+    assert isinstance(out[6], ValidationError)
+    assert isinstance(out[7], MessageRequest) and out[7].text == "inline"
+    assert all(isinstance(r, MessageRequest) and r.template and r.template.text == "T"
+               and r.template.version == 1 for i, r in enumerate(out) if i not in (5, 6, 7))
