@@ -341,6 +341,15 @@ def check(template: dict[str, Any]) -> None:
             raise TemplateFailed(f"{part}: {_reason(exc)}") from exc
 
 
+def check_job(template: dict[str, Any]) -> str | None:
+    """check() as a job of a deadline process: None when it compiles, else the reason."""
+    try:
+        check(template)
+    except TemplateFailed as exc:
+        return str(exc)
+    return None
+
+
 def render(template: dict[str, Any], variables_json: str, *,
            max_output: int = 512 * 1024) -> Rendered:
     """Render a template's subject, text and html parts with its JSON variables."""

@@ -98,6 +98,7 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
         finally:
             await reloader.stop()
             pruner.cancel()
+            app.state.templates.close()
             await ingestor.drain()
             left = producer.close()
             if left:

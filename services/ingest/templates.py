@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from mailbus import queries
+from mailbus.deadline import DeadlinePool, Late, Unavailable
 from mailbus.ingest.auth import Key
 from mailbus.ingest.coalesce import Coalescer, Outcome
 from mailbus.ingest.handlers import ApiKey, require_scope
@@ -55,7 +56,7 @@ from mailbus.ingest.models import (
     header_value,
 )
 from mailbus.ingest.problems import Problem, invalid, unavailable
-from mailbus.templates import TemplateFailed, check
+from mailbus.templates import DEADLINE_SECONDS, check_job
 
 SQL = queries.load_resource(__package__, "templates.sql")
 router = APIRouter(tags=["templates"])
@@ -65,6 +66,11 @@ MAX_VERSIONS = 50  # versions per name; delete the name to start again
 MAX_KEY_BYTES = 64 * 1024 * 1024  # subject + text + html of every version of a key
 CACHE_ENTRIES = 4096
 LOOKUPS_IN_FLIGHT = 2
+# Compiling runs in a process of its own, killed past this: 512 KiB of
+# expressions takes the parser seconds of CPU, which in the API's process
+# would stall every request. The sender renders within the same time.
+COMPILE_SECONDS = DEADLINE_SECONDS
+COMPILE_MEMORY = 1 << 30  # address space of the compiling process
 LOOKUP_GROUP_MAX = 500
 _PARTS = ("subject", "text", "html")
 
@@ -120,6 +126,13 @@ class TemplateStore:
         self._kept: OrderedDict[Lookup, tuple[Stored, float]] = OrderedDict()
         self._lookups: Coalescer[Lookup, Stored | None] = Coalescer(
             self._find, max_in_flight=LOOKUPS_IN_FLIGHT, max_size=LOOKUP_GROUP_MAX)
+        # One process, started when a template is first written; writes queue for it.
+        self.compiler = DeadlinePool(check_job, deadline=COMPILE_SECONDS, processes=1,
+                                     name="mailbus-template-check", setup=_limit_memory)
+
+    def close(self) -> None:
+        """Stop the compiling process."""
+        self.compiler.close()
 
     async def find(self, key_id: str, name: str, version: int | None) -> Stored | None:
         """The version (None: the latest) of a key's template; None when there is none."""
@@ -154,6 +167,15 @@ class TemplateStore:
             return [unavailable("database unavailable") for _ in lookups]
         found = {row["i"]: _stored(row) for row in rows}
         return [found.get(i) for i in range(1, len(lookups) + 1)]
+
+
+def _limit_memory() -> None:
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (COMPILE_MEMORY, COMPILE_MEMORY))
+    except (ImportError, ValueError, OSError):  # not on this platform, or already lower
+        pass
 
 
 def _stored(row: Any) -> Stored:
@@ -231,26 +253,33 @@ def version_body(stored: Stored) -> dict[str, Any]:
             "created_at": stored.created_at.isoformat()}
 
 
-async def _compiled(source: TemplateSource) -> None:
-    """422 naming the part that is too large or does not compile in the sandbox."""
+async def _compiled(store: TemplateStore, source: TemplateSource) -> None:
+    """422 naming the part that is too large or does not compile in the sandbox in time."""
     parts = {part: getattr(source, part) for part in _PARTS}
     if sum(len(v.encode()) for v in parts.values() if v) > MAX_CONTENT_BYTES:
         raise invalid([{"field": "text", "message": f"subject, text and html exceed "
                         f"{MAX_CONTENT_BYTES} bytes"}])
     try:
-        # In a thread: a large template takes a while to parse.
-        await asyncio.to_thread(check, parts)
-    except TemplateFailed as exc:
-        part, _, reason = str(exc).partition(": ")
+        outcome = await store.compiler.run(parts)
+    except Unavailable as exc:
+        raise unavailable("the template compiler could not start") from exc
+    if isinstance(outcome, Late):
+        raise invalid([{"field": "text", "message": f"does not compile in the sandbox within "
+                        f"{COMPILE_SECONDS:g} s"}])
+    if outcome is not None and not isinstance(outcome, str):  # the process died
+        raise invalid([{"field": "text", "message": "does not compile in the sandbox: the "
+                        "compiling process died"}])
+    if outcome is not None:
+        part, _, reason = outcome.partition(": ")
         raise invalid([{"field": part if part in _PARTS else "text",
-                        "message": f"does not compile in the sandbox: {reason}"}]) from None
+                        "message": f"does not compile in the sandbox: {reason}"}])
 
 
 async def _write(request: Request, key: ApiKey, name: str, source: TemplateSource,
                  new: bool) -> Stored:
     """Version 1 of a new template, or the next version of an existing one."""
     params = _params(request, key, name)
-    await _compiled(source)
+    await _compiled(_store(request), source)
     size = sum(len(getattr(source, p).encode()) for p in _PARTS if getattr(source, p))
     async with _store(request).connection() as conn:
         try:

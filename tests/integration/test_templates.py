@@ -3,6 +3,8 @@ the resource, a message naming one (resolved into its event), other keys, hostil
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -130,6 +132,29 @@ def test_bad_templates_are_422_naming_the_field(api, make_key, fields, field):
     _, token = make_key()
     problem(api.post("/v1/templates", json=RECEIPT | fields, headers=auth(token)), 422, field)
     assert api.get("/v1/templates", headers=auth(token)).json() == {"templates": []}
+
+
+def test_a_template_that_takes_too_long_to_compile_is_refused_and_the_api_goes_on(
+        api, make_key, ingest_settings, admin_kafka):
+    from mailbus.ingest.templates import COMPILE_SECONDS
+
+    _, token = make_key()
+    # 512 KiB of expressions: seconds of the parser's CPU, in the compiling process.
+    slow = {"name": "slow", "text": "{{ a }}" * (512 * 1024 // 7)}
+    with httpx.Client(base_url=str(api.base_url), timeout=60) as other:
+        posted = threading.Thread(target=lambda: answers.append(
+            other.post("/v1/templates", json=slow, headers=auth(token))))
+        answers: list[httpx.Response] = []
+        posted.start()
+        time.sleep(0.3)  # let the compile start
+        # Meanwhile the API accepts messages, answered before the compile's answer.
+        assert api.post("/v1/messages", json=MESSAGE, headers=auth(token)).status_code == 202
+        assert posted.is_alive()
+        posted.join(60)
+    body = problem(answers[0], 422, "text")
+    assert f"within {COMPILE_SECONDS:g} s" in body["errors"][0]["message"]
+    # The next write gets a fresh process.
+    create(api, token)
 
 
 def test_paths_that_name_no_template_are_404(api, make_key):
