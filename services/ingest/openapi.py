@@ -98,6 +98,8 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("/v1/messages/batch", "post"): {"messages": [_MESSAGE, {**_MESSAGE, "to": [
         "grace@example.com"]}]},
     ("/v1/suppressions", "post"): {"address": "ada@example.com", "scope": None, "active": True},
+    ("/v1/templates", "post"): {"name": "receipt", "subject": "Receipt {{ order }}",
+                                "text": "Thank you, {{ customer }}."},
 }
 
 
@@ -120,7 +122,7 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
             continue
         for method, operation in operations.items():
             statuses = list(_EVERY)
-            if "{message_id}" in path or "{endpoint_id}" in path:
+            if "{message_id}" in path or "{endpoint_id}" in path or "{name}" in path:
                 statuses += _WITH_ID
             if method == "post":
                 statuses += _POSTED
