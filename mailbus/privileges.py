@@ -57,6 +57,9 @@ TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
         "webhook_replays": Rights(insert=True),
         # GET /v1/messages searches what the projector wrote (0015).
         "message_search": Rights(),
+        # Stored templates (0016): versions are written once, read, and
+        # deleted with their template; never updated.
+        "templates": Rights(insert=True, delete=True),
     },
     "sender": {
         # DELETE: settled rows are pruned (0010).

@@ -103,6 +103,7 @@ def event_row(schema_name: str, record: Mapping[str, Any]) -> EventRow:
     detail = {name: plain(record.get(name)) for name in _DETAIL[kind]}
     if kind == "requested":
         detail["recipients"] = sum(len(record.get(f) or ()) for f in ("to", "cc", "bcc"))
+        detail["template"] = stored_template(record.get("template"))
     elif kind == "response":
         detail["response"] = detail.pop("kind")  # "kind" is the timeline entry's own
     elif kind == "confirmed":
@@ -113,6 +114,13 @@ def event_row(schema_name: str, record: Mapping[str, Any]) -> EventRow:
     # Text columns refuse NUL too: a stray one must not stall the projector.
     return EventRow(event_id, message_id, kind, record["occurred_at"],
                     plain(record.get("account_id")) or None, detail)
+
+
+def stored_template(template: Any) -> dict[str, Any] | None:
+    """{name, version} of the stored template a request was accepted with, else None."""
+    if not isinstance(template, Mapping) or template.get("name") is None:
+        return None
+    return {"name": plain(template["name"]), "version": template.get("version")}
 
 
 def as_uuid(value: Any, what: str) -> str:

@@ -16,6 +16,7 @@ from mailbus.ingest.handlers import ApiKey, message_id_for, request_digest, requ
 from mailbus.ingest.models import MessageRequest, cross_field_problems
 from mailbus.ingest.problems import Problem, invalid
 from mailbus.ingest.service import Ingestor, Planned
+from mailbus.ingest.templates import TemplateStore, resolved
 
 # The Idempotency-Key header's rule (openapi.py writes the same pattern out).
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -45,15 +46,19 @@ def plan(ing: Ingestor, key: ApiKey, req: MessageRequest, idem: str | None,
 
 
 async def one(ing: Ingestor, key: ApiKey, req: MessageRequest,
-              idempotency_key: str | None) -> tuple[int, dict[str, Any]]:
+              idempotency_key: str | None, templates: TemplateStore | None = None
+              ) -> tuple[int, dict[str, Any]]:
     """A single message, in this order: the scope (403), the Idempotency-Key (422),
-    the claim, cross-field rules and routing (422), then its group's commit."""
+    the claim, its stored template (422), cross-field rules and routing (422), then
+    its group's commit."""
     require_scope(key, "send")
     idem = idempotency(idempotency_key)
     # The digest tells a replay from a reuse of an Idempotency-Key: no key, no digest.
     digest = request_digest(req.model_dump(mode="json", by_alias=True)) if idem else b""
     generation = await ing.claim(key, idem, digest) if idem else None
     try:
+        # The digest is of the request as sent: "latest" stays "latest" in a replay.
+        req = await resolved(templates, key, req)
         planned = plan(ing, key, req, idem, generation)
     except Problem:
         metrics.REJECTED.labels("validation").inc()

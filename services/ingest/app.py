@@ -41,6 +41,8 @@ from mailbus.ingest.retention import prune_forever
 from mailbus.ingest.service import Ingestor, Planned
 from mailbus.ingest.settings import IngestSettings
 from mailbus.ingest.status import router as status_router
+from mailbus.ingest.templates import TemplateStore, resolved_batch
+from mailbus.ingest.templates import router as templates_router
 from mailbus.ingest.webhooks import router as webhooks_router
 from mailbus.ingest.workers import exposition, producer_config, server_options
 from mailbus.producer import AsyncProducer
@@ -79,6 +81,9 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
             pool, producer, registry, directory, settings.kafka.topic(topics.REQUESTED),
             settings.idempotency_retention_seconds, settings.group_commits_in_flight,
             settings.group_commit_max, settings.key_cache_seconds)
+        # Stored templates a message names, looked up in groups and kept as keys are.
+        app.state.templates = TemplateStore(ingestor.connection, settings.kafka.topic_prefix,
+                                            settings.key_cache_seconds)
         pruner = asyncio.create_task(prune_forever(
             ingestor, settings.idempotency_prune_seconds, settings.idempotency_prune_batch))
         # A request routes with whichever directory is in force when it starts:
@@ -94,6 +99,7 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
         finally:
             await reloader.stop()
             pruner.cancel()
+            app.state.templates.close()
             await ingestor.drain()
             left = producer.close()
             if left:
@@ -125,6 +131,7 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
     app.include_router(responses_router)
     app.include_router(webhooks_router)
     app.include_router(cancel_router)
+    app.include_router(templates_router)
     openapi.install(app)
     return app
 
@@ -176,7 +183,8 @@ def _routes(app: FastAPI) -> None:
     async def send_message(request: Request, req: MessageRequest, key: Key,
                            idempotency_key: IdemHeader = None) -> JSONResponse:
         """Accept one message; 202 only once Kafka holds its event."""
-        status, body = await accept.one(_ingestor(request), key, req, idempotency_key)
+        status, body = await accept.one(_ingestor(request), key, req, idempotency_key,
+                                        request.app.state.templates)
         return JSONResponse(body, status_code=status,
                             headers={"Location": f"/v1/messages/{body.get('id')}"})
 
@@ -191,10 +199,12 @@ def _routes(app: FastAPI) -> None:
         generation = await ing.claim(key, idem, digest) if idem else None
         results: list[dict[str, Any]] = []
         planned: list[Planned] = []
-        for i, item in enumerate(batch.messages):
+        items = await resolved_batch(request.app.state.templates, key, batch.messages)
+        for i, req in enumerate(items):
             prefix = f"messages[{i}]."
             try:
-                req = MessageRequest.model_validate(item)
+                if not isinstance(req, MessageRequest):
+                    raise req
                 planned.append(accept.plan(ing, key, req, idem, generation, i, prefix))
                 results.append({"index": i, "id": planned[-1].message_id, "status": "queued"})
             except ValidationError as exc:

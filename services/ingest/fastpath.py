@@ -67,8 +67,9 @@ class FastPath:
             return
         scope["route"] = self._route or self._find_route(scope)
         try:
-            status, answer = await accept.one(scope["app"].state.ingestor, key, req,
-                                              idempotency_key)
+            state = scope["app"].state
+            status, answer = await accept.one(state.ingestor, key, req, idempotency_key,
+                                              state.templates)
         except Problem as exc:
             response: Any = exc.response(scope["path"])
         else:

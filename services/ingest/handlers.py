@@ -97,6 +97,9 @@ def requested_event(
             "text": req.template.text,
             "html": req.template.html,
             "variables_json": json.dumps(req.template.variables, ensure_ascii=False),
+            # A stored template (resolved by templates.py): which one, and which version.
+            "name": req.template.name,
+            "version": req.template.version if isinstance(req.template.version, int) else None,
         }
     return {
         "event_id": str(uuid.uuid4()),

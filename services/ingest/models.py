@@ -6,16 +6,18 @@ import functools
 import json
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -178,14 +180,59 @@ class Address(BaseModel):
         return data
 
 
+# A stored template's name (POST /v1/templates), as the templates table checks it.
+TEMPLATE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+TemplateName = Annotated[str, StringConstraints(pattern=TEMPLATE_NAME_PATTERN)]
+MAX_TEMPLATE_VERSION = 2**31 - 1  # the column is a PostgreSQL integer
+
+
+def _template_version(value: Any) -> Any:
+    # Checked before the union, so a refusal names `template.version` alone.
+    if value is None or value == "latest":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+            1 <= value <= MAX_TEMPLATE_VERSION):
+        raise ValueError(f'must be a version number from 1 to {MAX_TEMPLATE_VERSION}, '
+                         'or "latest"')
+    return value
+
+
 class Template(BaseModel):
-    """A template rendered by the sender in a sandbox, with its variables."""
+    """A template rendered by the sender in a sandbox, with its variables: its source
+    (subject, text, html), or the name of a stored template and its version."""
 
     model_config = ConfigDict(extra="forbid")
     subject: str | None = Field(default=None, max_length=MAX_SUBJECT)
     text: str | None = None
     html: str | None = None
     variables: dict[str, Any] = Field(default_factory=dict)
+    # Stored templates: the API reads the source of `name` at `version` (a
+    # number, or "latest", the default) when it accepts the message.
+    name: TemplateName | None = Field(
+        default=None, description="A stored template of this key (POST /v1/templates), "
+        "instead of subject, text and html. See docs/api.md, Stored templates.")
+    version: Annotated[int | Literal["latest"] | None, BeforeValidator(_template_version)] = \
+        Field(default=None, description="The stored template's version, or \"latest\" "
+              "(the default when a name is given).")
+
+    @model_validator(mode="after")
+    def _stored_or_inline(self) -> Template:
+        if self.name is not None and (self.subject is not None or self.text is not None
+                                      or self.html is not None):
+            raise ValueError("give either name (a stored template) or subject, text and html")
+        if self.name is None and self.version is not None:
+            raise ValueError("version needs a name")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused(self, handler: Any) -> dict[str, Any]:
+        # An inline template dumps as it did before stored templates existed,
+        # so an Idempotency-Key's request digest stays the same.
+        data: dict[str, Any] = handler(self)
+        if self.name is None:
+            data.pop("name", None)
+            data.pop("version", None)
+        return data
 
     @field_validator("subject")
     @classmethod

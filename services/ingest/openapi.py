@@ -130,6 +130,8 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("/v1/suppressions", "post"): {"address": "ada@example.com", "scope": None, "active": True},
     ("/v1/messages/{message_id}/cancel", "post"): {"reason": "the order was withdrawn"},
     ("/v1/messages/{message_id}/reschedule", "post"): {"send_at": "2030-01-01T09:00:00Z"},
+    ("/v1/templates", "post"): {"name": "receipt", "subject": "Receipt {{ order }}",
+                                "text": "Thank you, {{ customer }}."},
 }
 
 
@@ -152,7 +154,7 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
             continue
         for method, operation in operations.items():
             statuses = list(_EVERY)
-            if "{message_id}" in path or "{endpoint_id}" in path:
+            if "{message_id}" in path or "{endpoint_id}" in path or "{name}" in path:
                 statuses += _WITH_ID
             if method == "post":
                 statuses += _POSTED

@@ -607,3 +607,26 @@ def test_ingest_changes_the_ledger_only_through_change_schedule() -> None:
         with psycopg.connect(role.conninfo(), autocommit=True) as conn, \
                 pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(call)  # type: ignore[arg-type]
+
+
+def test_templates_are_the_ingest_roles_alone_and_never_rewritten() -> None:
+    # Written out, whatever TABLE_RIGHTS says (0016): the API creates, reads
+    # and deletes versions and cannot rewrite one (a message accepted with a
+    # version names what it was); no other role may read a template.
+    ingest = ServiceSettings(service_name="ingest").postgres
+    with psycopg.connect(ingest.conninfo(), autocommit=True) as conn:
+        conn.execute("SELECT namespace, key_id, name, version, subject, text, html, created_at"
+                     " FROM templates LIMIT 0")
+        conn.execute("INSERT INTO templates (namespace, key_id, name, version, text)"
+                     " SELECT 'x', 'k', 'n', 1, 't' WHERE false")
+        conn.execute("DELETE FROM templates WHERE false")
+        for statement in ("UPDATE templates SET text = 'x' WHERE false",
+                          "UPDATE templates SET version = 2 WHERE false",
+                          "TRUNCATE templates"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[arg-type]
+    for service in ("sender", "confirm", "projector", "replies", "hooks", "webhooks"):
+        role = ServiceSettings(service_name=service).postgres
+        with psycopg.connect(role.conninfo(), autocommit=True) as conn, pytest.raises(
+                psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT 1 FROM templates LIMIT 0")

@@ -36,7 +36,9 @@ ACCEPTING = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 # most 100 recipients in to, cc and bcc, 512 KiB of content, send_at within
 # 30 days, addresses by RFC 5322); a batch is 422 when no item is accepted;
 # a webhook URL must be https (here) without user info, a replay's `since`
-# not in the future, and a key has at most 20 endpoints.
+# not in the future, and a key has at most 20 endpoints. A stored template
+# must compile in the sandbox, have a name the key does not use yet, and stay
+# within the key's caps; a message may name only a template the key has.
 INGEST_CONFIG = """
 # One method the API serves nowhere is enough to check 405 and Allow.
 [phases.coverage]
@@ -59,6 +61,10 @@ checks.positive_data_acceptance.expected-statuses = {statuses}
 
 [[operations]]
 include-path-regex = "^/v1/webhooks/endpoints"
+checks.positive_data_acceptance.expected-statuses = {statuses}
+
+[[operations]]
+include-path-regex = "^/v1/templates"
 checks.positive_data_acceptance.expected-statuses = {statuses}
 """
 
