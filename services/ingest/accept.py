@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mailbus.ingest import metrics
+from mailbus.ingest import attachments, metrics
 from mailbus.ingest.groupcommit import Member
 from mailbus.ingest.handlers import ApiKey, message_id_for, request_digest, require_scope, route
 from mailbus.ingest.models import MessageRequest, cross_field_problems
@@ -55,6 +55,11 @@ async def one(ing: Ingestor, key: ApiKey, req: MessageRequest,
     generation = await ing.claim(key, idem, digest) if idem else None
     try:
         planned = plan(ing, key, req, idem, generation)
+        if req.attachments:
+            # The files are committed before the event is produced (attachments.py).
+            refused = (await attachments.store(ing, key, [planned], [""]))[0]
+            if refused is not None:
+                raise refused
     except Problem:
         metrics.REJECTED.labels("validation").inc()
         raise
