@@ -30,8 +30,8 @@ CREATE TABLE attachment_blobs (
 ALTER TABLE attachment_blobs ALTER COLUMN content SET STORAGE EXTERNAL;
 
 -- The foreign key makes a reference being inserted hold a KEY SHARE lock on
--- its blob, which the pruner's FOR UPDATE SKIP LOCKED passes over: a blob
--- cannot be deleted under a request that is about to reference it.
+-- its blob until it commits, and refuses to delete a blob still referenced:
+-- a blob cannot be deleted under a request that is about to reference it.
 CREATE TABLE attachment_refs (
     key_id     text NOT NULL REFERENCES api_keys (id),
     sha256     text NOT NULL REFERENCES attachment_blobs (sha256),

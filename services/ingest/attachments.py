@@ -154,8 +154,13 @@ async def prune(ing: Ingestor, batch: int) -> tuple[int, int]:
     totals = [0, 0]
     for n, name in enumerate(("prune_references", "prune_blobs")):
         while True:
-            async with ing.connection() as conn:
-                cur = await conn.execute(SQL[name], {"batch": batch})
+            try:
+                async with ing.connection() as conn:
+                    cur = await conn.execute(SQL[name], {"batch": batch})
+            except psycopg.errors.ForeignKeyViolation:
+                # A request referenced one of these blobs meanwhile: next round.
+                log.info("attachment pruning met a file referenced meanwhile; next round")
+                break
             totals[n] += cur.rowcount
             if cur.rowcount < batch:
                 break

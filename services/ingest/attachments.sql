@@ -45,13 +45,16 @@ WHERE (key_id, sha256) IN (
     FOR UPDATE SKIP LOCKED);
 
 -- name: prune_blobs
--- Bytes no reference names any more. A request inserting a reference holds a
--- KEY SHARE lock on the blob, which FOR UPDATE ... SKIP LOCKED passes over; a
--- reference inserted after this lock waits for the delete and then fails its
--- foreign key check (the request retries and stores the bytes anew).
+-- Bytes no reference names any more. No row lock is taken to find them (a
+-- locking clause would need an UPDATE grant the API has no other use for):
+-- the foreign key decides instead. A request inserting a reference holds a
+-- KEY SHARE lock on the blob, so this DELETE waits for it, and if that
+-- reference committed, the foreign key's check at the end of the statement
+-- refuses the delete (ForeignKeyViolation): the round ends, nothing is lost,
+-- the next round tries again. A reference inserted after this delete fails
+-- its own check, and the request stores the bytes anew (attachments.py).
 DELETE FROM attachment_blobs
 WHERE sha256 IN (
     SELECT b.sha256 FROM attachment_blobs b
     WHERE NOT EXISTS (SELECT 1 FROM attachment_refs r WHERE r.sha256 = b.sha256)
-    LIMIT %(batch)s
-    FOR UPDATE OF b SKIP LOCKED);
+    LIMIT %(batch)s);
