@@ -7,7 +7,6 @@ storing and the looking up. Everything here is decided from the request alone.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import math
@@ -81,13 +80,23 @@ _NAME_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-
 
 
 def _base64(value: Any) -> Any:
-    """Strict base64 (RFC 4648 alphabet, padded; whitespace allowed between lines)."""
+    """Strict base64 (RFC 4648 alphabet, padded; whitespace allowed between lines).
+
+    binascii reads an ASCII str in place: no bytes copy of megabytes of text first.
+    """
     if not isinstance(value, str):
         return value
     try:
-        return base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("must be base64 (RFC 4648, with padding)") from exc
+        return binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):
+        pass
+    compact = "".join(value.split())  # a copy only for text broken into lines
+    try:
+        if compact != value:
+            return binascii.a2b_base64(compact, strict_mode=True)
+    except (binascii.Error, ValueError):
+        pass
+    raise ValueError("must be base64 (RFC 4648, with padding)")
 
 
 Base64Bytes = Annotated[bytes, BeforeValidator(_base64),

@@ -42,6 +42,7 @@ _CONTENT_ID = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]{1,128}")
 _PLAIN_NAME = re.compile(r'[\x20\x21\x23-\x5b\x5d-\x7e]{1,60}')
 _PARSER = BytesHeaderParser(policy=policy.default)
 CONTINUATION = 60  # characters of an encoded name per header line
+_BLOCK = 57 * 1024  # bytes encoded at a time: 1,024 whole lines of 76 characters
 
 
 class AttachmentMissing(ComposeFailed):
@@ -127,8 +128,11 @@ def _part(file: dict[str, Any], data: bytes, i: int) -> list[bytes]:
             or (cid and str(parsed["Content-ID"]).strip() != f"<{cid}>")):
         raise ComposeFailed(f"{_field(i, 'filename')}: the part's headers do not read back"
                             " as built")
-    # 76-character lines (RFC 2045 6.8), CRLF line ends.
-    return [head, b"\r\n", base64.encodebytes(data).replace(b"\n", b"\r\n")]
+    # 76-character lines (RFC 2045 6.8), CRLF line ends, encoded a block at a time so
+    # the file's base64 exists once, not once with LF and once more with CRLF.
+    view = memoryview(data)
+    return [head, b"\r\n", *(base64.encodebytes(view[at:at + _BLOCK]).replace(b"\n", b"\r\n")
+                              for at in range(0, len(data), _BLOCK))]
 
 
 def _boundary(text_parts: bytes) -> bytes:
@@ -153,10 +157,11 @@ def _multipart(subtype: str, parts: list[list[bytes]], text_parts: bytes,
 
 
 def wrap(mime_head: bytes, body: bytes, files: Sequence[dict[str, Any]],
-         data: list[bytes]) -> tuple[list[str], bytes, bytes]:
-    """(header names, MIME header lines, body) of the message body with its files.
+         data: list[bytes]) -> tuple[list[str], bytes, list[bytes]]:
+    """(header names, MIME header lines, body pieces) of the message body with its files.
 
-    `mime_head`, `body`: what compose built for the text (its MIME-Version line first)."""
+    `mime_head`, `body`: what compose built for the text (its MIME-Version line first).
+    The pieces are joined once, into the message, by the caller."""
     text_head = mime_head.removeprefix(b"MIME-Version: 1.0\r\n")
     inner = [text_head, b"\r\n", body]
     parts = [(f, _part(f, d, i)) for i, (f, d) in enumerate(zip(files, data, strict=True))]
@@ -172,4 +177,4 @@ def wrap(mime_head: bytes, body: bytes, files: Sequence[dict[str, Any]],
     # header lines become the message's, after MIME-Version.
     blank = inner.index(b"\r\n", 1)
     return (["MIME-Version", "Content-Type"],
-            b"MIME-Version: 1.0\r\n" + b"".join(inner[:blank]), b"".join(inner[blank + 1:]))
+            b"MIME-Version: 1.0\r\n" + b"".join(inner[:blank]), inner[blank + 1:])

@@ -311,15 +311,15 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
     if pixel is not None and html is not None:
         html = with_pixel(html, pixel)
     mime_names, mime_head, body_bytes = _mime(text, html)
+    body_pieces = [body_bytes]
     if event.get("attachments"):
         data = attachments.checked(event["attachments"], files or {})
-        mime_names, mime_head, body_bytes = attachments.wrap(mime_head, body_bytes,
-                                                             event["attachments"], data)
-        del data
+        mime_names, mime_head, body_pieces = attachments.wrap(mime_head, body_bytes,
+                                                              event["attachments"], data)
     intended.names = [name for name, _ in head] + mime_names
     try:
         raw = b"".join((*(f"{name}: {value}\r\n".encode("ascii") for name, value in head),
-                        mime_head, b"\r\n", body_bytes))
+                        mime_head, b"\r\n", *body_pieces))
     except UnicodeEncodeError as exc:  # every value above is ASCII by construction
         raise ComposeFailed("headers: a header value is not ASCII") from exc
     if dkim is not None:
