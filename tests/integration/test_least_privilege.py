@@ -603,4 +603,5 @@ def test_attachments_are_stored_by_the_api_and_only_read_by_the_sender() -> None
         with psycopg.connect(role.conninfo(), autocommit=True) as conn:
             for table in ("attachment_blobs", "attachment_refs"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                    conn.execute(f"SELECT 1 FROM {table} LIMIT 0")  # type: ignore[arg-type]
+                    conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 0").format(
+                        sql.Identifier(table)))
