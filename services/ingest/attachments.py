@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from mailbus import queries
 from mailbus.ingest import attachment_rules
@@ -44,7 +45,18 @@ UNKNOWN_ID = ("no file of this key has this id: upload it with POST /v1/attachme
 router = APIRouter()
 
 
-@router.post(PATH, status_code=201, tags=["attachments"], openapi_extra={"requestBody": {
+class Uploaded(BaseModel):
+    """The answer to an upload: the file's content address."""
+
+    id: str = Field(pattern=attachment_rules.SHA256_HEX.pattern,
+                    description="Hex SHA-256 of the bytes: name the file by it in messages")
+    size: int = Field(ge=1, description="Length of the file in bytes")
+    expires_at: datetime = Field(description="Until when this key may name it without a"
+                                             " message doing so (each message extends it)")
+
+
+@router.post(PATH, status_code=201, tags=["attachments"], response_model=Uploaded,
+             summary="Upload an attachment", openapi_extra={"requestBody": {
     "required": True, "description": "The file's bytes, as they are (no base64).",
     "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def upload(request: Request, key: Key) -> JSONResponse:
