@@ -80,7 +80,7 @@ async def store(ing: Ingestor, key: ApiKey, planned: Sequence[Planned],
     """Commit the planned messages' inline files and extend the references they name by
     id; per message, None or the 422 naming its field (`prefixes`: "messages[3]." in a
     batch). A message refused here has nothing produced; its files were kept all the same
-    (they expire as any upload does)."""
+    (until the expiry the message would have given them)."""
     now = datetime.now(UTC)
     outcome: list[Problem | None] = [None] * len(planned)
     inline: dict[str, bytes] = {}

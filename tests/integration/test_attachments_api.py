@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -299,3 +300,55 @@ def test_expired_references_and_unreferenced_files_are_pruned(
     assert stored(admin, sha["kept"]) == (kept, [kept_key])
     assert stored(admin, sha["gone"]) == (None, [])
     assert stored(admin, sha["shared"]) == (shared, [kept_key])
+
+
+def test_postgresql_down_is_503_and_nothing_is_produced(ingest_settings, make_key,
+                                                       admin_kafka, registry):
+    from tests.integration.test_sender import Proxy
+
+    base = ingest_settings.postgres
+    proxy = Proxy((base.host, base.port))
+    _, token = make_key()
+    # The key is kept for a minute: what fails below is storing the file, not the key.
+    settings = ingest_settings.model_copy(update={
+        "key_cache_seconds": 60.0,
+        "postgres": base.model_copy(update={"host": "127.0.0.1", "port": proxy.port})})
+    item = {"filename": "a.pdf", "content_type": "application/pdf",
+            "content": base64.b64encode(fresh_pdf()).decode()}
+    try:
+        with LiveServer(settings) as server, \
+                httpx.Client(base_url=server.url, timeout=60) as api:
+            assert api.post("/v1/messages", json=message(text="x", html=None),
+                            headers=auth(token)).status_code == 202
+            proxy.cut()
+            for r in (upload(api, token, fresh_pdf()),
+                      api.post("/v1/messages", json=message(item, text="x", html=None),
+                               headers=auth(token))):
+                assert r.status_code == 503, r.text
+                assert r.headers["content-type"] == "application/problem+json"
+                assert int(r.headers["retry-after"]) > 0
+    finally:
+        proxy.close()
+    assert len(events(ingest_settings, admin_kafka, registry, settle=1.0)) == 1
+
+
+def test_kafka_down_is_503_and_the_files_wait_for_the_retry(namespace, accounts_file,
+                                                            make_key, admin):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    settings = IngestSettings(accounts_file=accounts_file, kafka={
+        "topic_prefix": namespace, "bootstrap_servers": f"127.0.0.1:{port}",
+        "delivery_timeout_ms": 2000})
+    key_id, token = make_key()
+    pdf = fresh_pdf()
+    item = {"filename": "a.pdf", "content_type": "application/pdf",
+            "content": base64.b64encode(pdf).decode()}
+    with LiveServer(settings) as server, httpx.Client(base_url=server.url, timeout=60) as api:
+        r = api.post("/v1/messages", json=message(item, text="x", html=None),
+                     headers=auth(token))
+    assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
+    # Committed before the event was produced, so a retry finds them; if it never
+    # comes, they expire when the message's files would have.
+    assert stored(admin, hashlib.sha256(pdf).hexdigest()) == (pdf, [key_id])
