@@ -36,7 +36,7 @@ async def prune_forever(ingestor: Ingestor, every_seconds: float, batch: int) ->
                 log.info("pruned %d expired attachment reference(s), %d file(s)",
                          references, blobs)
         except (Problem, psycopg.Error) as exc:
-            log.warning("idempotency pruning skipped this round: %s", exc)
+            log.warning("pruning (idempotency records, attachments) skipped this round: %s", exc)
         except Exception:  # a bug must not end pruning for the process's life
-            log.exception("idempotency pruning failed this round")
+            log.exception("pruning (idempotency records, attachments) failed this round")
         await asyncio.sleep(every_seconds)
