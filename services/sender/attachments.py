@@ -10,9 +10,10 @@ html names as cid:...), wrapped in multipart/mixed with the other files. Each
 file travels base64 in 76-character lines; its name per RFC 2231 (UTF-8,
 percent-encoded, split into continuations that keep every line short).
 
-Nothing from the event is trusted: a name, type or content id that could write
-a header is refused, the bytes must hash to the name they were fetched by, and
-each part's header block is parsed back and must say exactly what was built.
+Nothing from the event is trusted: the API's rules (mailbus/filerules.py: the
+deny list, and what keeps a name, type or content id from writing a header)
+hold again, the bytes must hash to the name they were fetched by, and each
+part's header block is parsed back and must say exactly what was built.
 """
 
 from __future__ import annotations
@@ -30,14 +31,11 @@ from urllib.parse import quote
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from mailbus import filerules
 from mailbus.errors import UnavailableError
-from mailbus.sender.headers import ComposeFailed, has_encoded_word
+from mailbus.sender.headers import ComposeFailed
 
 FETCH = "SELECT sha256, content FROM attachment_blobs WHERE sha256 = ANY(%(sha256s)s)"
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e"
-                       r"\u2066-\u2069]")
-_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
-_CONTENT_ID = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]{1,128}")
 # A name sent as a plain quoted string: printable ASCII without quote or backslash.
 _PLAIN_NAME = re.compile(r'[\x20\x21\x23-\x5b\x5d-\x7e]{1,60}')
 _PARSER = BytesHeaderParser(policy=policy.default)
@@ -74,21 +72,25 @@ def checked(files: Sequence[dict[str, Any]], found: dict[str, bytes]) -> list[by
     or not what its hash says."""
     out = []
     for i, f in enumerate(files):
-        name, ctype, cid = f.get("filename") or "", f.get("content_type") or "", f.get(
-            "content_id")
-        if not name.strip(". ") or _CONTROLS.search(name) or has_encoded_word(name) or (
-                "/" in name or "\\" in name or len(name) > 255):
-            raise ComposeFailed(f"{_field(i, 'filename')}: not a safe file name")
-        if not _MIME_TYPE.fullmatch(ctype) or ctype.startswith(("multipart/", "message/")):
-            raise ComposeFailed(f"{_field(i, 'content_type')}: not a bare MIME type")
-        if cid is not None and not _CONTENT_ID.fullmatch(cid):
-            raise ComposeFailed(f"{_field(i, 'content_id')}: not an RFC 2392 content id")
+        name, ctype, cid = (f.get("filename") or "", f.get("content_type") or "",
+                            f.get("content_id"))
+        # The API's own rules (mailbus/filerules.py), again: a producer may bypass it.
+        for field, problem in (
+                ("filename", filerules.filename_problem(name) if 0 < len(name) <= (
+                    filerules.MAX_FILENAME) else "must be 1 to 255 characters"),
+                ("content_type", filerules.content_type_problem(ctype)),
+                ("content_id", None if cid is None else filerules.content_id_problem(cid))):
+            if problem:
+                raise ComposeFailed(f"{_field(i, field)}: {problem}")
         data = found.get(f.get("sha256", ""))
         if data is None:
             raise AttachmentMissing(f"{_field(i, 'id')}: file {f.get('sha256')} ({name!r}) is"
                                     " no longer stored")
         if hashlib.sha256(data).hexdigest() != f["sha256"] or len(data) != f.get("size"):
             raise ComposeFailed(f"{_field(i, 'id')}: the stored bytes do not match their hash")
+        problem = filerules.bytes_problem(data)
+        if problem:
+            raise ComposeFailed(f"{_field(i, 'id')}: {problem}")
         out.append(data)
     return out
 

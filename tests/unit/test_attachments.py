@@ -201,6 +201,13 @@ def test_bytes_that_do_not_match_their_hash_are_not_sent() -> None:
                 files=forged)
 
 
+def test_an_executable_produced_past_the_api_is_not_sent() -> None:
+    exe = b"MZ\x90\x00" + PDF
+    with pytest.raises(ComposeFailed, match=r"attachments\[0\]\.id: an executable"):
+        compose(files_event(ref(exe, "a.pdf", "application/pdf")), ACCOUNT, None, now=NOW,
+                files=by_hash(exe))
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("filename", "x.pdf\r\nBcc: victim@example.net"),
     ("filename", "x.pdf\"\r\n\r\n--boundary"),
@@ -210,6 +217,8 @@ def test_bytes_that_do_not_match_their_hash_are_not_sent() -> None:
     ("content_type", "multipart/mixed; boundary=x"),
     ("content_id", "logo>\r\nBcc: victim@example.net"),
     ("content_id", "a b"),
+    ("filename", "run.exe"),  # the deny list holds past the API too
+    ("content_type", "application/x-msdownload"),
 ])
 def test_an_event_that_would_write_headers_is_not_composed(field: str, value: str) -> None:
     # The sender trusts no event: a value the API would have refused fails here too.
