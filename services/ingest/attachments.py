@@ -58,7 +58,8 @@ class Uploaded(BaseModel):
 @router.post(PATH, status_code=201, tags=["attachments"], response_model=Uploaded,
              summary="Upload an attachment", openapi_extra={"requestBody": {
     "required": True, "description": "The file's bytes, as they are (no base64).",
-    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                     "minLength": 1}}}}})
 async def upload(request: Request, key: Key) -> JSONResponse:
     """Store a file once; its id (the hex SHA-256) names it in this key's messages for 24 h."""
     require_scope(key, "send")

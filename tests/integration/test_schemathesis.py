@@ -36,7 +36,9 @@ ACCEPTING = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 # most 100 recipients in to, cc and bcc, 512 KiB of content, send_at within
 # 7 days, addresses by RFC 5322); a batch is 422 when no item is accepted;
 # a webhook URL must be https (here) without user info, a replay's `since`
-# not in the future, and a key has at most 20 endpoints.
+# not in the future, and a key has at most 20 endpoints; an upload must not
+# be an executable or a script by its first bytes, and a message's files
+# must be the key's own uploads.
 INGEST_CONFIG = """
 # One method the API serves nowhere is enough to check 405 and Allow.
 [phases.coverage]
@@ -54,6 +56,11 @@ checks.positive_data_acceptance.expected-statuses = {statuses}
 
 [[operations]]
 include-path-regex = "^/v1/webhooks/endpoints"
+checks.positive_data_acceptance.expected-statuses = {statuses}
+
+[[operations]]
+include-path-regex = "^/v1/attachments$"
+include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = {statuses}
 """
 
