@@ -84,8 +84,8 @@ def checked(files: Sequence[dict[str, Any]], found: dict[str, bytes]) -> list[by
                 raise ComposeFailed(f"{_field(i, field)}: {problem}")
         data = found.get(f.get("sha256", ""))
         if data is None:
-            raise AttachmentMissing(f"{_field(i, 'id')}: file {f.get('sha256')} ({name!r}) is"
-                                    " no longer stored")
+            raise AttachmentMissing(f"{_field(i, 'id')}: file {f.get('sha256')} is no longer"
+                                    " stored")
         if hashlib.sha256(data).hexdigest() != f["sha256"] or len(data) != f.get("size"):
             raise ComposeFailed(f"{_field(i, 'id')}: the stored bytes do not match their hash")
         problem = filerules.bytes_problem(data)
