@@ -61,6 +61,9 @@ def filename_problem(name: str) -> str | None:
         return "must not contain an RFC 2047 encoded word (=?...?=)"
     if "/" in name or "\\" in name:
         return "must be a name, not a path"
+    if name != name.strip():
+        # Mail readers and file systems drop them: the name saved would not be the name sent.
+        return "must not start or end with whitespace"
     # Windows drops trailing dots and spaces: "run.exe. " opens as run.exe.
     stem = name.rstrip(". ")
     if not stem:

@@ -11,8 +11,11 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from mailbus import filerules
 from mailbus.accounts import Account, SmtpAccount
 from mailbus.ingest import attachment_rules
 from mailbus.ingest.models import MessageRequest, cross_field_problems
@@ -237,3 +240,21 @@ def test_filenames_read_back_as_given(name: str) -> None:
     parsed = email.message_from_bytes(head, policy=policy.default)
     assert parsed.get_filename() == name
     assert all(len(line) <= 998 for line in head.split(b"\r\n"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=255))
+def test_property_a_name_is_refused_or_reads_back_exactly(name: str) -> None:
+    # Whatever text a caller sends: the API's rule refuses it, or the finished message
+    # carries exactly that name and nothing else in the part's headers.
+    if filerules.filename_problem(name) is not None:
+        return
+    event = files_event(ref(PNG, name, "image/png"))
+    try:
+        out = compose(event, ACCOUNT, None, now=NOW, files=by_hash(PNG))
+    except ComposeFailed as exc:  # the parse-back check: never silently something else
+        pytest.fail(f"a name the API accepts did not compose: {exc}")
+    assert all(len(line) <= 998 for line in out.raw.split(b"\r\n"))
+    _, attached = parse(out.raw).get_payload()
+    assert attached.get_filename() == name
+    assert attached.get_payload(decode=True) == PNG
