@@ -61,6 +61,9 @@ def filename_problem(name: str) -> str | None:
         return "must not contain an RFC 2047 encoded word (=?...?=)"
     if "/" in name or "\\" in name:
         return "must be a name, not a path"
+    if "<" in name or ">" in name:
+        # Readers unquote "<...>" as if it were an address (Python's email package does).
+        return "must not contain < or >"
     if name != name.strip():
         # Mail readers and file systems drop them: the name saved would not be the name sent.
         return "must not start or end with whitespace"
