@@ -60,6 +60,10 @@ TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
         # Stored templates (0016): versions are written once, read, and
         # deleted with their template; never updated.
         "templates": Rights(insert=True, delete=True),
+        # Attachments (0017): stored once by hash, referenced per key; the
+        # pruning rounds delete expired references and unreferenced blobs.
+        "attachment_blobs": Rights(insert=True, delete=True),
+        "attachment_refs": Rights(insert=True, update=("expires_at",), delete=True),
     },
     "sender": {
         # DELETE: settled rows are pruned (0010).
@@ -67,6 +71,8 @@ TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
         "sender_outbox": Rights(insert=True, delete=True),
         # Fenced ownership (0013): a take-over inserts or bumps its partition's epoch.
         "sender_partitions": Rights(insert=True, update=True),
+        # The bytes of the attachments it sends, by hash (0017).
+        "attachment_blobs": Rights(),
     },
     # The Faust join keeps its state in Kafka; it has no business in the database.
     "confirm": {},

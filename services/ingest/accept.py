@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mailbus.ingest import metrics
+from mailbus.ingest import attachments, metrics
 from mailbus.ingest.groupcommit import Member
 from mailbus.ingest.handlers import ApiKey, message_id_for, request_digest, require_scope, route
 from mailbus.ingest.models import MessageRequest, cross_field_problems
@@ -60,6 +60,11 @@ async def one(ing: Ingestor, key: ApiKey, req: MessageRequest,
         # The digest is of the request as sent: "latest" stays "latest" in a replay.
         req = await resolved(templates, key, req)
         planned = plan(ing, key, req, idem, generation)
+        if req.attachments:
+            # The files are committed before the event is produced (attachments.py).
+            refused = (await attachments.store(ing, key, [planned], [""]))[0]
+            if refused is not None:
+                raise refused
     except Problem:
         metrics.REJECTED.labels("validation").inc()
         raise

@@ -23,7 +23,7 @@ from mailbus import topics
 from mailbus.accounts import load_accounts
 from mailbus.codec import Registry
 from mailbus.db import open_pool
-from mailbus.ingest import accept, metrics, openapi, problems
+from mailbus.ingest import accept, attachment_rules, attachments, metrics, openapi, problems
 from mailbus.ingest.auth import Key
 from mailbus.ingest.cancel import router as cancel_router
 from mailbus.ingest.fastpath import FastPath
@@ -116,8 +116,11 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
     app.add_exception_handler(Exception, problems.unexpected_handler)
     # Innermost: POST /v1/messages answered below FastAPI's routing (fastpath.py).
     app.add_middleware(FastPath)
-    app.add_middleware(BodyLimit, default=settings.max_body_bytes,
-                       per_path={"/v1/messages/batch": settings.max_batch_body_bytes})
+    app.add_middleware(BodyLimit, default=settings.max_body_bytes, per_path={
+        "/v1/messages/batch": settings.max_batch_body_bytes,
+        # Files: inline (base64) in a message, raw to the upload (attachment_rules.py).
+        "/v1/messages": settings.max_body_bytes + attachment_rules.INLINE_BODY_BYTES,
+        attachments.PATH: attachment_rules.MAX_FILE_BYTES}, raw_paths={attachments.PATH})
     # Outside the body cap: a request without a valid key, or over its rate,
     # is answered before its body is read.
     app.add_middleware(Gate, rates=KeyRates(settings.rate_limit))
@@ -132,6 +135,7 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
     app.include_router(webhooks_router)
     app.include_router(cancel_router)
     app.include_router(templates_router)
+    app.include_router(attachments.router)
     openapi.install(app)
     return app
 
@@ -212,6 +216,8 @@ def _routes(app: FastAPI) -> None:
                 results.append({"index": i, "status": "rejected", "error": invalid(errors).body()})
             except Problem as exc:
                 results.append({"index": i, "status": "rejected", "error": exc.body()})
+        if any(p.request.attachments for p in planned):
+            planned = await _store_files(ing, key, planned, results)
         rejected = len(results) - len(planned)
         if rejected:
             metrics.REJECTED.labels("validation").inc(rejected)
@@ -224,6 +230,23 @@ def _routes(app: FastAPI) -> None:
 
         status, body = await ing.accept(key, planned, idem, digest, respond, generation)
         return JSONResponse(body, status_code=status)
+
+    async def _store_files(ing: Ingestor, key: Any, planned: list[Planned],
+                           results: list[dict[str, Any]]) -> list[Planned]:
+        """A batch's files stored in one transaction (a file many items name, once); the
+        items whose files were refused become rejected results."""
+        by_id = {r["id"]: r for r in results if r["status"] == "queued"}
+        kept = []
+        refusals = await attachments.store(
+            ing, key, planned, [f"messages[{by_id[p.message_id]['index']}]." for p in planned])
+        for p, refused in zip(planned, refusals, strict=True):
+            if refused is None:
+                kept.append(p)
+                continue
+            result = by_id[p.message_id]
+            result.pop("id")
+            result.update(status="rejected", error=refused.body())
+        return kept
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

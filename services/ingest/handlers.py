@@ -123,6 +123,7 @@ def requested_event(
         "send_at": req.send_at,
         "requested_at": now,
         "headers": [{"name": n, "value": v} for n, v in req.headers.items()],
+        "attachments": [a.record() for a in req.attachments],
     }
 
 

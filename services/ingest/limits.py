@@ -21,8 +21,11 @@ class BodyLimit:
     cannot make it read more than the cap.
     """
 
-    def __init__(self, app: ASGIApp, default: int, per_path: dict[str, int] | None = None):
+    def __init__(self, app: ASGIApp, default: int, per_path: dict[str, int] | None = None,
+                 raw_paths: frozenset[str] | set[str] = frozenset()):
         self.app, self.default, self.per_path = app, default, per_path or {}
+        # Paths whose body is a file's bytes, not JSON: no text check.
+        self.raw_paths = raw_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -36,7 +39,7 @@ class BodyLimit:
             return
         if body is None:
             return  # client went away
-        broken = unpaired_surrogate(body)
+        broken = None if scope["path"] in self.raw_paths else unpaired_surrogate(body)
         if broken is not None:
             problem = invalid([{"field": broken, "message": "must be text: an unpaired"
                                 " UTF-16 surrogate escape has no character"}])

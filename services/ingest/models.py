@@ -22,6 +22,8 @@ from pydantic import (
 )
 
 from mailbus import customheaders, topics
+from mailbus.ingest import attachment_rules
+from mailbus.ingest.attachment_rules import Attachment
 
 MAX_RECIPIENTS = 100  # To + Cc + Bcc, as Gmail allows per message
 MAX_SUBJECT = 998  # RFC 5322's line limit; longer subjects are folded anyway
@@ -298,6 +300,9 @@ class MessageRequest(BaseModel):
                      f" {customheaders.MAX_BYTES} bytes in all. See docs/api.md, Custom headers."),
         json_schema_extra={"maxProperties": customheaders.MAX_HEADERS,
                            "examples": [{"X-Campaign": "spring-2026"}]})
+    # Files: bytes inline (base64) or an uploaded file's id; see docs/api.md, Attachments.
+    attachments: list[Attachment] = Field(
+        default_factory=list, max_length=attachment_rules.MAX_ATTACHMENTS)
 
     @field_validator("from_")
     @classmethod
@@ -335,6 +340,9 @@ def cross_field_problems(req: MessageRequest) -> list[tuple[str, str]]:
     if sum(len(b.encode()) for b in bodies if b) > MAX_CONTENT_BYTES:
         problems.append(("text", f"text, html and template exceed {MAX_CONTENT_BYTES} bytes"))
     problems += header_problems(req.headers)
+    if req.attachments:
+        has_html = bool(req.html or (template and template.html))
+        problems += attachment_rules.message_problems(req.attachments, has_html)
     return problems
 
 

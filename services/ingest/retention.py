@@ -1,4 +1,5 @@
-"""Idempotency-Key records expire: each ingest process prunes them in the background."""
+"""Idempotency-Key records and attachments expire: each ingest process prunes them in the
+background."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 
 import psycopg
 
+from mailbus.ingest import attachments
 from mailbus.ingest.problems import Problem
 from mailbus.ingest.service import Ingestor
 
@@ -28,8 +30,13 @@ async def prune_forever(ingestor: Ingestor, every_seconds: float, batch: int) ->
                     break
             if total:
                 log.info("pruned %d expired idempotency record(s)", total)
+            # Attachments: expired references, then the bytes none names (0017).
+            references, blobs = await attachments.prune(ingestor, batch)
+            if references or blobs:
+                log.info("pruned %d expired attachment reference(s), %d file(s)",
+                         references, blobs)
         except (Problem, psycopg.Error) as exc:
-            log.warning("idempotency pruning skipped this round: %s", exc)
+            log.warning("pruning (idempotency records, attachments) skipped this round: %s", exc)
         except Exception:  # a bug must not end pruning for the process's life
-            log.exception("idempotency pruning failed this round")
+            log.exception("pruning (idempotency records, attachments) failed this round")
         await asyncio.sleep(every_seconds)

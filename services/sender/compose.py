@@ -35,7 +35,7 @@ from typing import Any
 
 from mailbus.accounts import Account
 from mailbus.replytag import make_tag, tagged_address
-from mailbus.sender import headers
+from mailbus.sender import attachments, headers
 from mailbus.sender.dkim import DkimSigner
 from mailbus.sender.headers import ComposeFailed, Intended, Mailbox, header_text
 from mailbus.sender.htmltext import html_to_text
@@ -194,7 +194,7 @@ def compose_inline(event: dict[str, Any], body: Content | None, *, signed: bool)
 
     DKIM signing (RSA) and large bodies go to a thread, so the loop never stalls on them.
     """
-    if signed:
+    if signed or event.get("attachments"):
         return False
     parts = (body.text, body.html) if body is not None else (event.get("text"),
                                                              event.get("html"))
@@ -231,11 +231,12 @@ def _pairs(addresses: list[Mailbox]) -> list[tuple[str, str]]:
 
 def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, *,
             now: datetime, domain: str | None = None, dkim: DkimSigner | None = None,
-            body: Content | None = None) -> Outgoing:
+            body: Content | None = None, files: dict[str, bytes] | None = None) -> Outgoing:
     """Build, check and DKIM-sign if asked, the message of an email.requested event.
 
     `body` is content(event) when the caller computed it elsewhere (the sender does,
-    in its sandbox process); without it, content(event) runs here.
+    in its sandbox process); without it, content(event) runs here. `files`: the bytes
+    of the event's attachments by SHA-256 (attachments.fetch).
     """
     message_id = event.get("message_id")
     if not isinstance(message_id, str) or not _MESSAGE_ID.fullmatch(message_id):
@@ -310,10 +311,15 @@ def compose(event: dict[str, Any], account: Account, links: LinkBuilder | None, 
     if pixel is not None and html is not None:
         html = with_pixel(html, pixel)
     mime_names, mime_head, body_bytes = _mime(text, html)
+    body_pieces = [body_bytes]
+    if event.get("attachments"):
+        data = attachments.checked(event["attachments"], files or {})
+        mime_names, mime_head, body_pieces = attachments.wrap(mime_head, body_bytes,
+                                                              event["attachments"], data)
     intended.names = [name for name, _ in head] + mime_names
     try:
         raw = b"".join((*(f"{name}: {value}\r\n".encode("ascii") for name, value in head),
-                        mime_head, b"\r\n", body_bytes))
+                        mime_head, b"\r\n", *body_pieces))
     except UnicodeEncodeError as exc:  # every value above is ASCII by construction
         raise ComposeFailed("headers: a header value is not ASCII") from exc
     if dkim is not None:

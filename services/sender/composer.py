@@ -10,7 +10,8 @@ only pickles the payloads and unpickles the finished bytes.
 The process composes exactly as compose() does on the loop, from the same
 accounts, link keys and DKIM keys, handed to it once when it starts. A row
 whose content needs the sandbox (a template, text derived from html) comes
-back `None` and goes through the sandbox as before; a batch the process could
+back `None` and goes through the sandbox as before (so does a row with attachments,
+whose files the loop fetches); a batch the process could
 not finish (late, died, not started) comes back empty and is composed on the
 loop, message by message, as without a composer.
 """
@@ -84,7 +85,9 @@ def compose_batch(batch: Batch) -> list[Composed]:
     for payload in batch.payloads:
         try:
             request = registry.decode(payload, "mailbus.EmailRequested")[1]
-            if needs_sandbox(request):
+            if needs_sandbox(request) or request.get("attachments"):
+                # Files are fetched and composed in the sender's own process: handing
+                # megabytes to this process and back would copy them twice more.
                 out.append(None)
                 continue
             out.append(compose(request, account, setup.links, now=batch.now, dkim=dkim))

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeAlias
 
 from mailbus.accounts import Account, Directory
+from mailbus.sender.attachments import StoreUnavailable
 from mailbus.sender.composer import Failure
 from mailbus.sender.context import Claimed
 from mailbus.sender.decisions import Fail, Reroute, Retry, after_error, failover
@@ -155,8 +156,9 @@ def not_composed(error: Failure | BaseException, row: Claimed, retries: Retries,
     """
     if isinstance(error, Failure):
         return Delivery(Fail(error.reason, True), give_back=True)
-    if isinstance(error, SandboxUnavailable):
-        err = TransientError(f"content sandbox: {error}")
+    if isinstance(error, SandboxUnavailable | StoreUnavailable):
+        err = TransientError(f"content sandbox: {error}" if isinstance(
+            error, SandboxUnavailable) else str(error))
         return Delivery(_requeue_or_fail(err, row, retries, now, handed_over=False),
                         give_back=True)
     return Delivery(Fail(compose_failure(error), True), give_back=True)

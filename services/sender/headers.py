@@ -242,9 +242,10 @@ def _culprit(written: list[str], intended: list[str]) -> str:
 
 def check(raw: bytes, intended: Intended) -> None:
     """Raise ComposeFailed unless `raw` reads back with exactly the intended headers."""
-    head, sep, _ = raw.partition(b"\r\n\r\n")
-    if not sep:
+    end = raw.find(b"\r\n\r\n")  # not partition(): that would copy the whole body
+    if end < 0:
         raise ComposeFailed("headers: no blank line after the header block")
+    head = raw[:end]
     written = _names(head)
     if [n.lower() for n in written] != [n.lower() for n in intended.names]:
         extra = sorted({n for n in written if n.lower() not in

@@ -15,7 +15,7 @@ from functools import partial
 
 from mailbus.accounts import Account
 from mailbus.errors import MailbusError
-from mailbus.sender import decisions, delivery
+from mailbus.sender import attachments, decisions, delivery
 from mailbus.sender.compose import compose, compose_inline, needs_sandbox
 from mailbus.sender.composer import Composed, Failure
 from mailbus.sender.context import Claimed, Context
@@ -177,14 +177,16 @@ class AccountWorker:
             # Templates and html-only bodies are hostile work: a process with a hard
             # deadline does it. Composing is bounded and runs in a thread, off the loop.
             body = await ctx.sandbox.content(request) if needs_sandbox(request) else None
+            files = (await attachments.fetch(ctx.outbox.pool, request["attachments"])
+                     if request.get("attachments") else None)
             build = partial(compose, request, account, ctx.links, now=now, dkim=self.dkim,
-                            body=body)
+                            body=body, files=files)
             # A small message composes in well under a millisecond: on the loop, that
             # costs less than the hop to a thread and back. A large one goes to a thread.
             return (build() if compose_inline(request, body, signed=self.dkim is not None)
                     else await asyncio.get_running_loop().run_in_executor(ctx.composer_threads,
                                                                           build))
-        except SandboxUnavailable as exc:
+        except (SandboxUnavailable, attachments.StoreUnavailable) as exc:
             return exc
         except Exception as exc:  # whatever it is, this message fails alone
             if not isinstance(exc, MailbusError):

@@ -630,3 +630,39 @@ def test_templates_are_the_ingest_roles_alone_and_never_rewritten() -> None:
         with psycopg.connect(role.conninfo(), autocommit=True) as conn, pytest.raises(
                 psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT 1 FROM templates LIMIT 0")
+
+
+def test_attachments_are_stored_by_the_api_and_only_read_by_the_sender() -> None:
+    # Written out, whatever TABLE_RIGHTS says (0017): the API stores bytes and
+    # references and prunes them, and may move an expiry but never rewrite a
+    # file, its hash or whose reference it is; the sender reads bytes and
+    # nothing else; no other service sees either table.
+    ingest = ServiceSettings(service_name="ingest").postgres
+    sender = ServiceSettings(service_name="sender").postgres
+    with psycopg.connect(ingest.conninfo(), autocommit=True) as conn:
+        conn.execute("SELECT sha256, size, content FROM attachment_blobs LIMIT 0")
+        conn.execute("DELETE FROM attachment_blobs WHERE false")
+        conn.execute("UPDATE attachment_refs SET expires_at = now() WHERE false")
+        conn.execute("DELETE FROM attachment_refs WHERE false")
+        for statement in ("UPDATE attachment_blobs SET content = '' WHERE false",
+                          "UPDATE attachment_blobs SET sha256 = '' WHERE false",
+                          "UPDATE attachment_refs SET key_id = 'k' WHERE false",
+                          "UPDATE attachment_refs SET sha256 = '' WHERE false"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[arg-type]
+    with psycopg.connect(sender.conninfo(), autocommit=True) as conn:
+        conn.execute("SELECT sha256, content FROM attachment_blobs LIMIT 0")
+        for statement in ("SELECT 1 FROM attachment_refs LIMIT 0",
+                          "INSERT INTO attachment_blobs (sha256, size, content)"
+                          " SELECT '', 0, '' WHERE false",
+                          "DELETE FROM attachment_blobs WHERE false",
+                          "UPDATE attachment_blobs SET content = '' WHERE false"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[arg-type]
+    for service in ("confirm", "projector", "replies", "hooks", "webhooks"):
+        role = ServiceSettings(service_name=service).postgres
+        with psycopg.connect(role.conninfo(), autocommit=True) as conn:
+            for table in ("attachment_blobs", "attachment_refs"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 0").format(
+                        sql.Identifier(table)))

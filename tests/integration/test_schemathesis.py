@@ -39,6 +39,8 @@ ACCEPTING = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 # not in the future, and a key has at most 20 endpoints. A stored template
 # must compile in the sandbox, have a name the key does not use yet, and stay
 # within the key's caps; a message may name only a template the key has.
+# An upload must not be an executable or a script by its first bytes, and a
+# message's files must be the key's own uploads.
 INGEST_CONFIG = """
 # One method the API serves nowhere is enough to check 405 and Allow.
 [phases.coverage]
@@ -65,6 +67,11 @@ checks.positive_data_acceptance.expected-statuses = {statuses}
 
 [[operations]]
 include-path-regex = "^/v1/templates"
+checks.positive_data_acceptance.expected-statuses = {statuses}
+
+[[operations]]
+include-path-regex = "^/v1/attachments$"
+include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = {statuses}
 """
 

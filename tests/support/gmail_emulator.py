@@ -34,6 +34,10 @@ send, the quota arithmetic and the error bodies, as documented publicly:
   celorodovalho/phpdfbot #24), "Invalid label: SENT" for SENT and DRAFT,
   "No label add or removes specified" for an empty body. A change is one
   labelAdded / labelRemoved history record, never a messageAdded one.
+* message size (users.messages.send reference: "Maximum file size: 35MB",
+  Accepted Media MIME types message/*): a raw message over MAX_MESSAGE_BYTES
+  is refused, 413 with Google's error envelope (the exact text Google sends
+  for it is not documented; this one is the emulator's).
 Not emulated: uploads (/upload/...), drafts, labels.get/update/delete and
 batchModify, threading by References, search operators other than
 rfc822msgid:, in:sent, in:inbox, after:/before: (epoch seconds),
@@ -69,6 +73,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 AUTH = "https://www.googleapis.com/auth/"
+MAX_MESSAGE_BYTES = 35 * 1024 * 1024  # users.messages.send, of the decoded RFC 822 message
 SEND_SCOPES = {AUTH + "gmail.send", AUTH + "gmail.compose", AUTH + "gmail.modify",
                "https://mail.google.com/"}
 READ_SCOPES = {AUTH + "gmail.readonly", AUTH + "gmail.modify", "https://mail.google.com/"}
@@ -491,6 +496,10 @@ class GmailEmulator:
         except ValueError:  # binascii.Error is a ValueError
             raise invalid("Invalid value at 'message.raw' (TYPE_BYTES), Base64 decoding failed",
                           "invalid") from None
+        if len(raw) > MAX_MESSAGE_BYTES:
+            raise _Reject(413, google_error(
+                413, f"Message too large: {len(raw)} bytes, the limit is {MAX_MESSAGE_BYTES}",
+                "uploadTooLarge"))
         message = email.message_from_bytes(raw, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
         recipients = []
