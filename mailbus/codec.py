@@ -37,6 +37,7 @@ TOPIC_SCHEMAS: dict[str, str] = {
     "email.responses": "mailbus.EmailResponse",
     "email.confirmed": "mailbus.EmailConfirmed",
     "email.suppressions": "mailbus.Suppression",
+    "email.schedule": "mailbus.ScheduleChange",
 }
 
 _VERSION_FILE = re.compile(r"v([1-9][0-9]*)\.avsc")

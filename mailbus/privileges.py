@@ -98,7 +98,10 @@ TABLE_RIGHTS: dict[str, dict[str, Rights]] = {
     },
 }
 # Functions of the public schema a role may execute.
-FUNCTIONS: dict[str, list[str]] = {"replies": ["replies_sent_to"]}
+# ingest: cancel or reschedule a queued message in the sender's ledger (0018),
+# without any right on send_ledger or sender_outbox.
+FUNCTIONS: dict[str, list[str]] = {"replies": ["replies_sent_to"],
+                                   "ingest": ["change_schedule"]}
 # Sequences a role may draw from (the outbox's ids, by the sender's inserts alone).
 SEQUENCES: dict[str, list[str]] = {"sender": ["sender_outbox_id_seq"]}
 

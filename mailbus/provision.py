@@ -1,9 +1,10 @@
 """Kafka provisioning: topics, one SCRAM principal per service, and their ACLs.
 
 Run with the cluster's admin principal. Every step is idempotent: topics
-that exist are left alone, passwords come from files written on first run,
-ACL creation of an existing binding is a no-op in Kafka, and a service
-principal's bindings beyond its grant are removed.
+that exist keep their partitions and get the table's configs, passwords
+come from files written on first run, ACL creation of an existing binding
+is a no-op in Kafka, and a service principal's bindings beyond its grant
+are removed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from confluent_kafka.admin import (
     AclOperation,
     AclPermissionType,
     AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
     NewTopic,
     ResourcePatternType,
     ResourceType,
@@ -57,6 +61,36 @@ def ensure_topics(admin: AdminClient, prefix: str = "") -> list[str]:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
     return created
+
+
+def ensure_topic_configs(admin: AdminClient, prefix: str = "") -> list[str]:
+    """Bring existing topics' configs to the table's (a retention raised in a release
+    reaches an installation made before it); returns the topics changed."""
+    existing = set(admin.list_topics(timeout=TIMEOUT).topics)
+    specs = {prefix + spec.name: spec for spec in TOPICS if prefix + spec.name in existing}
+    if not specs:
+        return []
+    described = admin.describe_configs(
+        [ConfigResource(ConfigResource.Type.TOPIC, name) for name in specs],
+        request_timeout=TIMEOUT)
+    changes = []
+    for resource, future in described.items():
+        current = future.result()
+        wanted = specs[resource.name].config
+        entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                   for k, v in sorted(wanted.items())
+                   if k in current and current[k].value != v]
+        if entries:
+            changes.append(ConfigResource(ConfigResource.Type.TOPIC, resource.name,
+                                          incremental_configs=entries))
+    if not changes:
+        return []
+    # Incremental: only the named keys change, every other setting stays.
+    for resource, future in admin.incremental_alter_configs(
+            changes, request_timeout=TIMEOUT).items():
+        future.result()
+        log.info("kafka: topic %s config set to the table's", resource.name)
+    return sorted(r.name for r in changes)
 
 
 def ensure_users(admin: AdminClient, secrets_dir: Path, services: tuple[str, ...]) -> None:
@@ -172,6 +206,8 @@ def provision(admin_config: dict[str, Any], secrets_dir: Path, prefix: str = "",
     if users:
         ensure_users(admin, secrets_dir, tuple(GRANTS))
     created = ensure_topics(admin, prefix)
+    reconfigured = ensure_topic_configs(admin, prefix)
     acls = ensure_acls(admin, prefix)
-    log.info("kafka: %d topic(s) created, %d ACL binding(s) ensured", len(created), acls)
-    return {"topics_created": created, "acls": acls}
+    log.info("kafka: %d topic(s) created, %d reconfigured, %d ACL binding(s) ensured",
+             len(created), len(reconfigured), acls)
+    return {"topics_created": created, "topics_reconfigured": reconfigured, "acls": acls}

@@ -14,7 +14,8 @@ from datetime import datetime
 from typing import Any, Literal, get_args
 
 # Every status a message can have, as the API reports it.
-Status = Literal["queued", "sent", "delivered", "confirmed", "failed", "bounced", "unconfirmed"]
+Status = Literal["queued", "sent", "delivered", "confirmed", "failed", "bounced", "unconfirmed",
+                 "cancelled"]
 STATUSES: tuple[str, ...] = get_args(Status)
 
 # Kinds with a column in daily_counts, in column order.
@@ -30,6 +31,8 @@ KIND_OF_SCHEMA: dict[str, str] = {
     "mailbus.EmailBounced": "bounced",
     "mailbus.EmailResponse": "response",
     "mailbus.EmailConfirmed": "confirmed",
+    # email.schedule splits by its change (cancelled, rescheduled): schedule_kind.
+    "mailbus.ScheduleChange": "schedule",
 }
 
 # The fields worth keeping per kind, under the names the timeline shows.
@@ -43,6 +46,7 @@ _DETAIL: dict[str, tuple[str, ...]] = {
     "response": ("kind", "recipient", "action_id", "subject", "text", "reliable", "source"),
     "confirmed": ("evidence", "requested_at", "sent_at", "delivered_at",
                   "sent_to_delivered_us", "requested_to_delivered_us"),
+    "schedule": ("key_id", "send_at", "reason"),
 }
 # Remote servers and repliers write some of these; a timeline entry stays small.
 MAX_TEXT = 2000
@@ -70,8 +74,10 @@ def status_for(kinds: Iterable[str]) -> str:
     seen = set(kinds)
     # Order matters: a bounce overrides delivery evidence; a later delivery
     # overrides an unconfirmed verdict; one recipient's failure does not undo
-    # a send to the others.
-    for kind in ("bounced", "confirmed", "delivered", "unconfirmed", "sent", "failed"):
+    # a send to the others. A cancel stands unless the message went anyway,
+    # which the ledger's lock makes impossible: a sent event would say so.
+    for kind in ("bounced", "confirmed", "delivered", "unconfirmed", "sent", "cancelled",
+                 "failed"):
         if kind in seen:
             return kind
     return "queued"
@@ -80,6 +86,11 @@ def status_for(kinds: Iterable[str]) -> str:
 def confirmed_kind(outcome: str | None) -> str:
     """The kind of an email.confirmed event: its outcome, `unknown` for a newer verdict."""
     return outcome if outcome in ("confirmed", "unconfirmed") else "unknown"
+
+
+def schedule_kind(change: str | None) -> str:
+    """The kind of an email.schedule event: its change, `unknown` for a newer one."""
+    return change if change in ("cancelled", "rescheduled") else "unknown"
 
 
 def event_row(schema_name: str, record: Mapping[str, Any]) -> EventRow:
@@ -97,6 +108,8 @@ def event_row(schema_name: str, record: Mapping[str, Any]) -> EventRow:
         detail["response"] = detail.pop("kind")  # "kind" is the timeline entry's own
     elif kind == "confirmed":
         kind = confirmed_kind(record.get("outcome"))
+    elif kind == "schedule":
+        kind = schedule_kind(record.get("change"))
     detail = {k: v for k, v in detail.items() if v is not None}
     # Text columns refuse NUL too: a stray one must not stall the projector.
     return EventRow(event_id, message_id, kind, record["occurred_at"],

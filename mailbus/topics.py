@@ -14,6 +14,8 @@ BOUNCED = "email.bounced"
 RESPONSES = "email.responses"
 CONFIRMED = "email.confirmed"
 SUPPRESSIONS = "email.suppressions"
+# A queued message cancelled or moved through the API (written by the sender's outbox).
+SCHEDULE = "email.schedule"
 
 
 def address_hash(address: str) -> str:
@@ -36,6 +38,13 @@ ACCOUNT_PARTITIONS = 12
 
 WEEK_MS = 7 * 24 * 3600 * 1000
 MONTH_MS = 30 * 24 * 3600 * 1000
+# How far ahead a message may be scheduled (`send_at`), in days.
+SCHEDULE_HORIZON_DAYS = 30
+# email.requested outlives the horizon by a week: a rewind of the topic (an
+# offset reset, docs/replay.md) rebuilds the ledger of every message still
+# waiting, and the ledger's retention outlives the topic's (the sender's
+# MAILBUS_LEDGER_RETENTION_HOURS), so it finds every settled row too.
+REQUESTED_RETENTION_MS = (SCHEDULE_HORIZON_DAYS * 24 * 3600 * 1000) + WEEK_MS
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ class TopicSpec:
 
 
 TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec(REQUESTED, ACCOUNT_PARTITIONS, {"retention.ms": str(WEEK_MS)}),
+    TopicSpec(REQUESTED, ACCOUNT_PARTITIONS, {"retention.ms": str(REQUESTED_RETENTION_MS)}),
     TopicSpec(REQUESTED_DLQ, 1, {"retention.ms": str(MONTH_MS)}),
     TopicSpec(SENT, MESSAGE_PARTITIONS, {"retention.ms": str(MONTH_MS)}),
     TopicSpec(FAILED, MESSAGE_PARTITIONS, {"retention.ms": str(MONTH_MS)}),
@@ -56,6 +65,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(BOUNCED, MESSAGE_PARTITIONS, {"retention.ms": str(MONTH_MS)}),
     TopicSpec(RESPONSES, MESSAGE_PARTITIONS, {"retention.ms": str(MONTH_MS)}),
     TopicSpec(CONFIRMED, MESSAGE_PARTITIONS, {"retention.ms": str(MONTH_MS)}),
+    TopicSpec(SCHEDULE, MESSAGE_PARTITIONS, {"retention.ms": str(MONTH_MS)}),
     # The suppression list is state, not history: compaction keeps the
     # latest record per address hash forever.
     TopicSpec(SUPPRESSIONS, 3, {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}),
@@ -92,10 +102,11 @@ GRANTS: dict[str, Grant] = {
     # by assign() (no group). It also writes email.requested: an exhausted
     # account's pool messages move to another member as a new request keyed
     # by that account. email.delivered for accounts whose server is the final
-    # hop.
+    # hop. email.schedule: the cancels and reschedules the API put in its
+    # outbox (through change_schedule, migration 0018).
     "sender": Grant(
         read=(REQUESTED, SUPPRESSIONS),
-        write=(REQUESTED, SENT, FAILED, DELIVERED, REQUESTED_DLQ),
+        write=(REQUESTED, SENT, FAILED, DELIVERED, REQUESTED_DLQ, SCHEDULE),
         groups=("mailbus-sender",),
     ),
     # The Faust join: sent, delivered, failed and bounced in, verdicts out;
@@ -108,7 +119,8 @@ GRANTS: dict[str, Grant] = {
     ),
     # Every event into PostgreSQL; it writes nothing to Kafka.
     "projector": Grant(
-        read=(REQUESTED, SENT, FAILED, DELIVERED, BOUNCED, RESPONSES, CONFIRMED, SUPPRESSIONS),
+        read=(REQUESTED, SENT, FAILED, DELIVERED, BOUNCED, RESPONSES, CONFIRMED, SUPPRESSIONS,
+              SCHEDULE),
         groups=("mailbus-projector",),
     ),
     # The mailbox reader only produces: replies and complaints, DSNs (a
@@ -121,7 +133,7 @@ GRANTS: dict[str, Grant] = {
     # key that sent it. It writes nothing to Kafka; a rewind reads by
     # assign(), outside the group.
     "webhooks": Grant(
-        read=(SENT, FAILED, DELIVERED, BOUNCED, RESPONSES, CONFIRMED),
+        read=(SENT, FAILED, DELIVERED, BOUNCED, RESPONSES, CONFIRMED, SCHEDULE),
         groups=("mailbus-webhooks",),
     ),
 }

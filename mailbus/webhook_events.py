@@ -19,7 +19,10 @@ from mailbus.timeline import EventRow
 # the timeline of GET /v1/messages/{id} names them (docs/api.md, Webhooks).
 EVENT_TYPES: tuple[str, ...] = (
     "message.sent", "message.failed", "message.delivered", "message.bounced",
-    "message.response", "message.confirmed", "message.unconfirmed")
+    "message.response", "message.confirmed", "message.unconfirmed",
+    # A queued message cancelled through the API (email.schedule); a
+    # reschedule is on the timeline only.
+    "message.cancelled")
 # Sent only by POST /v1/webhooks/endpoints/{id}/test, whatever the endpoint asked for.
 TEST_TYPE = "webhook.test"
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 SQL = queries.load_resource(__package__, "projector.sql")
 ERROR_LOG_SECONDS = 60.0
 PROJECTED = (topics.REQUESTED, topics.SENT, topics.FAILED, topics.DELIVERED, topics.BOUNCED,
-             topics.RESPONSES, topics.CONFIRMED, topics.SUPPRESSIONS)
+             topics.RESPONSES, topics.CONFIRMED, topics.SUPPRESSIONS, topics.SCHEDULE)
 
 
 class ProjectorSettings(ServiceSettings):

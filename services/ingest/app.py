@@ -25,6 +25,7 @@ from mailbus.codec import Registry
 from mailbus.db import open_pool
 from mailbus.ingest import accept, attachment_rules, attachments, metrics, openapi, problems
 from mailbus.ingest.auth import Key
+from mailbus.ingest.cancel import router as cancel_router
 from mailbus.ingest.fastpath import FastPath
 from mailbus.ingest.gate import Gate
 from mailbus.ingest.handlers import (
@@ -132,6 +133,7 @@ def create_app(settings: IngestSettings, producer_factory: ProducerFactory | Non
     app.include_router(status_router)
     app.include_router(responses_router)
     app.include_router(webhooks_router)
+    app.include_router(cancel_router)
     app.include_router(templates_router)
     app.include_router(attachments.router)
     openapi.install(app)

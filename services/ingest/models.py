@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from mailbus import customheaders
+from mailbus import customheaders, topics
 from mailbus.ingest import attachment_rules
 from mailbus.ingest.attachment_rules import Attachment
 
@@ -34,7 +34,8 @@ MAX_ACTIONS = 10
 MAX_TAGS = 20
 MAX_METADATA = 20
 MAX_BATCH = 1000
-MAX_SCHEDULE_AHEAD = timedelta(days=7)  # email.requested keeps a week
+# The scheduling horizon; email.requested keeps its records a week longer.
+MAX_SCHEDULE_AHEAD = timedelta(days=topics.SCHEDULE_HORIZON_DAYS)
 # Any of these in a value that becomes a header would let input write headers.
 _HEADER_BREAKERS = re.compile(r"[\r\n\0]")
 # Header-bound fields also refuse every other control character and Unicode line
@@ -350,3 +351,31 @@ class BatchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+MAX_REASON = 200
+
+
+class CancelRequest(BaseModel):
+    """POST /v1/messages/{id}/cancel: an optional reason, kept in the event."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: Annotated[str | None, Field(max_length=MAX_REASON)] = None
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, value: str | None) -> str | None:
+        return None if value is None else header_value(value)
+
+
+class RescheduleRequest(CancelRequest):
+    """POST /v1/messages/{id}/reschedule: the new earliest time to send."""
+
+    send_at: AwareDatetime
+
+    @field_validator("send_at")
+    @classmethod
+    def _new_send_at(cls, value: datetime) -> datetime:
+        if value - datetime.now(UTC) > MAX_SCHEDULE_AHEAD:
+            raise ValueError(f"must be at most {MAX_SCHEDULE_AHEAD.days} days ahead")
+        return value

@@ -90,6 +90,36 @@ SUCCESS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+# Cancelling and rescheduling a queued message (cancel.py): 200 says which
+# happened; 409 is too late (`state` says why) or not queued yet (Retry-After).
+_CHANGED = {"type": "object", "required": ["id", "result", "status"],
+            "properties": {"id": {"type": "string", "format": "uuid"},
+                           "result": {"enum": ["cancelled", "already_cancelled",
+                                               "rescheduled"]},
+                           "status": {"enum": ["cancelled", "queued"]},
+                           "send_at": {"type": "string", "format": "date-time"}}}
+SCHEDULE_CHANGES: dict[tuple[str, str], str] = {
+    ("/v1/messages/{message_id}/cancel", "post"):
+        "Cancelled (`result` cancelled, or already_cancelled when it was before)",
+    ("/v1/messages/{message_id}/reschedule", "post"):
+        "Moved: it waits until `send_at`",
+}
+_STATE_PROBLEM = {"allOf": [{"$ref": "#/components/schemas/Problem"}, {
+    "type": "object", "properties": {"state": {"enum": [
+        "sending", "sent", "failed", "cancelled", "partly_sent", "ambiguous", "rerouted"]}}}]}
+
+
+def _schedule_responses(responses: dict[str, Any], description: str) -> None:
+    responses["200"] = {"description": description,
+                        "content": {"application/json": {"schema": _CHANGED}}}
+    responses["409"] = {
+        "description": "Too late: claimed for sending or past it (`state` says which); or "
+                       "not queued by the sender yet (type not-queued-yet, with Retry-After)",
+        "headers": {"Retry-After": {"required": False, "description": "seconds to wait",
+                                    "schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+        "content": {MEDIA_TYPE: {"schema": copy.deepcopy(_STATE_PROBLEM)}}}
+
+
 _MESSAGE = {"to": ["Ada Lovelace <ada@example.com>"], "subject": "Are you coming on Friday?",
             "text": "We meet at six."}
 # A request that is accepted, for clients and for the examples schemathesis starts from.
@@ -98,6 +128,8 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("/v1/messages/batch", "post"): {"messages": [_MESSAGE, {**_MESSAGE, "to": [
         "grace@example.com"]}]},
     ("/v1/suppressions", "post"): {"address": "ada@example.com", "scope": None, "active": True},
+    ("/v1/messages/{message_id}/cancel", "post"): {"reason": "the order was withdrawn"},
+    ("/v1/messages/{message_id}/reschedule", "post"): {"send_at": "2030-01-01T09:00:00Z"},
     ("/v1/templates", "post"): {"name": "receipt", "subject": "Receipt {{ order }}",
                                 "text": "Thank you, {{ customer }}."},
 }
@@ -137,6 +169,8 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
             if (path, method) in SUCCESS:
                 responses["202"] = copy.deepcopy(SUCCESS[path, method])
                 responses.pop("200", None)
+            if (path, method) in SCHEDULE_CHANGES:
+                _schedule_responses(responses, SCHEDULE_CHANGES[path, method])
             if path == "/v1/messages/batch":
                 # No item accepted: the per-item answers, as with a 202.
                 responses["422"]["content"]["application/json"] = {"schema": _BATCH}

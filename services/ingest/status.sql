@@ -43,8 +43,9 @@ WHERE i.namespace = %(namespace)s AND i.message_id = %(id)s AND i.kind = 'dsn'
   AND r.value ->> 'action' = 'delayed'
 ) AS events
 ORDER BY occurred_at,
-         array_position(ARRAY['requested', 'sent', 'failed', 'delayed', 'delivered', 'bounced',
-                              'response', 'confirmed', 'unconfirmed', 'unknown'], kind),
+         array_position(ARRAY['requested', 'rescheduled', 'cancelled', 'sent', 'failed',
+                              'delayed', 'delivered', 'bounced', 'response', 'confirmed',
+                              'unconfirmed', 'unknown'], kind),
          projected_at, tiebreak;
 
 -- name: list_for_key

@@ -29,7 +29,8 @@ from mailbus.webhook_guard import Policy, Refused, check_url
 SQL = queries.load_resource(__package__, "webhooks.sql")
 router = APIRouter(tags=["webhooks"])
 EventType = Literal["message.sent", "message.failed", "message.delivered", "message.bounced",
-                    "message.response", "message.confirmed", "message.unconfirmed"]
+                    "message.response", "message.confirmed", "message.unconfirmed",
+                    "message.cancelled"]
 assert set(EventType.__args__) == set(EVENT_TYPES)  # type: ignore[attr-defined]
 URL_PATTERN = r"^[hH][tT][tT][pP][sS]?://[^\s]+$"
 DEFAULT_GRACE_SECONDS = 86_400

@@ -12,7 +12,7 @@ from typing import Any
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from mailbus import queries
+from mailbus import queries, topics
 from mailbus.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,9 @@ class Outbox:
         async with self.pool.connection() as conn:
             cur = await conn.execute(SQL["outbox_pending"], {
                 "partitions": partitions, "age": f"{min_age_seconds} seconds",
-                "namespace": self.namespace})
+                "namespace": self.namespace,
+                # The API's cancels and reschedules (change_schedule): no settle emits them.
+                "schedule_topic": self.namespace + topics.SCHEDULE})
             rows = await cur.fetchall()
         items = [(r[0], Record(r[1], bytes(r[2]), bytes(r[3]), [tuple(h) for h in r[4]]))
                  for r in rows]

@@ -3,6 +3,9 @@
 -- name: admit
 -- A redelivered record (same message id) changes nothing, unless the row
 -- was rerouted away: then this record is the new route and takes it over.
+-- A `cancelled` row (migration 0018) is never taken over: a rewind or a
+-- replay of email.requested admits nothing over it, and a pool move of a
+-- cancelled message cannot exist (only a claimed row is rerouted).
 INSERT INTO send_ledger (message_id, namespace, account_id, pool, source_partition, due_at,
                          payload, requested_at, replayed)
 VALUES (%(message_id)s, %(namespace)s, %(account_id)s, %(pool)s, %(partition)s, %(due_at)s,
@@ -167,9 +170,13 @@ ORDER BY v.n
 RETURNING id;
 
 -- name: outbox_pending
+-- Rows younger than %(age)s may still be emitted by the settle that wrote
+-- them. The API's cancels and reschedules (change_schedule, migration 0018)
+-- have no such emitter: the sweep emits them at once.
 SELECT id, topic, key, value, headers FROM sender_outbox
 WHERE namespace = %(namespace)s AND source_partition = ANY(%(partitions)s)
-  AND created_at < now() - %(age)s::interval
+  AND (created_at < now() - %(age)s::interval
+       OR topic = %(schedule_topic)s)
 ORDER BY id LIMIT 500;
 
 -- name: outbox_done
@@ -178,13 +185,15 @@ DELETE FROM sender_outbox WHERE id = ANY(%(ids)s);
 -- name: prune_settled
 -- Retention (migration 0010): one batch of rows settled longer ago than
 -- %(keep_seconds)s. Queued, sending and partly sent rows are never settled.
+-- A cancelled row (0018) goes after the same time: it must outlive the
+-- email.requested record, or a rewind would admit the message again.
 -- The sent_at guard keeps every send the rolling 24 h quota counts
 -- (sent_in_window) whatever the setting says. SKIP LOCKED: two instances
 -- pruning at once, or a worker or admission touching a row, never wait.
 DELETE FROM send_ledger
 WHERE namespace = %(namespace)s AND message_id IN (
     SELECT message_id FROM send_ledger
-    WHERE namespace = %(namespace)s AND state IN ('sent', 'failed', 'rerouted')
+    WHERE namespace = %(namespace)s AND state IN ('sent', 'failed', 'rerouted', 'cancelled')
       AND settled_at < now() - make_interval(secs => %(keep_seconds)s)
       AND (sent_at IS NULL OR sent_at <= now() - interval '24 hours')
     LIMIT %(batch)s
@@ -198,7 +207,7 @@ WHERE namespace = %(namespace)s AND message_id IN (
 UPDATE send_ledger SET payload = NULL
 WHERE namespace = %(namespace)s AND message_id IN (
     SELECT message_id FROM send_ledger
-    WHERE namespace = %(namespace)s AND state IN ('sent', 'failed', 'rerouted')
+    WHERE namespace = %(namespace)s AND state IN ('sent', 'failed', 'rerouted', 'cancelled')
       AND payload IS NOT NULL
       AND settled_at < now() - make_interval(secs => %(keep_seconds)s)
     LIMIT %(batch)s

@@ -45,12 +45,14 @@ class SenderSettings(ServiceSettings):
     open_tracking: bool = False
     # Retention of settled ledger rows (sent, failed, rerouted), from settlement.
     # At least 24 h: the rolling quota is rebuilt from the last day's sends.
-    # The default outlives email.requested's 7-day retention, so a replay of
-    # the topic (an offset reset) still finds every row and sends nothing twice.
-    ledger_retention_hours: float = Field(default=192.0, ge=24)
+    # Cancelled rows too. The default (38 days) outlives email.requested's
+    # 37-day retention (topics.REQUESTED_RETENTION_MS: the 30-day scheduling
+    # horizon and a week), so a replay of the topic (an offset reset) still
+    # finds every row, sends nothing twice and nothing cancelled.
+    ledger_retention_hours: float = Field(default=912.0, ge=24)
     # A settled row's request bytes (addresses, bodies) are cleared after this:
     # nothing reads them again, and the same bytes stay on email.requested
-    # (7 days) and, for failures, email.requested.dlq (30 days).
+    # (37 days) and, for failures, email.requested.dlq (30 days).
     ledger_payload_retention_hours: float = Field(default=24.0, ge=0)
     # How often the sender prunes, and how many rows one statement touches.
     ledger_prune_seconds: float = Field(default=300.0, gt=0)

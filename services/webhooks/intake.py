@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SQL = queries.load_resource(__package__, "queries.sql")
 # Every outcome of a message; email.requested is the client's own request.
 READ = (topics.SENT, topics.FAILED, topics.DELIVERED, topics.BOUNCED, topics.RESPONSES,
-        topics.CONFIRMED)
+        topics.CONFIRMED, topics.SCHEDULE)
 REPLAY_CHECK_SECONDS = 1.0
 # How long the group waits for a member that stopped heartbeating (a killed
 # instance) before its partitions move: librdkafka's 45 s default would hold

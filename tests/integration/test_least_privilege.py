@@ -131,6 +131,19 @@ BY_HAND: list[tuple[str, str, str, bool]] = [
     ("ingest", "produce", topics.SENT, False),
     ("ingest", "produce", topics.REQUESTED, True),
     ("ingest", "produce", topics.SUPPRESSIONS, True),
+    # Cancels and reschedules go through the sender's outbox (0018), never from
+    # ingest to the topic; only the sender writes email.schedule.
+    ("ingest", "produce", topics.SCHEDULE, False),
+    ("hooks", "produce", topics.SCHEDULE, False),
+    ("replies", "produce", topics.SCHEDULE, False),
+    ("confirm", "produce", topics.SCHEDULE, False),
+    ("projector", "produce", topics.SCHEDULE, False),
+    ("webhooks", "produce", topics.SCHEDULE, False),
+    ("sender", "produce", topics.SCHEDULE, True),
+    ("sender", "fetch", topics.SCHEDULE, False),
+    ("projector", "fetch", topics.SCHEDULE, True),
+    ("webhooks", "fetch", topics.SCHEDULE, True),
+    ("confirm", "fetch", topics.SCHEDULE, False),
     # The mailbox reader produces DSN outcomes, responses and suppressions only.
     ("replies", "produce", topics.SENT, False),
     ("replies", "produce", topics.REQUESTED, False),
@@ -504,7 +517,10 @@ def test_no_role_may_truncate_create_or_draw_foreign_sequences(service: str) -> 
             "SELECT coalesce(array_agg(p.proname ORDER BY p.proname), '{}') FROM pg_proc p"
             " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'"
             " AND has_function_privilege(p.oid, 'EXECUTE')").fetchone()
-        # The one function of the schema answers the replies role alone (0007).
+        # replies_sent_to answers the replies role alone (0007); change_schedule
+        # the ingest role alone (0018). Written out here.
+        assert functions == (({"replies": ["replies_sent_to"],
+                               "ingest": ["change_schedule"]}.get(service, [])),)
         assert functions == ((FUNCTIONS.get(service, [])),)
 
 
@@ -569,6 +585,28 @@ def test_search_rows_are_written_by_the_projector_and_read_by_the_api() -> None:
         with psycopg.connect(role.conninfo(), autocommit=True) as conn, pytest.raises(
                 psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT 1 FROM message_search LIMIT 0")
+
+
+def test_ingest_changes_the_ledger_only_through_change_schedule() -> None:
+    # Written out, whatever TABLE_RIGHTS says (0018): the API cancels and
+    # reschedules through the one SECURITY DEFINER function; it may not read
+    # or write the sender's ledger or outbox, and no other role may call it.
+    call = ("SELECT * FROM change_schedule('x', gen_random_uuid(), 'k', NULL,"
+            " '\\xc301000000000000000000'::bytea)")
+    ingest = ServiceSettings(service_name="ingest").postgres
+    with psycopg.connect(ingest.conninfo(), autocommit=True) as conn:
+        assert conn.execute(call).fetchone() == ("not_found", None, None)
+        for statement in ("SELECT * FROM send_ledger", "UPDATE send_ledger SET state = 'queued'",
+                          "INSERT INTO sender_outbox (message_id, source_partition, topic, key,"
+                          " value) VALUES (gen_random_uuid(), 0, 't', 'k', 'v')",
+                          "SELECT * FROM sender_outbox"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)  # type: ignore[arg-type]
+    for service in ("sender", "projector", "replies", "webhooks", "admin"):
+        role = ServiceSettings(service_name=service).postgres
+        with psycopg.connect(role.conninfo(), autocommit=True) as conn, \
+                pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(call)  # type: ignore[arg-type]
 
 
 def test_templates_are_the_ingest_roles_alone_and_never_rewritten() -> None:

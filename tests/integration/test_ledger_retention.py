@@ -27,7 +27,7 @@ from tests.support.sender import SenderThread, produce, request, smtp_account
 from tests.support.smtp import SmtpServer
 
 DAY = 86400.0
-KEEP, PAYLOAD = 8 * DAY, 1 * DAY  # the defaults: 192 h and 24 h
+KEEP, PAYLOAD = 8 * DAY, 1 * DAY  # 192 h (the default is 912 h) and 24 h (the default)
 
 # name: (state, settled ago, sent ago, admitted ago, pending recipients); ages in hours.
 ROWS: dict[str, tuple[str, float | None, float | None, float, list[str] | None]] = {
@@ -171,7 +171,8 @@ def test_a_running_sender_prunes_periodically_and_keeps_what_it_just_sent(
             settings = SenderSettings(
                 accounts_file=accounts, kafka={"topic_prefix": prefix}, metrics_port=0,
                 poll_seconds=0.2, link_keys_file=tmp_path / "keys.json",
-                ledger_prune_seconds=0.2, ledger_prune_batch=2)
+                ledger_prune_seconds=0.2, ledger_prune_batch=2,
+                ledger_retention_hours=KEEP / 3600)
             event = request(to="ada@example.com")
             with SenderThread(settings):
                 produce(admin_kafka, prefix + "email.requested", registry, [event])

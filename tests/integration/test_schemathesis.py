@@ -34,7 +34,7 @@ ACCEPTING = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 # Schema. Listings take only cursors the API issued; a message must name an
 # account that exists and satisfy rules across fields (content, subject, at
 # most 100 recipients in to, cc and bcc, 512 KiB of content, send_at within
-# 7 days, addresses by RFC 5322); a batch is 422 when no item is accepted;
+# 30 days, addresses by RFC 5322); a batch is 422 when no item is accepted;
 # a webhook URL must be https (here) without user info, a replay's `since`
 # not in the future, and a key has at most 20 endpoints. A stored template
 # must compile in the sandbox, have a name the key does not use yet, and stay
@@ -53,6 +53,11 @@ checks.positive_data_acceptance.expected-statuses = {statuses}
 
 [[operations]]
 include-path-regex = "^/v1/messages(/batch)?$"
+include-method = "POST"
+checks.positive_data_acceptance.expected-statuses = {statuses}
+
+[[operations]]
+include-path-regex = "^/v1/messages/[^/]+/(cancel|reschedule)$"
 include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = {statuses}
 

@@ -101,6 +101,15 @@ def confirmed(message_id: str, at: datetime, outcome: str = "confirmed",
         "requested_to_delivered_us": None}
 
 
+def scheduled(message_id: str, at: datetime, change: str = "cancelled",
+              send_at: datetime | None = None, account: str = "dev"
+              ) -> tuple[str, dict[str, Any]]:
+    """An email.schedule record: a cancel, or a reschedule to send_at."""
+    return "email.schedule", head(message_id, at) | {
+        "account_id": account, "key_id": "k1", "change": change, "send_at": send_at,
+        "reason": "changed plans"}
+
+
 def produce(config: dict[str, Any], namespace: str, registry: Registry,
             events: Iterable[tuple[str, dict[str, Any]]], raw: Iterable[tuple[str, bytes]] = ()
             ) -> None:

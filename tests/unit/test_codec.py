@@ -90,6 +90,10 @@ FULL: dict[str, dict[str, Any]] = {
         "address_hash": "5f1d2b9a3c4e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8",
         "reason": "hard_bounce", "scope": "acct-billing-eu", "active": True,
     },
+    "email.schedule": _head("schedule") | {
+        "account_id": "acct-billing-eu", "key_id": "key_01HQ", "change": "rescheduled",
+        "send_at": T0 + timedelta(days=20), "reason": "the sale moved to next month",
+    },
 }
 
 MINIMAL: dict[str, dict[str, Any]] = {
@@ -107,6 +111,8 @@ MINIMAL: dict[str, dict[str, Any]] = {
         "sent_to_delivered_us": 0},
     "email.suppressions": {"event_id": "e", "occurred_at": T0, "address": "x@example.org",
                            "address_hash": "ab", "reason": "manual"},
+    "email.schedule": _head("schedule") | {"account_id": "a", "key_id": "k",
+                                           "change": "cancelled"},
 }
 
 

@@ -58,7 +58,8 @@ def _every_kind(message_id: str) -> list[tuple[str, dict]]:
             build.delivered(message_id, NOW), build.bounced(message_id, NOW),
             build.responded(message_id, NOW), build.responded(message_id, NOW, "action",
                                                              action_id="yes"),
-            build.confirmed(message_id, NOW), build.confirmed(message_id, NOW, "unconfirmed")]
+            build.confirmed(message_id, NOW), build.confirmed(message_id, NOW, "unconfirmed"),
+            build.scheduled(message_id, NOW)]
 
 
 def test_every_event_type_has_a_body_the_documented_schema_accepts(registry: Registry) -> None:
