@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import PoolTimeout
 
 from mailbus import queries, topics
+from mailbus.ingest.attachments import MESSAGE_RETENTION
 from mailbus.ingest.auth import Key
 from mailbus.ingest.handlers import ApiKey, require_scope
 from mailbus.ingest.models import CancelRequest, RescheduleRequest
@@ -122,6 +123,9 @@ async def change(request: Request, key: ApiKey, raw_id: str, send_at: datetime |
                 "namespace": request.app.state.namespace, "id": message_id, "key_id": owner,
                 "due_at": send_at, "event": value})
             done = await cur.fetchone()
+            if done is not None and done["outcome"] == "rescheduled":
+                await cur.execute(SQL["keep_files"], {
+                    "id": message_id, "expires_at": done["due_at"] + MESSAGE_RETENTION})
     except (PoolTimeout, psycopg.OperationalError) as exc:
         raise unavailable("database unavailable") from exc
     if done is None:

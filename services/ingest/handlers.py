@@ -141,4 +141,5 @@ def message_row(event: dict[str, Any]) -> dict[str, Any]:
         "idempotency_key": event["idempotency_key"],
         "send_at": event["send_at"],
         "requested_at": event["requested_at"],
+        "attachments": [a["sha256"] for a in event["attachments"]],
     }

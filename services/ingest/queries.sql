@@ -75,9 +75,9 @@ WHERE (key_id, idempotency_key) IN (
 -- name: insert_message
 -- ON CONFLICT: a retried batch item with a deterministic id inserts once.
 INSERT INTO messages (id, key_id, account_id, pool, subject, recipients, tags,
-                      idempotency_key, send_at, requested_at)
+                      idempotency_key, send_at, requested_at, attachments)
 VALUES (%(id)s, %(key_id)s, %(account_id)s, %(pool)s, %(subject)s, %(recipients)s, %(tags)s,
-        %(idempotency_key)s, %(send_at)s, %(requested_at)s)
+        %(idempotency_key)s, %(send_at)s, %(requested_at)s, %(attachments)s)
 ON CONFLICT (id) DO NOTHING;
 
 -- name: insert_messages
@@ -86,10 +86,11 @@ ON CONFLICT (id) DO NOTHING;
 -- process's time). jsonb_to_recordset turns each JSON array into the text[]
 -- of its column. ON CONFLICT as above.
 INSERT INTO messages (id, key_id, account_id, pool, subject, recipients, tags,
-                      idempotency_key, send_at, requested_at)
+                      idempotency_key, send_at, requested_at, attachments)
 SELECT id, key_id, account_id, pool, subject, recipients, tags, idempotency_key, send_at,
-       requested_at
+       requested_at, attachments
 FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(
     id uuid, key_id text, account_id text, pool text, subject text, recipients integer,
-    tags text[], idempotency_key text, send_at timestamptz, requested_at timestamptz)
+    tags text[], idempotency_key text, send_at timestamptz, requested_at timestamptz,
+    attachments text[])
 ON CONFLICT (id) DO NOTHING;

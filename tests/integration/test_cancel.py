@@ -431,3 +431,44 @@ def test_the_same_request_read_again_does_not_bring_a_cancelled_message_back(
         time.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()) + 3.0)
         assert ledger(admin, namespace, [mid]) == {mid: "cancelled"}
     assert smtp.handler.messages() == []
+
+
+def test_a_reschedule_keeps_the_messages_files_until_its_new_time(
+        live_ingest, make_key, sender_settings):
+    _, token = make_key(("send", "read"))
+    _, other_token = make_key(("send", "read"))
+    later = datetime.now(UTC) + timedelta(hours=1)
+    moved = later + timedelta(days=20)
+    with client(live_ingest, token) as api, client(live_ingest, other_token) as other:
+        invoice = api.post("/v1/attachments", content=b"%PDF-1.7 invoice 4711",
+                           headers={"Content-Type": "application/octet-stream"}).json()["id"]
+        # The other key holds a file of its own, and the same bytes as ours.
+        spare = other.post("/v1/attachments", content=b"%PDF-1.7 another file",
+                           headers={"Content-Type": "application/octet-stream"}).json()["id"]
+        other.post("/v1/attachments", content=b"%PDF-1.7 invoice 4711",
+                   headers={"Content-Type": "application/octet-stream"})
+        body = message(later) | {"attachments": [
+            {"id": invoice, "filename": "invoice.pdf", "content_type": "application/pdf"}]}
+        accepted = api.post("/v1/messages", json=body)
+        assert accepted.status_code == 202, accepted.text
+        message_id = accepted.json()["id"]
+
+        def expiries() -> dict[tuple[bool, str], datetime]:
+            with role("owner") as conn:
+                rows = conn.execute(
+                    "SELECT r.key_id = m.key_id, r.sha256, r.expires_at FROM attachment_refs r,"
+                    " messages m WHERE m.id = %s AND r.sha256 = ANY(%s)",
+                    (message_id, [invoice, spare])).fetchall()
+            return {(own, sha): at for own, sha, at in rows}
+
+        before = expiries()
+        assert before[(True, invoice)] < moved  # kept for its first time only
+        with SenderThread(sender_settings):
+            answer = queued(api, message_id, "reschedule", {"send_at": moved.isoformat()})
+        assert answer.status_code == 200, answer.text
+        after = expiries()
+        # Our reference now lasts past the new time by what a message's files get;
+        # the other key's references of the same bytes and of its own file stay put.
+        assert after[(True, invoice)] >= moved + timedelta(days=8)
+        assert after[(False, invoice)] == before[(False, invoice)]
+        assert after[(False, spare)] == before[(False, spare)]
