@@ -295,8 +295,9 @@ def test_expired_references_and_unreferenced_files_are_pruned(
         finally:
             await pool.close()
 
-    references, _ = asyncio.run(prune())
-    assert references >= 2
+    # Every ingest serving the shared database runs the same rounds, so one of
+    # another test's may take these rows first: what is asserted is the end state.
+    asyncio.run(prune())
     assert stored(admin, sha["kept"]) == (kept, [kept_key])
     assert stored(admin, sha["gone"]) == (None, [])
     assert stored(admin, sha["shared"]) == (shared, [kept_key])

@@ -152,7 +152,7 @@ def test_a_file_no_longer_stored_fails_the_message_naming_it(tmp_path, namespace
 
 
 def test_gmail_refuses_a_message_over_its_limit_and_it_fails_for_good(
-        tmp_path, namespace, admin_kafka, registry, admin):
+        tmp_path, namespace, admin_kafka, registry, admin, make_key):
     # Past the API's check (an event produced directly, as a replay of an older
     # installation could): the emulator refuses it as Gmail documents, the sender
     # fails it for good instead of retrying.
@@ -160,9 +160,14 @@ def test_gmail_refuses_a_message_over_its_limit_and_it_fails_for_good(
 
     data = b"%" + os.urandom(27 * 1024 * 1024)
     sha = hashlib.sha256(data).hexdigest()
+    key_id, _ = make_key()
     with owner(admin) as conn:
         conn.execute("INSERT INTO attachment_blobs (sha256, size, content) VALUES (%s, %s, %s)"
                      " ON CONFLICT DO NOTHING", (sha, len(data), data))
+        # Referenced, as a file a message names is: the pruning rounds of any ingest
+        # serving this database delete a file nothing references.
+        conn.execute("INSERT INTO attachment_refs (key_id, sha256, expires_at)"
+                     " VALUES (%s, %s, now() + interval '1 hour')", (key_id, sha))
     event = request("g1", to="ada@example.test", attachments=[
         {"sha256": sha, "size": len(data), "filename": "big.pdf",
          "content_type": "application/pdf", "content_id": None}])
