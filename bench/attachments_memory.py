@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -32,11 +31,9 @@ import psycopg
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "bench"), str(REPO)]
-from servers import children, rss_kib, wait_ready  # noqa: E402
+from servers import children, namespace_and_key, rss_kib, wait_ready  # noqa: E402
 
-from mailbus import apikeys  # noqa: E402
 from mailbus.ingest.attachment_rules import MAX_INLINE_BYTES  # noqa: E402
-from mailbus.provision import provision  # noqa: E402
 from mailbus.settings import ServiceSettings  # noqa: E402
 from tests.support.kafka import drop_namespace  # noqa: E402
 from tests.support.sender import smtp_account  # noqa: E402
@@ -66,14 +63,8 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=10, help="MiB of files in the message")
     args = parser.parse_args()
     size = args.mib * 1024 * 1024
-    admin = ServiceSettings(service_name="admin")
-    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    admin, prefix, key = namespace_and_key()
     config = admin.kafka.client_config()
-    provision(config, admin.var_dir / "secrets", prefix, users=False)
-    key = apikeys.generate()
-    with psycopg.connect(admin.postgres.conninfo()) as conn:
-        conn.execute("INSERT INTO api_keys (id, name, secret_sha256, scopes) VALUES"
-                     " (%s, 'bench', %s, '{send}')", (key.key_id, key.secret_sha256))
     workdir = Path(tempfile.mkdtemp(prefix="mailbus-bench-"))
     headers = {"Authorization": f"Bearer {key.token}"}
     rows: list[tuple[str, str, float]] = []

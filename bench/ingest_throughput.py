@@ -39,20 +39,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
-
-import psycopg
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from openloop import offer  # noqa: E402
-from servers import children, rss_kib, wait_ready  # noqa: E402
+from servers import children, namespace_and_key, rss_kib, wait_ready  # noqa: E402
 
-from mailbus import apikeys  # noqa: E402
-from mailbus.provision import provision  # noqa: E402
-from mailbus.settings import ServiceSettings  # noqa: E402
 from tests.support.kafka import drop_namespace  # noqa: E402
 from tests.support.sender import smtp_account  # noqa: E402
 from tests.support.smtp import free_port  # noqa: E402
@@ -167,13 +161,7 @@ def main() -> None:
                              " POST /v1/messages), one process")
     args = parser.parse_args()
 
-    admin = ServiceSettings(service_name="admin")
-    prefix = f"bench{uuid.uuid4().hex[:8]}."
-    provision(admin.kafka.client_config(), admin.var_dir / "secrets", prefix, users=False)
-    key = apikeys.generate()
-    with psycopg.connect(admin.postgres.conninfo()) as conn:
-        conn.execute("INSERT INTO api_keys (id, name, secret_sha256, scopes) VALUES"
-                     " (%s, 'bench', %s, '{send}')", (key.key_id, key.secret_sha256))
+    admin, prefix, key = namespace_and_key("{send}")
     workdir = Path(tempfile.mkdtemp(prefix="mailbus-bench-"))
     accounts = workdir / "accounts.toml"
     accounts.write_text(smtp_account("dev", 2525))  # never sent to: ingest only

@@ -44,19 +44,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 from confluent_kafka import Consumer, TopicPartition
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from openloop import post_all  # noqa: E402
-from servers import children, rss_kib, wait_ready  # noqa: E402
+from servers import children, namespace_and_key, rss_kib, wait_ready  # noqa: E402
 
-from mailbus import apikeys  # noqa: E402
 from mailbus.codec import Registry  # noqa: E402
-from mailbus.provision import provision  # noqa: E402
-from mailbus.settings import ServiceSettings  # noqa: E402
 from tests.support.kafka import drop_namespace  # noqa: E402
 from tests.support.smtp import free_port  # noqa: E402
 
@@ -251,13 +247,7 @@ def main() -> None:
                         help="connections posting single messages (--mode single)")
     args = parser.parse_args()
 
-    admin = ServiceSettings(service_name="admin")
-    prefix = f"bench{uuid.uuid4().hex[:8]}."
-    provision(admin.kafka.client_config(), admin.var_dir / "secrets", prefix, users=False)
-    key = apikeys.generate()
-    with psycopg.connect(admin.postgres.conninfo()) as conn:
-        conn.execute("INSERT INTO api_keys (id, name, secret_sha256, scopes) VALUES"
-                     " (%s, 'bench', %s, '{send,read}')", (key.key_id, key.secret_sha256))
+    admin, prefix, key = namespace_and_key("{send,read}")
     workdir = Path(tempfile.mkdtemp(prefix="mailbus-bench-"))
     sink_port, api_port = free_port(), free_port()
     sink = start_sink(sink_port)

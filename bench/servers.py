@@ -1,12 +1,32 @@
-"""What the benchmarks share: waiting for a server process, its peak memory."""
+"""What the benchmarks share: a namespace and key of their own, waiting for a server process,
+its peak memory."""
 
 from __future__ import annotations
 
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import httpx
+import psycopg
+
+from mailbus import apikeys
+from mailbus.provision import provision
+from mailbus.settings import ServiceSettings
+
+
+def namespace_and_key(scopes: str = "{send}") -> tuple[ServiceSettings, str, apikeys.NewKey]:
+    """The admin's settings, a fresh provisioned topic prefix and an API key with `scopes`
+    (a PostgreSQL array literal), for one run."""
+    admin = ServiceSettings(service_name="admin")
+    prefix = f"bench{uuid.uuid4().hex[:8]}."
+    provision(admin.kafka.client_config(), admin.var_dir / "secrets", prefix, users=False)
+    key = apikeys.generate()
+    with psycopg.connect(admin.postgres.conninfo()) as conn:
+        conn.execute("INSERT INTO api_keys (id, name, secret_sha256, scopes) VALUES"
+                     " (%s, 'bench', %s, %s)", (key.key_id, key.secret_sha256, scopes))
+    return admin, prefix, key
 
 
 def rss_kib(pid: int) -> int:

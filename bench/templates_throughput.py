@@ -23,22 +23,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ingest_throughput import cpu_seconds, serve  # noqa: E402
-from servers import wait_ready  # noqa: E402
+from servers import namespace_and_key, wait_ready  # noqa: E402
 
-from mailbus import apikeys  # noqa: E402
-from mailbus.provision import provision  # noqa: E402
-from mailbus.settings import ServiceSettings  # noqa: E402
 from tests.support.kafka import drop_namespace  # noqa: E402
 from tests.support.sender import smtp_account  # noqa: E402
 from tests.support.smtp import free_port  # noqa: E402
@@ -76,13 +71,7 @@ def main() -> None:
                         help="MAILBUS_KEY_CACHE_SECONDS of the rows with lookups kept")
     args = parser.parse_args()
 
-    admin = ServiceSettings(service_name="admin")
-    prefix = f"bench{uuid.uuid4().hex[:8]}."
-    provision(admin.kafka.client_config(), admin.var_dir / "secrets", prefix, users=False)
-    key = apikeys.generate()
-    with psycopg.connect(admin.postgres.conninfo()) as conn:
-        conn.execute("INSERT INTO api_keys (id, name, secret_sha256, scopes) VALUES"
-                     " (%s, 'bench', %s, '{send}')", (key.key_id, key.secret_sha256))
+    admin, prefix, key = namespace_and_key("{send}")
     workdir = Path(tempfile.mkdtemp(prefix="mailbus-bench-"))
     accounts = workdir / "accounts.toml"
     accounts.write_text(smtp_account("dev", 2525))  # never sent to: ingest only
