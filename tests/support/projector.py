@@ -111,16 +111,20 @@ def scheduled(message_id: str, at: datetime, change: str = "cancelled",
 
 
 def produce(config: dict[str, Any], namespace: str, registry: Registry,
-            events: Iterable[tuple[str, dict[str, Any]]], raw: Iterable[tuple[str, bytes]] = ()
-            ) -> None:
+            events: Iterable[tuple[str, dict[str, Any]]], raw: Iterable[tuple[str, bytes]] = (),
+            partition: int | None = None) -> None:
     """Append events as their producers do: email.requested keyed by account, the rest by
-    message id; `raw` values go as they are (for records that must not decode)."""
+    message id; `raw` values go as they are (for records that must not decode). With
+    `partition`, every event goes to that partition of its topic, keyed all the same."""
     producer = Producer({**config, "enable.idempotence": True})
+    # -1: librdkafka's "unassigned", the partitioner picks by key.
+    where = -1 if partition is None else partition
     for topic, event in events:
         field = {"email.requested": "account_id",
                  "email.suppressions": "address_hash"}.get(topic, "message_id")
         key = event[field]
-        producer.produce(namespace + topic, registry.encode(topic, event), key=key.encode())
+        producer.produce(namespace + topic, registry.encode(topic, event), key=key.encode(),
+                         partition=where)
     for topic, value in raw:
         producer.produce(namespace + topic, value, key=b"junk")
     assert producer.flush(30) == 0
