@@ -415,9 +415,11 @@ def test_settles_that_fail_are_retried_until_they_land(namespace, tmp_path: Path
                         assert time.monotonic() < deadline, states
                         time.sleep(0.2)
                 assert thread.sender is not None
-            sent = [registry.decode(m.value())[1]
-                    for m in read_all(admin_kafka, namespace + "email.sent", settle=3.0,
-                                      timeout=60)]
+                # Read while the sender runs: an event whose produce the cut
+                # interrupted waits in its outbox for the next sweep.
+                sent = [registry.decode(m.value())[1]
+                        for m in read_all(admin_kafka, namespace + "email.sent",
+                                          expect=RETRY_COUNT, settle=3.0, timeout=60)]
             received = Counter(m["X-Mailbus-Message-Id"] for m in smtp.handler.messages())
     finally:
         proxy.close()
