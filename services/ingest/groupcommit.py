@@ -67,6 +67,19 @@ def queued(message_id: str) -> Answer:
 async def commit_group(ing: Ingestor, members: Sequence[Member]) -> list[Outcome[Answer]]:
     """Accept a group of members in one transaction; one outcome per member, in order."""
     metrics.GROUP_SIZE.observe(len(members))
+    try:
+        return await _commit(ing, members)
+    except psycopg.errors.ForeignKeyViolation:
+        # A member's key was deleted by hand while the insert checked it (the
+        # insert leaves out keys already gone). Once more: this time it is gone.
+        # The events of the first attempt are in Kafka already; the second
+        # produces the same message ids, which the sender admits once.
+        log.warning("a key of a group of %d was deleted meanwhile; committing again",
+                    len(members))
+        return await _commit(ing, members)
+
+
+async def _commit(ing: Ingestor, members: Sequence[Member]) -> list[Outcome[Answer]]:
     outcomes: list[Outcome[Answer] | None] = [None] * len(members)
     sql = ing.sql
     try:

@@ -84,7 +84,10 @@ ON CONFLICT (id) DO NOTHING;
 -- A group commit's rows in one statement: one JSON array of rows rather than
 -- a statement per row (the per-row protocol work was a seventh of the
 -- process's time). jsonb_to_recordset turns each JSON array into the text[]
--- of its column. ON CONFLICT as above.
+-- of its column. ON CONFLICT as above. A row whose key was deleted (by hand:
+-- the API only revokes) since its request was authenticated is left out
+-- rather than failing the group: its event travels beside the others and is
+-- accepted like them, and with its key gone nobody could read the row.
 INSERT INTO messages (id, key_id, account_id, pool, subject, recipients, tags,
                       idempotency_key, send_at, requested_at, attachments)
 SELECT id, key_id, account_id, pool, subject, recipients, tags, idempotency_key, send_at,
@@ -93,4 +96,5 @@ FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(
     id uuid, key_id text, account_id text, pool text, subject text, recipients integer,
     tags text[], idempotency_key text, send_at timestamptz, requested_at timestamptz,
     attachments text[])
+WHERE EXISTS (SELECT 1 FROM api_keys k WHERE k.id = r.key_id)
 ON CONFLICT (id) DO NOTHING;

@@ -178,6 +178,10 @@ class Ingestor:
                 raise unavailable(str(exc)) from exc
             except psycopg.OperationalError as exc:
                 raise unavailable("database unavailable") from exc
+            except psycopg.errors.ForeignKeyViolation as exc:
+                # The key was deleted by hand since this request was authenticated;
+                # the rows come before any produce, so nothing was accepted.
+                raise unauthorized() from exc
         for p in planned:
             metrics.ACCEPTED.labels(p.account_id, p.pool or "").inc()
         return status, body
