@@ -414,10 +414,11 @@ def test_the_same_request_read_again_does_not_bring_a_cancelled_message_back(
     # A replay into the live namespace, or an offset reset, hands the sender the
     # very record again: the ledger's cancelled row keeps it from being sent.
     _, token = make_key(("send", "read"))
-    # Late enough to be cancelled before it is due, however slowly the sender
-    # joins its group on a busy machine.
-    due = datetime.now(UTC) + timedelta(seconds=12)
-    with client(live_ingest, token) as api, SenderThread(sender_settings):
+    with client(live_ingest, token) as api, SenderThread(sender_settings) as running:
+        # Timed from the sender owning its partitions: the lead covers admission
+        # and the cancel only.
+        running.wait_owning_all()
+        due = datetime.now(UTC) + timedelta(seconds=12)
         mid = api.post("/v1/messages", json=message(due)).json()["id"]
         assert queued(api, mid).json()["result"] == "cancelled"
         [record] = read_all(admin_kafka, namespace + topics.REQUESTED, expect=1)

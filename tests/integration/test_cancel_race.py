@@ -38,11 +38,13 @@ def test_every_message_is_sent_once_or_cancelled_never_both(
         live_ingest, make_key, sender_settings, smtp, namespace, admin, admin_kafka,  # noqa: F811
         registry):
     _, token = make_key(("send", "read"))
-    start = datetime.now(UTC) + timedelta(seconds=LEAD)
-    items = [{"from": "dev", "to": [f"user{i}@example.com"], "subject": f"race {i}",
-              "text": "Timing.", "send_at": (start + timedelta(seconds=SPREAD * i / N)).isoformat()}
-             for i in range(N)]
-    with SenderThread(sender_settings), client(live_ingest, token) as api:
+    with SenderThread(sender_settings) as running, client(live_ingest, token) as api:
+        running.wait_owning_all()  # the lead covers admission, not the group join
+        start = datetime.now(UTC) + timedelta(seconds=LEAD)
+        items = [{"from": "dev", "to": [f"user{i}@example.com"], "subject": f"race {i}",
+                  "text": "Timing.",
+                  "send_at": (start + timedelta(seconds=SPREAD * i / N)).isoformat()}
+                 for i in range(N)]
         accepted = api.post("/v1/messages/batch", json={"messages": items})
         assert accepted.status_code == 202, accepted.text
         ids = [r["id"] for r in accepted.json()["results"]]

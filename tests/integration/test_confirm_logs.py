@@ -34,7 +34,10 @@ def test_every_line_the_confirm_service_writes_is_json(namespace: str, tmp_path:
                 assert time.monotonic() < deadline, err.read_text(errors="replace")[-4000:]
                 time.sleep(0.2)
             proc.send_signal(signal.SIGHUP)  # a reload line, too
-            time.sleep(1.0)
+            while "accounts reloaded" not in err.read_text(errors="replace"):
+                assert proc.poll() is None, err.read_text(errors="replace")[-4000:]
+                assert time.monotonic() < deadline + 30, "no reload line after SIGHUP"
+                time.sleep(0.2)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)

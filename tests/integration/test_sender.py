@@ -24,7 +24,7 @@ from mailbus.sender.settings import SenderSettings
 from mailbus.tokens import Keyring, verify
 from tests.support.kafka import read_all
 from tests.support.sender import SenderThread, produce, request, smtp_account
-from tests.support.smtp import SmtpServer, free_port
+from tests.support.smtp import SmtpServer
 
 
 @pytest.fixture
@@ -331,11 +331,12 @@ class Proxy:
     """Forwards 127.0.0.1:port to PostgreSQL until cut; then refuses and drops everything."""
 
     def __init__(self, target: tuple[str, int]):
-        self.target, self.port = target, free_port()
+        self.target = target
         self.open = True
         self._socks: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -470,9 +471,13 @@ def test_a_timeout_after_data_is_retried_as_a_possible_duplicate(namespace, tmp_
             while len(handler.received) < 2:
                 assert time.monotonic() < deadline, len(handler.received)
                 time.sleep(0.1)
-            sent = [registry.decode(m.value())[1]
-                    for m in read_all(admin_kafka, namespace + "email.sent", settle=2.0,
-                                      timeout=30)]
+            # Its email.sent follows the second 250, the settle and the outbox produce.
+            assert len(read_all(admin_kafka, namespace + "email.sent", expect=1,
+                                timeout=60)) == 1
+        # Stopped: whatever the sender wrote is in the topic now, all of it read.
+        sent = [registry.decode(m.value())[1]
+                for m in read_all(admin_kafka, namespace + "email.sent", settle=2.0,
+                                  timeout=30)]
     ids = [m["X-Mailbus-Message-Id"] for m in handler.messages()]
     assert ids == [event["message_id"]] * 2  # it did reach the server twice
     assert [e["possible_duplicate"] for e in sent] == [True]  # and its email.sent says so

@@ -207,7 +207,8 @@ def test_a_silent_server_times_out():
         await asyncio.sleep(5)
 
     async def client(port: int) -> None:
-        session = await open_session(port, timeout=0.5)
+        session = await open_session(port)  # greeted and EHLO'd without a hurry
+        session.timeout = 0.5  # then the server goes silent: this is what is tested
         with pytest.raises(TimeoutError):
             await session.send("a@sender.test", ["b@example.test"], MESSAGE)
         assert not session.connected

@@ -141,6 +141,8 @@ def test_a_template_that_takes_too_long_to_compile_is_refused_and_the_api_goes_o
     _, token = make_key()
     # 512 KiB of expressions: seconds of the parser's CPU, in the compiling process.
     slow = {"name": "slow", "text": "{{ a }}" * (512 * 1024 // 7)}
+    # Warm: the producer's first contact with the broker is not what is measured.
+    assert api.post("/v1/messages", json=MESSAGE, headers=auth(token)).status_code == 202
     with httpx.Client(base_url=str(api.base_url), timeout=60) as other:
         posted = threading.Thread(target=lambda: answers.append(
             other.post("/v1/templates", json=slow, headers=auth(token))))

@@ -171,14 +171,17 @@ def test_every_event_reaches_its_keys_endpoint_signed_once_per_type_and_key(
         assert verified(rotated, new["secret"]) == verified(rotated, ea["secret"])
         got_a = [verified(x, ea["secret"]) for x in receiver.on("/a")[:3]]
         got_b = [verified(x, eb["secret"]) for x in receiver.on("/b")]
-    assert [(d["type"], d["data"]["event_id"]) for d in got_a] == [
+    # The events sit on different topics, whose partitions the intake starts
+    # reading at different moments: their order across topics is not promised
+    # (order within one partition is, tested below). The test call came after both.
+    assert sorted((d["type"], d["data"]["event_id"]) for d in got_a[:2]) == sorted([
         ("message.sent", events[0][1]["event_id"]),
-        ("message.delivered", events[1][1]["event_id"]),
-        ("webhook.test", test_id)]
+        ("message.delivered", events[1][1]["event_id"])])
+    assert (got_a[2]["type"], got_a[2]["data"]["event_id"]) == ("webhook.test", test_id)
     assert {d["data"]["message_id"] for d in got_a[:2]} == {ma}
-    assert [(d["type"], d["data"]["message_id"]) for d in got_b] == [
-        ("message.sent", mb), ("message.response", mb)]
-    assert got_b[1]["data"]["text"] == "Yes!"
+    assert sorted((d["type"], d["data"]["message_id"]) for d in got_b) == [
+        ("message.response", mb), ("message.sent", mb)]
+    assert [d["data"]["text"] for d in got_b if d["type"] == "message.response"] == ["Yes!"]
     # Every attempt is listed, newest first, with what the endpoint answered.
     assert [x["status_code"] for x in attempts] == [200, 200, 200]
     assert attempts[0]["event_id"] == test_id and attempts[0]["response"] == "ok"
@@ -361,10 +364,10 @@ def test_replay_delivers_again_in_order_with_the_same_ids_beside_live_deliveries
         events = [build.sent(ma, start + timedelta(seconds=1)),
                   build.delivered(ma, start + timedelta(seconds=2)),
                   build.sent(mb, start + timedelta(seconds=3))]
+        since = datetime.now(UTC) - timedelta(seconds=1)  # all of them are written after
         build.produce(admin_kafka, namespace, registry, older + events)
         with WebhooksService(settings_for(namespace)):
             eventually(lambda: _count(receiver, "/a", 3) and _count(receiver, "/b", 1))
-            since = datetime.now(UTC) - timedelta(seconds=30)  # all of them were written since
             r = a.http.post(f"/v1/webhooks/endpoints/{e['id']}/replay",
                             json={"since": since.isoformat()})
             assert r.status_code == 202, r.text

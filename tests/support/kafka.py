@@ -40,29 +40,38 @@ def read_all(config: dict[str, Any], topic: str, *, expect: int | None = None,
     """Every record of a topic from the beginning.
 
     With `expect`, returns as soon as that many arrived (or fails at the
-    deadline); without, reads until nothing new arrived for `settle` s.
+    deadline); without, reads until every partition reached its end and then
+    nothing new arrived for `settle` s. Reaching the end first matters on a
+    slow broker: the first fetch can take longer than `settle` by itself.
     """
     consumer = Consumer({
         **config,
         "group.id": f"test-{uuid.uuid4().hex}",
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
+        "enable.partition.eof": True,
     })
     try:
         meta = consumer.list_topics(topic, timeout=10)
         parts = meta.topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+        at_end: set[int] = set()
         out: list[Message] = []
         deadline = time.monotonic() + timeout
         last_new = time.monotonic()
         while time.monotonic() < deadline:
             msg = consumer.poll(0.2)
             if msg is None:
-                if expect is None and time.monotonic() - last_new > settle:
+                if (expect is None and len(at_end) == len(parts)
+                        and time.monotonic() - last_new > settle):
                     break
                 continue
             if msg.error():
                 if msg.error().code() == KafkaError._PARTITION_EOF:
+                    if len(at_end) < len(parts):
+                        at_end.add(msg.partition() or 0)
+                        if len(at_end) == len(parts):
+                            last_new = time.monotonic()  # quiet from here on
                     continue
                 raise AssertionError(f"consumer error: {msg.error()}")
             out.append(msg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -95,6 +96,22 @@ class SenderThread:
         if self.error:
             raise self.error
         return self
+
+    def wait_owning_all(self, timeout: float = 90.0) -> None:
+        """Until this sender is ready and owns every partition of email.requested:
+        a test whose timing starts here does not count the group join."""
+        from mailbus.topics import ACCOUNT_PARTITIONS
+
+        deadline = time.monotonic() + timeout
+        while True:
+            sender = self.sender
+            if self.error:
+                raise self.error
+            if (sender is not None and sender.readiness()["status"] == "ok"
+                    and len(sender.admission.partitions()) == ACCOUNT_PARTITIONS):
+                return
+            assert time.monotonic() < deadline, "the sender did not take its partitions"
+            time.sleep(0.1)
 
     def __exit__(self, *exc: object) -> None:
         if self._loop and self.sender:
