@@ -17,8 +17,13 @@ and discards mail as fast as a real server's protocol allows. Rows:
                 the sender and its composer used per message while timed: the
                 figure other load on the machine moves least.
 
+With --file-kib K every message also carries one stored file of K KiB, the
+same for all (a campaign's PDF), and the mailbus rows run at --connections
+with the sender's file cache on (MAILBUS_ATTACHMENT_CACHE_MIB, its default)
+and off (0): the baseline of the same run.
+
 Usage: .venv/bin/python bench/sender_throughput.py [--messages 4000] [--connections 4]
-                                                   [--settling N] [--quick]
+                                                   [--settling N] [--quick] [--file-kib K]
 Needs `make infra` (Kafka and PostgreSQL running) and /usr/sbin/smtp-sink.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import shutil
 import smtplib
@@ -34,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
@@ -44,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from servers import children  # noqa: E402
 
+from mailbus import apikeys  # noqa: E402
 from mailbus.codec import Registry  # noqa: E402
 from mailbus.provision import provision  # noqa: E402
 from mailbus.settings import ServiceSettings  # noqa: E402
@@ -126,7 +134,8 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettings,
-                workdir: Path, settling: int | None) -> tuple[float, float, float, float]:
+                workdir: Path, settling: int | None, file: dict[str, object] | None = None,
+                env_extra: dict[str, str] | None = None) -> tuple[float, float, float, float]:
     """(msg/s from the first message sent to the last, peak RSS MiB of the sender and
     of its child processes, the composer's, CPU milliseconds per message the sender and
     its children used meanwhile)."""
@@ -142,7 +151,10 @@ def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettin
            "MAILBUS_POLL_SECONDS": "0.2", "MAILBUS_LOG_LEVEL": "WARNING"}
     if settling is not None:
         env["MAILBUS_SETTLING_PER_CONNECTION"] = str(settling)
-    events = [request("bench", to=f"r{i}@example.com", text=BODY) for i in range(messages)]
+    env.update(env_extra or {})
+    files = {"attachments": [file]} if file is not None else {}
+    events = [request("bench", to=f"r{i}@example.com", text=BODY, **files)
+              for i in range(messages)]
     produce(config, prefix + "email.requested", Registry.load(), events)
     sender = subprocess.Popen([sys.executable, "-m", "mailbus", "sender"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -176,6 +188,32 @@ def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettin
     return (messages - at_first) / elapsed, rss, child_rss, cpu * 1000 / (messages - at_first)
 
 
+def stored_file(kib: int) -> tuple[dict[str, object], Callable[[], None]]:
+    """A file of `kib` KiB stored as the API stores an upload (referenced by a key of
+    its own, so no pruning round takes it), its attachment entry, and its removal."""
+    key = apikeys.generate()
+    with psycopg.connect(ServiceSettings(service_name="admin").postgres.conninfo()) as conn:
+        conn.execute("INSERT INTO api_keys (id, name, secret_sha256, scopes) VALUES"
+                     " (%s, 'bench', %s, '{send}')", (key.key_id, key.secret_sha256))
+    data = b"%PDF-1.7\n" + os.urandom(kib * 1024 - 9)
+    sha = hashlib.sha256(data).hexdigest()
+    owner = ServiceSettings(service_name="owner").postgres.conninfo()
+    with psycopg.connect(owner) as conn:
+        conn.execute("INSERT INTO attachment_blobs (sha256, size, content) VALUES (%s, %s, %s)"
+                     " ON CONFLICT DO NOTHING", (sha, len(data), data))
+        conn.execute("INSERT INTO attachment_refs (key_id, sha256, expires_at)"
+                     " VALUES (%s, %s, now() + interval '1 day')", (key.key_id, sha))
+
+    def remove() -> None:
+        with psycopg.connect(owner) as conn:
+            conn.execute("DELETE FROM attachment_refs WHERE key_id = %s", (key.key_id,))
+            conn.execute("DELETE FROM attachment_blobs WHERE sha256 = %s", (sha,))
+            conn.execute("DELETE FROM api_keys WHERE id = %s", (key.key_id,))
+
+    return {"sha256": sha, "size": len(data), "filename": "invoice.pdf",
+            "content_type": "application/pdf", "content_id": None}, remove
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=4000)
@@ -184,6 +222,9 @@ def main() -> None:
                         help="MAILBUS_SETTLING_PER_CONNECTION of the sender (default: its own)")
     parser.add_argument("--quick", action="store_true",
                         help="only bare smtplib and mailbus at --connections")
+    parser.add_argument("--file-kib", type=int, default=0,
+                        help="one shared stored file of this size in every message; the"
+                             " mailbus rows with the sender's file cache on and off")
     args = parser.parse_args()
     admin = ServiceSettings(service_name="admin")
     port = free_port()
@@ -191,32 +232,44 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="mailbus-bench-"))
     rows: list[tuple[str, int, float, tuple[float, float, float] | None]] = []
     counts = (args.connections,) if args.quick else (1, args.connections)
+    remove: Callable[[], None] = lambda: None  # noqa: E731
     try:
-        rows.append(("bare smtplib", 1, bare_smtplib(port, args.messages), None))
-        for n in () if args.quick else counts:
-            rows.append(("bare loop", n, asyncio.run(bare_loop(port, args.messages, n)), None))
-        for n in counts:
-            rate, rss, child, cpu = mailbus_run(port, args.messages, n, admin, workdir,
-                                                args.settling)
-            rows.append(("mailbus", n, rate, (rss, child, cpu)))
+        if args.file_kib:
+            file, remove = stored_file(args.file_kib)
+            for label, cache in (("cache off", "0"), ("cache on", None)):
+                rate, rss, child, cpu = mailbus_run(
+                    port, args.messages, args.connections, admin, workdir, args.settling,
+                    file, {"MAILBUS_ATTACHMENT_CACHE_MIB": cache} if cache else {})
+                rows.append((f"mailbus, {label}", args.connections, rate, (rss, child, cpu)))
+        else:
+            rows.append(("bare smtplib", 1, bare_smtplib(port, args.messages), None))
+            for n in () if args.quick else counts:
+                rows.append(("bare loop", n, asyncio.run(bare_loop(port, args.messages, n)),
+                             None))
+            for n in counts:
+                rate, rss, child, cpu = mailbus_run(port, args.messages, n, admin, workdir,
+                                                    args.settling)
+                rows.append(("mailbus", n, rate, (rss, child, cpu)))
     finally:
+        remove()
         sink.terminate()
         sink.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nsender to smtp-sink, {args.messages} messages of {len(BODY)} B body per row,"
-          f" {os.cpu_count()} cores, settling per connection "
+    files = f", one shared {args.file_kib} KiB file each" if args.file_kib else ""
+    print(f"\nsender to smtp-sink, {args.messages} messages of {len(BODY)} B body{files} per"
+          f" row, {os.cpu_count()} cores, settling per connection "
           f"{'the default' if args.settling is None else args.settling}")
-    print(f"{'path':<12} {'connections':>11} {'msg/s':>9} {'peak RSS MiB':>13}"
+    print(f"{'path':<18} {'connections':>11} {'msg/s':>9} {'peak RSS MiB':>13}"
           f" {'composer MiB':>13} {'CPU ms/msg':>11}")
     for path, n, rate, memory in rows:
-        line = f"{path:<12} {n:>11} {rate:>9.1f}"
+        line = f"{path:<18} {n:>11} {rate:>9.1f}"
         if memory is not None:
             line += f" {memory[0]:>13.1f} {memory[1]:>13.1f} {memory[2]:>11.3f}"
         print(line)
     bare = rows[0][2]
-    for path, n, rate, _ in rows:
-        if path == "mailbus":
-            print(f"mailbus/bare smtplib at {n} connection(s): {rate / bare:.2f}")
+    for path, n, rate, _ in rows[1:] if args.file_kib else rows:
+        if path.startswith("mailbus"):
+            print(f"{path}/{rows[0][0]} at {n} connection(s): {rate / bare:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 
 SCOPES = ("send", "read", "admin", "webhooks")
 PREFIX = "mbk_"
@@ -27,8 +28,18 @@ class NewKey:
 def generate() -> NewKey:
     """Make a key id and a 256-bit secret."""
     key_id = "".join(secrets.choice(_B32) for _ in range(10))
-    secret = secrets.token_urlsafe(32)
-    return NewKey(key_id, f"{PREFIX}{key_id}.{secret}", hash_secret(secret))
+    secret = new_secret()
+    return NewKey(key_id, token(key_id, secret), hash_secret(secret))
+
+
+def new_secret() -> str:
+    """A 256-bit secret, URL-safe base64 (43 characters)."""
+    return secrets.token_urlsafe(32)
+
+
+def token(key_id: str, secret: str) -> str:
+    """The token a caller presents: `mbk_<key id>.<secret>`."""
+    return f"{PREFIX}{key_id}.{secret}"
 
 
 def hash_secret(secret: str) -> bytes:
@@ -45,6 +56,18 @@ def parse(token: str) -> tuple[str, str] | None:
 def matches(secret: str, stored_sha256: bytes) -> bool:
     """Constant-time comparison of a presented secret with the stored hash."""
     return secrets.compare_digest(hash_secret(secret), stored_sha256)
+
+
+def accepts(secret: str, current_sha256: bytes, previous_sha256: bytes | None,
+            previous_valid_until: datetime | None, now: datetime) -> bool:
+    """Whether a presented secret is the key's: its current one, or the one a
+    rotation replaced while that is still within its grace time. Both are
+    compared every time, so the answer takes as long whichever matched."""
+    current = matches(secret, current_sha256)
+    previous = matches(secret, previous_sha256 or bytes(32))
+    in_grace = (previous_sha256 is not None and previous_valid_until is not None
+                and now < previous_valid_until)
+    return current or (previous and in_grace)
 
 
 # A key's own request rate, in the `limits` notation ('100/second', '6000 per

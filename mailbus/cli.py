@@ -285,16 +285,7 @@ def keys_create(
             " VALUES (%s, %s, %s, %s, %s, %s)",
             (key.key_id, name, key.secret_sha256, wanted, allowed, default_pool),
         )
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key.token + "\n")
-        os.chmod(output, 0o600)
-        console.print(f"key {key.key_id} created; token written to {output}")
-    else:
-        console.print(f"key {key.key_id} created. Token (shown once):")
-        print(key.token)
+    _hand_over(key.token, output, f"key {key.key_id} created")
 
 
 @keys_app.command("ensure")
@@ -328,20 +319,72 @@ def keys_revoke(key_id: str) -> None:
     console.print(f"key {key_id} revoked")
 
 
+MAX_ROTATION_GRACE = 7 * 24 * 3600
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    key_id: str,
+    grace: Annotated[int, typer.Option(
+        help="Seconds the replaced secret keeps working (0: none, at most 7 days).",
+        min=0, max=MAX_ROTATION_GRACE)] = 24 * 3600,
+    output: Annotated[Path | None, typer.Option(help="Write the token to this file (0600).")]
+    = None,
+) -> None:
+    """Give a key a new secret and print its token once. The key keeps its id, scopes
+    and everything that belongs to it; the old secret works for --grace seconds."""
+    fresh = apikeys.hash_secret(secret := apikeys.new_secret())
+    with psycopg.connect(_admin().postgres.conninfo()) as conn:
+        # A second rotation within the grace replaces the older secret at once:
+        # two secrets at most are ever valid.
+        row = conn.execute(
+            "UPDATE api_keys SET previous_secret_sha256 = CASE WHEN %(grace)s > 0"
+            " THEN secret_sha256 END, previous_valid_until = CASE WHEN %(grace)s > 0"
+            " THEN now() + make_interval(secs => %(grace)s) END, secret_sha256 = %(fresh)s"
+            " WHERE id = %(id)s AND revoked_at IS NULL RETURNING previous_valid_until",
+            {"grace": grace, "fresh": fresh, "id": key_id}).fetchone()
+    if row is None:
+        console.print(f"no live key {key_id}")
+        raise typer.Exit(1)
+    # An ingest keeping keys (MAILBUS_KEY_CACHE_SECONDS) sees the change within that time.
+    until = (f"the old secret works until {row[0]:%Y-%m-%d %H:%M:%S %Z}" if row[0]
+             else "the old secret no longer works (within MAILBUS_KEY_CACHE_SECONDS"
+                  " where the API keeps keys)")
+    _hand_over(apikeys.token(key_id, secret), output, f"key {key_id} rotated; {until}")
+
+
+def _hand_over(token: str, output: Path | None, done: str) -> None:
+    """Write a token to a 0600 file, or print it once."""
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        os.chmod(output, 0o600)
+        console.print(f"{done}; token written to {output}")
+    else:
+        console.print(f"{done}. Token (shown once):")
+        print(token)
+
+
 @keys_app.command("list")
 def keys_list() -> None:
     """List keys (never their secrets)."""
     with psycopg.connect(_admin().postgres.conninfo()) as conn:
         rows = conn.execute("SELECT id, name, scopes, accounts, default_pool, created_at,"
-                            " revoked_at FROM api_keys ORDER BY created_at").fetchall()
-    table = Table("name", "scopes", "accounts", "default pool", "created", "revoked")
+                            " revoked_at, CASE WHEN previous_valid_until > now()"
+                            " THEN previous_valid_until END"
+                            " FROM api_keys ORDER BY created_at").fetchall()
+    table = Table("name", "scopes", "accounts", "default pool", "created", "revoked",
+                  "old secret until")
     # The id is what every other command takes: never wrapped or cut.
     table.add_column("id", no_wrap=True, min_width=10)
     table.columns.insert(0, table.columns.pop())
     for r in rows:
         revoked = f"{r[6]:%Y-%m-%d %H:%M}" if r[6] else ""
         table.add_row(r[0], r[1], ",".join(r[2]), ",".join(r[3]) if r[3] else "all",
-                      r[4] or "", f"{r[5]:%Y-%m-%d %H:%M}", revoked)
+                      r[4] or "", f"{r[5]:%Y-%m-%d %H:%M}", revoked,
+                      f"{r[7]:%Y-%m-%d %H:%M}" if r[7] else "")
     console.print(table)
 
 

@@ -76,7 +76,10 @@ async def commit_group(ing: Ingestor, members: Sequence[Member]) -> list[Outcome
         # produces the same message ids, which the sender admits once.
         log.warning("a key of a group of %d was deleted meanwhile; committing again",
                     len(members))
+    try:
         return await _commit(ing, members)
+    except psycopg.errors.ForeignKeyViolation:  # keys deleted again: let the clients retry
+        return [unavailable("keys changed meanwhile, retry", 1) for _ in members]
 
 
 async def _commit(ing: Ingestor, members: Sequence[Member]) -> list[Outcome[Answer]]:

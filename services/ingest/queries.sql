@@ -4,8 +4,13 @@
 -- The keys of the requests that arrived together, by primary key: one round
 -- trip for a group of lookups (services/ingest/coalesce.py), each sent after
 -- its request arrived. What it reads is kept MAILBUS_KEY_CACHE_SECONDS
--- (keycache.py): a revocation is honoured within that time.
-SELECT id, secret_sha256, scopes, accounts, default_pool, revoked_at, rate_limit
+-- (keycache.py): a revocation is honoured within that time. A rotated-out
+-- secret (migration 0020) comes with how long it stays valid, measured by the
+-- database's clock, which set its end; authenticate() checks it on every
+-- request, cached or not.
+SELECT id, secret_sha256, scopes, accounts, default_pool, revoked_at, rate_limit,
+       previous_secret_sha256,
+       extract(epoch FROM previous_valid_until - now())::float8 AS previous_valid_seconds
 FROM api_keys WHERE id = ANY(%(ids)s);
 
 -- name: forget_expired_idempotency

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, cast
 
@@ -83,6 +83,9 @@ class Ingestor:
             raise unauthorized()
         key_id, secret = parsed
         row = self.keys.get(key_id)
+        if row is not None and not self._accepts(row, secret):
+            # Kept from before a rotation, maybe: the new secret must work at once.
+            row = None
         if row is None:
             # Its age counts from before the lookup: a revocation committed
             # while it was under way is seen within the TTL all the same.
@@ -90,19 +93,30 @@ class Ingestor:
             row = await self._lookups.submit(key_id)
             if row is not None:
                 self.keys.put(key_id, row, asked_at)
-        if row is None or row["revoked_at"] is not None or not apikeys.matches(
-            secret, row["secret_sha256"]
-        ):
+        if row is None or row["revoked_at"] is not None or not self._accepts(row, secret):
             raise unauthorized()
         accounts = frozenset(row["accounts"]) if row["accounts"] is not None else None
         return ApiKey(row["id"], frozenset(row["scopes"]), accounts, row["default_pool"],
                       row["rate_limit"])
 
+    @staticmethod
+    def _accepts(row: DictRow, secret: str) -> bool:
+        return apikeys.accepts(secret, row["secret_sha256"], row["previous_secret_sha256"],
+                               row["previous_valid_until"], datetime.now(UTC))
+
     async def _lookup_keys(self, key_ids: Sequence[str]) -> list[Outcome[DictRow | None]]:
         try:
             async with self.connection() as conn:
                 cur = await conn.execute(SQL["keys_by_id"], {"ids": list(set(key_ids))})
-                by_id = {row["id"]: row for row in await cur.fetchall()}
+                rows = await cur.fetchall()
+                # The grace's end on this host's clock: however far it is from the
+                # database's, the grace lasts what the rotation gave it.
+                now = datetime.now(UTC)
+                by_id = {row["id"]: row | {"previous_valid_until": None
+                                           if row["previous_valid_seconds"] is None
+                                           else now + timedelta(
+                                               seconds=row["previous_valid_seconds"])}
+                         for row in rows}
         except (Problem, psycopg.OperationalError):
             return [unavailable("database unavailable") for _ in key_ids]
         return [by_id.get(k) for k in key_ids]

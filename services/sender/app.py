@@ -21,6 +21,7 @@ from mailbus.producer import AsyncProducer
 from mailbus.reload import AccountsReloader, changes
 from mailbus.sender import metrics
 from mailbus.sender.admit import Admission
+from mailbus.sender.attachments import BlobCache
 from mailbus.sender.composer import DEADLINE_SECONDS as COMPOSER_DEADLINE
 from mailbus.sender.composer import Composer, Setup
 from mailbus.sender.context import Context
@@ -162,6 +163,8 @@ class Sender:
             retry_cap=s.retry_cap_seconds, poll_seconds=s.poll_seconds,
             claim_depth=s.claim_depth,
             settling_per_connection=s.settling_per_connection,
+            files=BlobCache(s.attachment_cache_mib * 1024 * 1024) if s.attachment_cache_mib
+            else None,
             composer=self._composer())
         for part in parts.values():
             await self._start_worker(part)

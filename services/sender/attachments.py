@@ -18,11 +18,14 @@ part's header block is parsed back and must say exactly what was built.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
 import secrets
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from email import policy
 from email.parser import BytesHeaderParser
 from typing import Any
@@ -33,6 +36,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from mailbus import filerules
 from mailbus.errors import UnavailableError
+from mailbus.sender import metrics
 from mailbus.sender.headers import ComposeFailed
 
 FETCH = "SELECT sha256, content FROM attachment_blobs WHERE sha256 = ANY(%(sha256s)s)"
@@ -51,16 +55,108 @@ class StoreUnavailable(UnavailableError):
     """The files could not be read (PostgreSQL down): the message is tried again later."""
 
 
-async def fetch(pool: AsyncConnectionPool, files: Sequence[dict[str, Any]]) -> dict[str, bytes]:
-    """The stored bytes of the files an event names, by hash (missing ones left out)."""
-    wanted = sorted({f["sha256"] for f in files})
+class BlobCache:
+    """Recently read files by SHA-256, so that messages sharing one file (a batch,
+    a campaign) read it from PostgreSQL once rather than once per message.
+
+    Content-addressed bytes never change, so a kept copy is never stale; it is
+    kept at most `ttl` seconds all the same, so a file pruned from the store
+    stops being sent soon after, as it would without the cache. Least recently
+    used files go first past `max_bytes`; a file over a quarter of it is not
+    kept. Messages composed at the same time wait for one read of a file
+    rather than each starting its own.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, ttl: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_bytes, self.ttl, self.clock = max_bytes, ttl, clock
+        self._files: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._reading: dict[str, asyncio.Future[dict[str, bytes]]] = {}
+        self.size = 0
+
+    def get(self, sha256: str) -> bytes | None:
+        kept = self._files.get(sha256)
+        if kept is None:
+            return None
+        if self.clock() - kept[0] > self.ttl:
+            self._drop(sha256)
+            return None
+        self._files.move_to_end(sha256)
+        return kept[1]
+
+    def put(self, sha256: str, data: bytes) -> None:
+        if len(data) > self.max_bytes // 4 or sha256 in self._files:
+            return
+        self._files[sha256] = (self.clock(), data)
+        self.size += len(data)
+        while self.size > self.max_bytes:
+            self._drop(next(iter(self._files)))
+
+    def _drop(self, sha256: str) -> None:
+        self.size -= len(self._files.pop(sha256)[1])
+
+    async def fetch(self, pool: AsyncConnectionPool, wanted: Sequence[str]) -> dict[str, bytes]:
+        """The files of `wanted` that are stored: kept, being read, or read now."""
+        found: dict[str, bytes] = {}
+        waiting: dict[str, asyncio.Future[dict[str, bytes]]] = {}
+        mine: list[str] = []
+        for sha in wanted:
+            kept = self.get(sha)
+            if kept is not None:
+                found[sha] = kept
+            elif sha in self._reading:
+                waiting[sha] = self._reading[sha]
+            else:
+                mine.append(sha)
+        metrics.ATTACHMENT_FILES.labels("cache").inc(len(found) + len(waiting))
+        if mine:
+            read: asyncio.Future[dict[str, bytes]] = asyncio.get_running_loop().create_future()
+            self._reading.update(dict.fromkeys(mine, read))
+            try:
+                rows = await _read(pool, mine)
+            except BaseException as exc:
+                # Those waiting for this read end as its own message does; if this
+                # task was cancelled, they try again later.
+                if not read.done():
+                    read.set_exception(exc if isinstance(exc, Exception) else StoreUnavailable(
+                        "attachments: the read was stopped"))
+                    read.exception()  # retrieved: nobody may be waiting
+                raise
+            finally:
+                for sha in mine:
+                    self._reading.pop(sha, None)
+            if not read.done():
+                read.set_result(rows)
+            for sha, data in rows.items():
+                # Kept only when it is what its name says (checked() checks every use).
+                if hashlib.sha256(data).hexdigest() == sha:
+                    self.put(sha, data)
+            found.update(rows)
+        for sha, other in waiting.items():
+            # Shielded: a waiter cancelled must not cancel the read the others share.
+            rows = await asyncio.shield(other)
+            if sha in rows:
+                found[sha] = rows[sha]
+        return found
+
+
+async def _read(pool: AsyncConnectionPool, wanted: Sequence[str]) -> dict[str, bytes]:
     try:
         async with pool.connection() as conn:
             # Binary results: bytea as bytes, not as hex text decoded on our side.
-            cur = await conn.execute(FETCH, {"sha256s": wanted}, binary=True)
-            return {sha: bytes(content) for sha, content in await cur.fetchall()}
+            cur = await conn.execute(FETCH, {"sha256s": list(wanted)}, binary=True)
+            rows = {sha: bytes(content) for sha, content in await cur.fetchall()}
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise StoreUnavailable(f"attachments: {exc}") from exc
+    metrics.ATTACHMENT_FILES.labels("database").inc(len(rows))
+    return rows
+
+
+async def fetch(pool: AsyncConnectionPool, files: Sequence[dict[str, Any]],
+                cache: BlobCache | None = None) -> dict[str, bytes]:
+    """The stored bytes of the files an event names, by hash (missing ones left out)."""
+    wanted = sorted({f["sha256"] for f in files})
+    return await (cache.fetch(pool, wanted) if cache is not None else _read(pool, wanted))
 
 
 def _field(i: int, name: str) -> str:

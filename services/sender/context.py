@@ -17,6 +17,7 @@ from mailbus import topics
 from mailbus.accounts import Account, Directory
 from mailbus.codec import Registry
 from mailbus.sender import decisions, metrics
+from mailbus.sender.attachments import BlobCache
 from mailbus.sender.composer import Composer
 from mailbus.sender.decisions import Fail, Reroute, Retry
 from mailbus.sender.outbox import Outbox, Record
@@ -65,7 +66,8 @@ class Context:
                  retry_cap: float, poll_seconds: float, claim_depth: int = 16,
                  settling_per_connection: int = 0,
                  clock: Callable[[], datetime] = decisions.utcnow,
-                 sandbox: ContentSandbox | None = None, composer: Composer | None = None):
+                 sandbox: ContentSandbox | None = None, composer: Composer | None = None,
+                 files: BlobCache | None = None):
         self.outbox, self.settler, self.registry = outbox, settler, registry
         self.directory, self.suppressions, self.links = directory, suppressions, links
         self.owned, self.capacity, self.topic = owned, capacity, topic
@@ -81,6 +83,9 @@ class Context:
         # Composing holds the GIL, so more threads would not go faster; its own executor
         # keeps it from queueing behind the Gmail transport's blocking calls.
         self.composer_threads = ThreadPoolExecutor(2, thread_name_prefix="mailbus-compose")
+        # Files of recent messages: messages sharing one read it once (attachments.py);
+        # None: each reads its own.
+        self.files = files
 
     def close(self) -> None:
         """Stop what the workers started beside the event loop."""

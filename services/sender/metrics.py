@@ -32,6 +32,9 @@ SEND_SECONDS = Histogram(
 )
 SMTP_CONNECTIONS = Gauge("mailbus_sender_smtp_connections", "Open SMTP connections",
                          ["account"])
+ATTACHMENT_FILES = Counter("mailbus_sender_attachment_files_total",
+                           "Files read for messages, from the sender's cache or PostgreSQL",
+                           ["source"])
 SETTLE_ERRORS = Counter("mailbus_sender_settle_errors_total",
                         "Settle transactions that failed and are retried (PostgreSQL)")
 SETTLES_FENCED = Counter("mailbus_sender_settles_fenced_total",

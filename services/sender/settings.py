@@ -32,6 +32,9 @@ class SenderSettings(ServiceSettings):
     # take milliseconds), and is what a crash may send twice (each flagged
     # possible_duplicate) on top of one per connection.
     settling_per_connection: int = Field(default=16, ge=0, le=1000)
+    # Files of recent messages kept in memory (MiB), so messages sharing a file
+    # read it from PostgreSQL about once a minute (attachments.BlobCache); 0: off.
+    attachment_cache_mib: int = Field(default=64, ge=0, le=4096)
     # Worker processes that compose claimed batches off the event loop
     # (services/sender/composer.py); 0: compose on the loop.
     compose_processes: int = Field(default=1, ge=0, le=16)

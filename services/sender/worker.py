@@ -177,7 +177,8 @@ class AccountWorker:
             # Templates and html-only bodies are hostile work: a process with a hard
             # deadline does it. Composing is bounded and runs in a thread, off the loop.
             body = await ctx.sandbox.content(request) if needs_sandbox(request) else None
-            files = (await attachments.fetch(ctx.outbox.pool, request["attachments"])
+            files = (await attachments.fetch(ctx.outbox.pool, request["attachments"],
+                                             ctx.files)
                      if request.get("attachments") else None)
             build = partial(compose, request, account, ctx.links, now=now, dkim=self.dkim,
                             body=body, files=files)

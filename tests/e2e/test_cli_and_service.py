@@ -74,6 +74,49 @@ def test_operator_flow(service: str, namespace: str, admin_kafka, registry, tmp_
     assert mailbus("keys", "revoke", key_id).returncode == 1  # already revoked
 
 
+def test_a_rotated_key_keeps_its_id_and_messages_and_its_old_secret_for_the_grace(
+        service: str, tmp_path: Path):
+    first = tmp_path / "key"
+    assert mailbus("keys", "create", "--name", "rotating", "--output", str(first)).returncode == 0
+    old = first.read_text().strip()
+    key_id = old.removeprefix("mbk_").split(".")[0]
+    body = {"to": ["ada@example.com"], "subject": "Hello", "text": "Hi Ada"}
+
+    def post(token: str) -> httpx.Response:
+        return httpx.post(f"{service}/v1/messages", json=body,
+                          headers={"Authorization": f"Bearer {token}"})
+
+    sent = post(old)
+    assert sent.status_code == 202, sent.text
+    second = tmp_path / "key2"
+    rotated = mailbus("keys", "rotate", key_id, "--grace", "3600", "--output", str(second))
+    assert rotated.returncode == 0, rotated.stderr
+    assert second.stat().st_mode & 0o077 == 0 and "old secret works until" in rotated.stdout
+    new = second.read_text().strip()
+    assert new != old and new.startswith(f"mbk_{key_id}.")
+    assert new.split(".")[1] not in rotated.stdout
+    # Both work during the grace; the new token reads what the old one sent.
+    assert post(old).status_code == 202 and post(new).status_code == 202
+    got = httpx.get(f"{service}/v1/messages/{sent.json()['id']}",
+                    headers={"Authorization": f"Bearer {new}"})
+    assert got.status_code == 200, got.text
+    listed = mailbus("keys", "list").stdout
+    assert key_id in listed and new.split(".")[1] not in listed
+    # Rotating again without grace: only the newest secret works, the two before
+    # it no longer do.
+    third = tmp_path / "key3"
+    again = mailbus("keys", "rotate", key_id, "--grace", "0", "--output", str(third))
+    assert again.returncode == 0 and "old secret no longer works" in again.stdout
+    newest = third.read_text().strip()
+    assert [post(t).status_code for t in (old, new, newest)] == [401, 401, 202]
+    # Out of range, an unknown key, a revoked key: refused, nothing changed.
+    assert mailbus("keys", "rotate", key_id, "--grace", str(8 * 24 * 3600)).returncode != 0
+    assert mailbus("keys", "rotate", "aaaaaaaaaa").returncode == 1
+    assert mailbus("keys", "revoke", key_id).returncode == 0
+    assert mailbus("keys", "rotate", key_id).returncode == 1
+    assert post(newest).status_code == 401
+
+
 def test_bad_scopes_are_refused_by_the_cli():
     r = mailbus("keys", "create", "--name", "x", "--scopes", "send,root")
     assert r.returncode != 0 and "scopes must be among" in (r.stdout + r.stderr)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client import REGISTRY
 
 from mailbus.ingest.settings import IngestSettings
 from mailbus.sender.settings import SenderSettings
@@ -91,6 +92,12 @@ def sender_with(tmp_path: Path, namespace: str, accounts: str, **extra: Any) -> 
         link_keys_file=tmp_path / "keys.json", **extra))
 
 
+def read_from(source: str) -> float:
+    """Files the in-process senders read so far, from "cache" or "database"."""
+    return REGISTRY.get_sample_value("mailbus_sender_attachment_files_total",
+                                     {"source": source}) or 0.0
+
+
 def decoded(registry, admin_kafka, topic: str, **kw: Any) -> list[dict[str, Any]]:
     return [registry.decode(m.value())[1] for m in read_all(admin_kafka, topic, **kw)]
 
@@ -99,6 +106,7 @@ def test_files_reach_an_smtp_server_byte_for_byte(tmp_path, namespace, make_key,
                                                   registry):
     pdf, png = files()
     _, token = make_key()
+    read_before = read_from("database")
     with SmtpServer() as smtp:
         accounts = smtp_account("relay", smtp.port)
         with LiveServer(ingest_with(tmp_path, namespace, accounts)) as server, \
@@ -110,6 +118,8 @@ def test_files_reach_an_smtp_server_byte_for_byte(tmp_path, namespace, make_key,
         assert {e["message_id"] for e in sent} == set(ids)
         messages = smtp.handler.messages()
     assert len(messages) == 3
+    # Three messages, the same two files: each read from PostgreSQL once.
+    assert read_from("database") - read_before == 2
     for message in messages:
         assert_delivered(message, pdf, png)
 

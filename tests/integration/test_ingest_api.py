@@ -150,6 +150,28 @@ def test_a_key_deleted_by_hand_after_it_was_cached_fails_no_one_else(
     assert rows == [(theirs.json()["id"],)]
 
 
+def test_with_the_key_cache_a_rotated_keys_new_secret_works_at_once(ingest_settings,
+                                                                    make_key, tmp_path):
+    import subprocess
+    import sys
+
+    key_id, old = make_key()
+    settings = ingest_settings.model_copy(update={"key_cache_seconds": 60.0})
+    with LiveServer(settings) as server, httpx.Client(base_url=server.url, timeout=30) as api:
+        assert api.post("/v1/messages", json=MESSAGE, headers=auth(old)).status_code == 202
+        out = tmp_path / "token"
+        rotated = subprocess.run(
+            [sys.executable, "-m", "mailbus", "keys", "rotate", key_id, "--output", str(out)],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert rotated.returncode == 0, rotated.stderr
+        new = out.read_text().strip()
+        # The kept row knows only the old secret: the new one is looked up, not refused.
+        assert api.post("/v1/messages", json=MESSAGE, headers=auth(new)).status_code == 202
+        assert api.post("/v1/messages", json=MESSAGE, headers=auth(old)).status_code == 202
+        wrong = new[:-4] + ("AAAA" if not new.endswith("AAAA") else "BBBB")
+        assert api.post("/v1/messages", json=MESSAGE, headers=auth(wrong)).status_code == 401
+
+
 def test_scopes_are_enforced(api, make_key):
     _, reader = make_key(scopes=("read",))
     r = api.post("/v1/messages", json=MESSAGE, headers=auth(reader))

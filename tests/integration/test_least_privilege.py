@@ -532,6 +532,7 @@ def test_webhooks_reads_only_who_sent_a_message() -> None:
         conn.execute("SELECT id, key_id FROM messages LIMIT 0")
         conn.execute("SELECT id, revoked_at FROM api_keys LIMIT 0")
         for statement in ("SELECT subject FROM messages", "SELECT secret_sha256 FROM api_keys",
+                          "SELECT previous_secret_sha256 FROM api_keys",
                           "SELECT scopes FROM api_keys", "SELECT * FROM messages",
                           "SELECT * FROM send_ledger", "DELETE FROM webhook_endpoints",
                           "UPDATE webhook_endpoints SET url = 'https://x.example/'"):

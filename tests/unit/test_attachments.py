@@ -258,3 +258,122 @@ def test_property_a_name_is_refused_or_reads_back_exactly(name: str) -> None:
     _, attached = parse(out.raw).get_payload()
     assert attached.get_filename() == name
     assert attached.get_payload(decode=True) == PNG
+
+
+def test_the_file_cache_keeps_recent_files_within_its_size_and_time() -> None:
+    now = [0.0]
+    cache = attachments.BlobCache(max_bytes=400, ttl=60.0, clock=lambda: now[0])
+    cache.put("a", b"a" * 100)
+    cache.put("b", b"b" * 100)
+    cache.put("big", b"x" * 101)  # over a quarter of the cache: never kept
+    assert cache.get("big") is None and cache.size == 200
+    assert cache.get("a") == b"a" * 100  # now the most recently used
+    cache.put("c", b"c" * 100)
+    cache.put("d", b"d" * 100)
+    cache.put("e", b"e" * 100)  # over 400 bytes: the least recently used goes
+    assert cache.get("b") is None and cache.get("a") is not None and cache.size == 400
+    now[0] = 61.0
+    assert cache.get("a") is None and cache.size == 300  # kept past its time: read again
+
+
+def test_messages_composed_together_wait_for_one_read_of_a_file() -> None:
+    import asyncio
+    from contextlib import asynccontextmanager
+
+    reads: list[list[str]] = []
+    stored = {hashlib.sha256(PDF).hexdigest(): PDF, hashlib.sha256(PNG).hexdigest(): PNG}
+
+    class Cursor:
+        def __init__(self, wanted: list[str]):
+            self.wanted = wanted
+
+        async def fetchall(self) -> list[tuple[str, bytes]]:
+            await asyncio.sleep(0.01)  # in flight while the others ask
+            return [(s, stored[s]) for s in self.wanted if s in stored]
+
+    class Conn:
+        async def execute(self, _sql: str, params: dict[str, Any], binary: bool) -> Cursor:
+            reads.append(params["sha256s"])
+            return Cursor(params["sha256s"])
+
+    class Pool:  # a hand-written fake of the pool: one connection per read
+        @asynccontextmanager
+        async def connection(self):  # type: ignore[no-untyped-def]
+            yield Conn()
+
+    files = [{"sha256": s} for s in stored] + [{"sha256": "0" * 64}]  # one not stored
+
+    async def main() -> list[dict[str, bytes]]:
+        cache = attachments.BlobCache()
+        return list(await asyncio.gather(*(attachments.fetch(Pool(), files, cache)  # type: ignore[arg-type]
+                                           for _ in range(5))))
+
+    results = asyncio.run(main())
+    assert reads == [sorted(s["sha256"] for s in files)]
+    assert all(r == stored for r in results)
+
+
+def _slow_pool(fail: BaseException | None = None):  # type: ignore[no-untyped-def]
+    """A hand-written fake pool whose one read takes 50 ms, then answers or raises."""
+    import asyncio
+    from contextlib import asynccontextmanager
+
+    class Cursor:
+        def __init__(self, wanted: list[str]):
+            self.wanted = wanted
+
+        async def fetchall(self) -> list[tuple[str, bytes]]:
+            await asyncio.sleep(0.05)
+            if fail is not None:
+                raise fail
+            return [(s, PDF) for s in self.wanted]
+
+    class Conn:
+        async def execute(self, _sql: str, params: dict[str, Any], binary: bool) -> Cursor:
+            return Cursor(params["sha256s"])
+
+    class Pool:
+        @asynccontextmanager
+        async def connection(self):  # type: ignore[no-untyped-def]
+            yield Conn()
+
+    return Pool()
+
+
+def test_a_cancelled_waiter_leaves_the_shared_read_to_the_others() -> None:
+    import asyncio
+
+    sha = hashlib.sha256(PDF).hexdigest()
+
+    async def main() -> tuple[Any, ...]:
+        cache, pool = attachments.BlobCache(), _slow_pool()
+        tasks = [asyncio.create_task(attachments.fetch(pool, [{"sha256": sha}], cache))
+                 for _ in range(3)]
+        await asyncio.sleep(0.01)
+        tasks[1].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        return (*done, cache.get(sha))
+
+    reader, cancelled, waiter, kept = asyncio.run(main())
+    assert reader == waiter == {sha: PDF} and kept == PDF
+    assert isinstance(cancelled, asyncio.CancelledError)
+
+
+def test_a_failed_shared_read_fails_its_waiters_alike_and_is_not_kept() -> None:
+    import asyncio
+
+    import psycopg
+
+    sha = hashlib.sha256(PDF).hexdigest()
+
+    async def main() -> tuple[Any, ...]:
+        cache = attachments.BlobCache()
+        pool = _slow_pool(psycopg.OperationalError("server closed the connection"))
+        done = await asyncio.gather(
+            *(attachments.fetch(pool, [{"sha256": sha}], cache) for _ in range(3)),
+            return_exceptions=True)
+        return (*done, cache.get(sha))
+
+    *results, kept = asyncio.run(main())
+    assert all(isinstance(r, attachments.StoreUnavailable) for r in results), results
+    assert kept is None

@@ -282,3 +282,22 @@ def test_open_url_verifies_as_an_open(ring: Keyring) -> None:
 def test_verify_refuses_a_naive_now(ring: Keyring) -> None:
     with pytest.raises(TokenError):
         verify(ring, _token(ring), now=datetime(2025, 3, 14))  # naive: refused
+
+
+def test_an_api_key_accepts_its_rotated_out_secret_only_within_the_grace() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from mailbus import apikeys
+
+    old, new = apikeys.new_secret(), apikeys.new_secret()
+    cur, prev = apikeys.hash_secret(new), apikeys.hash_secret(old)
+    now = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    later = now + timedelta(hours=1)
+    assert apikeys.accepts(new, cur, prev, later, now)
+    assert apikeys.accepts(old, cur, prev, later, now)
+    assert not apikeys.accepts(old, cur, prev, later, later)  # the grace ended
+    assert not apikeys.accepts(old, cur, None, None, now)  # no rotation, or no grace
+    assert apikeys.accepts(new, cur, None, None, now)
+    other = apikeys.new_secret()
+    assert not apikeys.accepts(other, cur, prev, later, now)
+    assert apikeys.parse(apikeys.token("abcdefghij", new)) == ("abcdefghij", new)
