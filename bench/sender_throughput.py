@@ -49,9 +49,8 @@ import psycopg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from servers import children  # noqa: E402
+from servers import bench_key, children  # noqa: E402
 
-from mailbus import apikeys  # noqa: E402
 from mailbus.codec import Registry  # noqa: E402
 from mailbus.provision import provision  # noqa: E402
 from mailbus.settings import ServiceSettings  # noqa: E402
@@ -191,10 +190,7 @@ def mailbus_run(port: int, messages: int, connections: int, admin: ServiceSettin
 def stored_file(kib: int) -> tuple[dict[str, object], Callable[[], None]]:
     """A file of `kib` KiB stored as the API stores an upload (referenced by a key of
     its own, so no pruning round takes it), its attachment entry, and its removal."""
-    key = apikeys.generate()
-    with psycopg.connect(ServiceSettings(service_name="admin").postgres.conninfo()) as conn:
-        conn.execute("INSERT INTO api_keys (id, name, secret_sha256, scopes) VALUES"
-                     " (%s, 'bench', %s, '{send}')", (key.key_id, key.secret_sha256))
+    key = bench_key(ServiceSettings(service_name="admin"))
     data = b"%PDF-1.7\n" + os.urandom(kib * 1024 - 9)
     sha = hashlib.sha256(data).hexdigest()
     owner = ServiceSettings(service_name="owner").postgres.conninfo()

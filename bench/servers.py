@@ -22,11 +22,16 @@ def namespace_and_key(scopes: str = "{send}") -> tuple[ServiceSettings, str, api
     admin = ServiceSettings(service_name="admin")
     prefix = f"bench{uuid.uuid4().hex[:8]}."
     provision(admin.kafka.client_config(), admin.var_dir / "secrets", prefix, users=False)
+    return admin, prefix, bench_key(admin, scopes)
+
+
+def bench_key(admin: ServiceSettings, scopes: str = "{send}") -> apikeys.NewKey:
+    """A new API key named 'bench' with `scopes` (a PostgreSQL array literal)."""
     key = apikeys.generate()
     with psycopg.connect(admin.postgres.conninfo()) as conn:
         conn.execute("INSERT INTO api_keys (id, name, secret_sha256, scopes) VALUES"
                      " (%s, 'bench', %s, %s)", (key.key_id, key.secret_sha256, scopes))
-    return admin, prefix, key
+    return key
 
 
 def rss_kib(pid: int) -> int:

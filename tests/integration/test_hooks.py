@@ -24,6 +24,7 @@ from mailbus.hooks.pages import CSP
 from mailbus.hooks.settings import HooksSettings
 from mailbus.tokens import Keyring, LinkBuilder, sign
 from tests.support.kafka import read_all
+from tests.support.projector import eventually
 from tests.unit.test_tokens import forge
 
 MID = "0b6f3c1e-8a47-4f5e-9d0c-2f1a7e6b5c4d"
@@ -272,9 +273,12 @@ def test_errors_and_health_carry_the_security_headers(hooks):
     assert hooks.get("/healthz").json() == {"status": "ok"}
     # Ready once its producer reached the broker (its first contact may outlast
     # the probe's 2 s on a busy machine); a broker never reached never gets there.
-    deadline = time.monotonic() + 30
-    while (ready := hooks.get("/readyz")).status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    def answered() -> httpx.Response:
+        r = hooks.get("/readyz")
+        assert r.status_code == 200, r.text
+        return r
+
+    ready = eventually(answered, timeout=30)
     assert ready.status_code == 200 and ready.json()["kafka"] is True
 
 

@@ -15,6 +15,7 @@ from mailbus.ingest import attachment_rules
 from mailbus.ingest.settings import IngestSettings
 from tests.integration.conftest import LiveServer
 from tests.support.kafka import read_all
+from tests.support.projector import eventually
 
 MESSAGE = {
     "to": ["Ada Lovelace <ada@example.com>", "grace@example.com"],
@@ -353,9 +354,12 @@ def test_health_readiness_metrics_openapi(api, make_key):
     assert api.get("/healthz").json() == {"status": "ok"}
     # Ready once its producer reached the broker (its first contact may outlast
     # the probe's 2 s on a busy machine); a broker never reached never gets there.
-    deadline = time.monotonic() + 30
-    while (ready := api.get("/readyz")).status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    def answered() -> httpx.Response:
+        r = api.get("/readyz")
+        assert r.status_code == 200, r.text
+        return r
+
+    ready = eventually(answered, timeout=30)
     assert ready.status_code == 200 and ready.json() == {
         "status": "ok", "kafka": True, "postgres": True}
     _, token = make_key()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import email
 import hashlib
 from datetime import UTC, datetime
@@ -276,77 +278,49 @@ def test_the_file_cache_keeps_recent_files_within_its_size_and_time() -> None:
     assert cache.get("a") is None and cache.size == 300  # kept past its time: read again
 
 
+class FakePool:
+    """A hand-written fake of the pool: each read takes 50 ms (in flight while others
+    ask), then answers what `stored` holds of it or raises `fail`; `reads` lists them."""
+
+    def __init__(self, stored: dict[str, bytes], fail: BaseException | None = None):
+        self.stored, self.fail = stored, fail
+        self.reads: list[list[str]] = []
+
+    @contextlib.asynccontextmanager
+    async def connection(self):  # type: ignore[no-untyped-def]
+        yield self
+
+    async def execute(self, _sql: str, params: dict[str, Any], binary: bool) -> FakePool:
+        self.reads.append(params["sha256s"])
+        return self
+
+    async def fetchall(self) -> list[tuple[str, bytes]]:
+        await asyncio.sleep(0.05)
+        if self.fail is not None:
+            raise self.fail
+        return [(s, self.stored[s]) for s in self.reads[-1] if s in self.stored]
+
+
 def test_messages_composed_together_wait_for_one_read_of_a_file() -> None:
-    import asyncio
-    from contextlib import asynccontextmanager
-
-    reads: list[list[str]] = []
     stored = {hashlib.sha256(PDF).hexdigest(): PDF, hashlib.sha256(PNG).hexdigest(): PNG}
-
-    class Cursor:
-        def __init__(self, wanted: list[str]):
-            self.wanted = wanted
-
-        async def fetchall(self) -> list[tuple[str, bytes]]:
-            await asyncio.sleep(0.01)  # in flight while the others ask
-            return [(s, stored[s]) for s in self.wanted if s in stored]
-
-    class Conn:
-        async def execute(self, _sql: str, params: dict[str, Any], binary: bool) -> Cursor:
-            reads.append(params["sha256s"])
-            return Cursor(params["sha256s"])
-
-    class Pool:  # a hand-written fake of the pool: one connection per read
-        @asynccontextmanager
-        async def connection(self):  # type: ignore[no-untyped-def]
-            yield Conn()
-
+    pool = FakePool(stored)
     files = [{"sha256": s} for s in stored] + [{"sha256": "0" * 64}]  # one not stored
 
     async def main() -> list[dict[str, bytes]]:
         cache = attachments.BlobCache()
-        return list(await asyncio.gather(*(attachments.fetch(Pool(), files, cache)  # type: ignore[arg-type]
+        return list(await asyncio.gather(*(attachments.fetch(pool, files, cache)  # type: ignore[arg-type]
                                            for _ in range(5))))
 
     results = asyncio.run(main())
-    assert reads == [sorted(s["sha256"] for s in files)]
+    assert pool.reads == [sorted(s["sha256"] for s in files)]
     assert all(r == stored for r in results)
 
 
-def _slow_pool(fail: BaseException | None = None):  # type: ignore[no-untyped-def]
-    """A hand-written fake pool whose one read takes 50 ms, then answers or raises."""
-    import asyncio
-    from contextlib import asynccontextmanager
-
-    class Cursor:
-        def __init__(self, wanted: list[str]):
-            self.wanted = wanted
-
-        async def fetchall(self) -> list[tuple[str, bytes]]:
-            await asyncio.sleep(0.05)
-            if fail is not None:
-                raise fail
-            return [(s, PDF) for s in self.wanted]
-
-    class Conn:
-        async def execute(self, _sql: str, params: dict[str, Any], binary: bool) -> Cursor:
-            return Cursor(params["sha256s"])
-
-    class Pool:
-        @asynccontextmanager
-        async def connection(self):  # type: ignore[no-untyped-def]
-            yield Conn()
-
-    return Pool()
-
-
 def test_a_cancelled_waiter_leaves_the_shared_read_to_the_others() -> None:
-    import asyncio
-
     sha = hashlib.sha256(PDF).hexdigest()
 
     async def main() -> tuple[Any, ...]:
-        cache, pool = attachments.BlobCache(), _slow_pool()
+        cache, pool = attachments.BlobCache(), FakePool({sha: PDF})
         tasks = [asyncio.create_task(attachments.fetch(pool, [{"sha256": sha}], cache))
                  for _ in range(3)]
         await asyncio.sleep(0.01)
@@ -360,15 +334,13 @@ def test_a_cancelled_waiter_leaves_the_shared_read_to_the_others() -> None:
 
 
 def test_a_failed_shared_read_fails_its_waiters_alike_and_is_not_kept() -> None:
-    import asyncio
-
     import psycopg
 
     sha = hashlib.sha256(PDF).hexdigest()
 
     async def main() -> tuple[Any, ...]:
         cache = attachments.BlobCache()
-        pool = _slow_pool(psycopg.OperationalError("server closed the connection"))
+        pool = FakePool({sha: PDF}, psycopg.OperationalError("server closed the connection"))
         done = await asyncio.gather(
             *(attachments.fetch(pool, [{"sha256": sha}], cache) for _ in range(3)),
             return_exceptions=True)
