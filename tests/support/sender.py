@@ -102,17 +102,13 @@ class SenderThread:
         a test whose timing starts here does not count the group join."""
         from mailbus.topics import ACCOUNT_PARTITIONS
 
-        self.wait_owning(ACCOUNT_PARTITIONS, timeout)
-
-    def wait_owning(self, at_least: int, timeout: float = 90.0) -> None:
-        """Until this sender is ready and owns `at_least` partitions of email.requested."""
         deadline = time.monotonic() + timeout
         while True:
             sender = self.sender
             if self.error:
                 raise self.error
             if (sender is not None and sender.readiness()["status"] == "ok"
-                    and len(sender.admission.partitions()) >= at_least):
+                    and len(sender.admission.partitions()) == ACCOUNT_PARTITIONS):
                 return
             assert time.monotonic() < deadline, "the sender did not take its partitions"
             time.sleep(0.1)
